@@ -1,0 +1,59 @@
+# Our typed config -> the DeepSpeed JSON config. Nothing else in the project writes DeepSpeed keys.
+from __future__ import annotations
+
+from mgt_scale.config import Config
+from mgt_scale.parallel.topology import BatchPlan
+
+
+def resolve_precision(precision: str, has_cuda: bool, bf16_supported: bool) -> str:
+    """`auto` = bf16 on GPUs that support it, fp32 otherwise (bf16 matmul on AVX2 CPUs is ~400x slower)."""
+    if precision == "auto":
+        return "bf16" if has_cuda and bf16_supported else "fp32"
+    return precision
+
+
+def detect_precision(precision: str) -> str:
+    import torch
+    cuda = torch.cuda.is_available()
+    return resolve_precision(precision, cuda, cuda and torch.cuda.is_bf16_supported())
+
+
+def deepspeed_config(cfg: Config, plan: BatchPlan, precision: str) -> dict:
+    """The DeepSpeed config dict. The optimizer and LR schedule are ours (torch AdamW and
+    mgt_scale.train.schedule), handed to deepspeed.initialize, so they are not described here."""
+    p, t = cfg.parallel, cfg.train
+    ds: dict = {
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": False},
+    }
+    if p.mode == "zero3":
+        zero: dict = {"stage": p.zero_stage}
+        if p.zero_stage == 3:
+            zero.update({
+                "contiguous_gradients": True,
+                "overlap_comm": False,
+                "stage3_gather_16bit_weights_on_model_save": False,
+            })
+        if p.offload_optimizer == "cpu":
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+        if p.offload_params == "cpu":
+            if p.zero_stage != 3:
+                raise ValueError("parallel.offload_params=cpu needs parallel.zero_stage=3")
+            zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+        ds["zero_optimization"] = zero
+        # our torch AdamW works with offload: do not force DeepSpeed's compiled CPU Adam
+        ds["zero_force_ds_cpu_optimizer"] = False
+        ds["zero_allow_untested_optimizer"] = True
+    else:
+        ds["zero_optimization"] = {"stage": p.zero_stage}
+        if p.zero_stage:
+            ds["zero_allow_untested_optimizer"] = True
+        ds["pipeline"] = {"activation_checkpoint_interval": p.checkpoint_every_layers
+                          if p.activation_checkpointing else 0}
+    return ds

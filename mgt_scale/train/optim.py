@@ -1,0 +1,26 @@
+# Optimizer construction: torch AdamW with weight decay on weight matrices only (not on norms, biases,
+# the MGT beta bias or alpha), handed to DeepSpeed as a client optimizer.
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from mgt_scale.config import TrainConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        # ZeRO-3 partitions parameters (p.dim() becomes 1); ds_shape keeps the real shape
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        (decay if ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
+                             eps=1e-8, foreach=False)

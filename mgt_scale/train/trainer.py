@@ -1,0 +1,92 @@
+# The training loop, kept small: it steps the engine and hands each step's record to callbacks
+# (metrics logging, checkpointing, monitoring, preemption) that plug into it instead of growing it.
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from mgt_scale import exit_codes
+from mgt_scale.config import Config
+from mgt_scale.parallel.topology import BatchPlan
+from mgt_scale.train.schedule import lr_at
+
+
+class StopTraining(Exception):
+    """Raised by a callback to end the run with an exit code (preemption, collapse alarm, ...)."""
+
+    def __init__(self, exit_code: int, reason: str):
+        super().__init__(reason)
+        self.exit_code = exit_code
+        self.reason = reason
+
+
+class Callback:
+    """Hook points of the loop. `record` is the step's metrics dict; callbacks may add keys to it
+    (earlier callbacks' additions are visible to later ones)."""
+
+    def on_start(self, trainer: "Trainer") -> None: ...
+
+    def on_step_end(self, trainer: "Trainer", record: dict) -> None: ...
+
+    def on_end(self, trainer: "Trainer", exit_code: int, reason: str) -> None: ...
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps completed
+    nonfinite_total: int = 0
+    nonfinite_consecutive: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, plan: BatchPlan, engine, loader, run_dir: str, rank: int,
+                 callbacks: Optional[list[Callback]] = None, valid_batches=None):
+        self.cfg, self.plan, self.engine, self.loader = cfg, plan, engine, loader
+        self.run_dir, self.rank = run_dir, rank
+        self.callbacks = list(callbacks or [])
+        self.valid_batches = valid_batches
+        self.state = TrainState()
+        self.start_time = time.time()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def evaluate(self) -> Optional[float]:
+        if not self.valid_batches:
+            return None
+        return self.engine.eval_loss(self.valid_batches)
+
+    def run(self) -> tuple[int, str]:
+        """Train until max_steps or a callback stops the run. Returns (exit code, reason)."""
+        t = self.cfg.train
+        code, reason = exit_codes.FINISHED, "finished"
+        try:
+            for cb in self.callbacks:
+                cb.on_start(self)
+            while self.state.step < t.max_steps:
+                step = self.state.step
+                lr = lr_at(t, step)
+                self.engine.set_lr(lr)
+                tic = time.perf_counter()
+                micro_batches = self.loader.next_step()
+                result = self.engine.train_step(micro_batches, inject_nan=step in t.fault_inject_nan_steps)
+                dt = time.perf_counter() - tic
+                self.state.step = step + 1
+                record = {"step": self.state.step, "loss": result.loss, "lr": lr,
+                          "grad_norm": result.grad_norm, "step_time": dt,
+                          "tokens_per_s": self.plan.tokens_per_step / dt if dt > 0 else 0.0,
+                          "consumed_samples": self.loader.consumed_samples}
+                if result.skipped:
+                    record["skipped"] = True
+                if t.eval_interval and self.state.step % t.eval_interval == 0:
+                    record["valid_loss"] = self.evaluate()
+                for cb in self.callbacks:
+                    cb.on_step_end(self, record)
+        except StopTraining as stop:
+            code, reason = stop.exit_code, stop.reason
+        for cb in self.callbacks:
+            cb.on_end(self, code, reason)
+        return code, reason
