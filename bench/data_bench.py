@@ -4,7 +4,7 @@
 """Usage: python bench/data_bench.py [--max-files N] [--seconds S]
 
 Defaults use the whole stdlib (folders site-packages/__pycache__ excluded, *.py,*.txt,*.md) and
-take about a minute on 2 CPU cores."""
+take about two minutes on 2 CPU cores. Tokenization rows are the best of 2 runs."""
 from __future__ import annotations
 
 import argparse
@@ -56,12 +56,15 @@ def main(argv: list[str] | None = None) -> int:
         del ids
         rows.append(("tokenize: sentencepiece direct, 1 thread", corpus_desc, f"{mb / dt:.2f} MB/s"))
         for num_proc in (1, 2):
-            t0 = time.perf_counter()
-            ds.map(prep._encode_batch, batched=True, batch_size=64, num_proc=num_proc if num_proc > 1 else None,
-                   remove_columns=["text"], fn_kwargs={"model_path": str(tok_path)},
-                   features=datasets.Features({"ids": datasets.List(datasets.Value("int32"))}),
-                   load_from_cache_file=False)
-            dt = time.perf_counter() - t0
+            dt = float("inf")
+            for _ in range(2):  # best of 2: the shared 2-core VM is noisy
+                t0 = time.perf_counter()
+                ds.map(prep._encode_batch, batched=True, batch_size=64,
+                       num_proc=num_proc if num_proc > 1 else None,
+                       remove_columns=["text"], fn_kwargs={"model_path": str(tok_path)},
+                       features=datasets.Features({"ids": datasets.List(datasets.Value("int32"))}),
+                       load_from_cache_file=False)
+                dt = min(dt, time.perf_counter() - t0)
             rows.append((f"tokenize: datasets.map num_proc={num_proc}", corpus_desc,
                          f"{mb / dt:.2f} MB/s ({ntok / dt / 1e6:.2f} M tok/s)"))
 

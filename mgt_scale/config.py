@@ -375,8 +375,9 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     if cfg.monitor.interval < 0:
         _fail(source, "monitor.interval", "must be >= 0")
     positive("monitor", cfg.monitor, "probe_batch_size", "probe_seq_len")
-    if cfg.monitor.probe_seq_len > m.max_seq_len:
-        _fail(source, "monitor.probe_seq_len", f"{cfg.monitor.probe_seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if cfg.monitor.interval > 0 and cfg.monitor.probe_seq_len > m.max_seq_len:
+        _fail(source, "monitor.probe_seq_len", f"{cfg.monitor.probe_seq_len} exceeds model.max_seq_len={m.max_seq_len} "
+              "(lower monitor.probe_seq_len, or set monitor.interval=0 to switch the probe off)")
     for name in ("alarm_eff_rank_norm_below", "alarm_cosine_above"):
         if not 0 <= getattr(cfg.monitor, name) <= 1:
             _fail(source, f"monitor.{name}", f"must be in [0, 1] (0: off), got {getattr(cfg.monitor, name)}")

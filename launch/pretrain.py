@@ -1,0 +1,16 @@
+# The script every rank runs: under `deepspeed` (hostfile, --num_gpus, --num_nodes), under `srun`
+# (one task per GPU) or `torchrun`. Same arguments as `mgt train`. Signal handlers go in first, before
+# torch and DeepSpeed are imported, so a pre-timeout signal during start-up is not lost.
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mgt_scale.train.preemption import install_signal_handlers  # noqa: E402
+
+install_signal_handlers()
+
+from mgt_scale.train.entry import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+# `mgt train` / launch/pretrain.py: parse arguments, load the config, derive the distributed
+# environment (deepspeed launcher, srun, torchrun or a single process), build data + engine, run the
+# loop with its callbacks, and exit with the code of mgt_scale.exit_codes. On one machine with
+# --num-ranks N > 1 it re-launches itself under the `deepspeed` launcher.
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mgt_scale import exit_codes
+from mgt_scale.config import Config, ConfigError, load_config, save_config, to_dict
+
+
+def build_parser(prog: str = "mgt train") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description="Train an MGT (or baseline) stack with DeepSpeed.")
+    ap.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="dotted override, e.g. --set train.lr=3e-4 (repeatable)")
+    ap.add_argument("--dry-run", action="store_true", help="print the resolved config and DeepSpeed JSON, then exit")
+    ap.add_argument("--resume", default="", metavar="auto|PATH",
+                    help="auto: continue from the newest good checkpoint in run.dir (fresh start if none); "
+                         "PATH: a checkpoint directory")
+    ap.add_argument("--num-ranks", type=int, default=0,
+                    help="on one machine: number of ranks to start with the deepspeed launcher "
+                         "(default: 1, or what the launcher already set)")
+    return ap
+
+
+def _error(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return exit_codes.CONFIG_ERROR
+
+
+def _launched() -> bool:
+    return any(v in os.environ for v in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK"))
+
+
+def _relaunch(args: argparse.Namespace, argv: list[str]) -> int:
+    """Start N local ranks with the deepspeed launcher, running this same entry point."""
+    from mgt_scale.cluster.dist_env import free_port
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--num-ranks":
+            skip = True
+            continue
+        if a.startswith("--num-ranks="):
+            continue
+        rest.append(a)
+    launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
+    cmd = [launcher, "--num_gpus", str(args.num_ranks), "--master_port", str(free_port()),
+           "--module", "mgt_scale.train.entry", *rest]
+    print("launching:", " ".join(cmd), flush=True)
+    return subprocess.call(cmd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        return _error(str(e))
+    if args.num_ranks > 1 and not _launched() and not args.dry_run:
+        return _relaunch(args, argv)
+
+    from mgt_scale.cluster.dist_env import DistEnvError, apply, derive_dist_env, describe
+    try:
+        denv = derive_dist_env()
+    except DistEnvError as e:
+        return _error(str(e))
+    world = denv.world_size if _launched() else max(1, args.num_ranks)
+    from mgt_scale.parallel.ds_config import deepspeed_config, detect_precision
+    from mgt_scale.parallel.topology import plan_batch
+    try:
+        plan = plan_batch(cfg, world)
+        precision = detect_precision(cfg.parallel.precision)
+        ds_json = deepspeed_config(cfg, plan, precision)
+    except (ConfigError, ValueError) as e:
+        return _error(f"{args.config}: {e}")
+    if args.dry_run:
+        import yaml
+        print("# resolved config\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        print(f"# batch plan: {plan.describe()}; precision {precision}")
+        print("# DeepSpeed config\n" + json.dumps(ds_json, indent=2))
+        return 0
+    apply(denv)
+    return run(cfg, args, denv, plan, precision)
+
+
+def run(cfg: Config, args, denv, plan, precision: str) -> int:
+    from mgt_scale.train.preemption import install_signal_handlers
+    install_signal_handlers()
+    run_dir = Path(cfg.run.dir)
+    rank = denv.rank
+    ckdir = run_dir / "checkpoints"
+    if rank == 0:
+        if not args.resume and ckdir.is_dir() and any(ckdir.iterdir()):
+            return _error(f"{run_dir} already holds checkpoints: pass --resume auto to continue it, "
+                          "or choose another run.dir")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        _write_status(run_dir, "running", None, "")
+
+    import deepspeed
+    import torch
+    from mgt_scale.data import build_train_loader, build_valid_batches, dataset_vocab_size
+    from mgt_scale.data.shards import DataError
+
+    try:
+        data_vocab = dataset_vocab_size(cfg.data)
+        if data_vocab is not None and data_vocab > cfg.model.vocab_size:
+            return _fail(run_dir, rank, f"{cfg.data.path}: tokenizer vocabulary {data_vocab} exceeds "
+                                        f"model.vocab_size={cfg.model.vocab_size}: set model.vocab_size={data_vocab}")
+    except (DataError, OSError, ValueError) as e:
+        return _fail(run_dir, rank, str(e))
+
+    torch.manual_seed(cfg.train.seed)
+    deepspeed.init_distributed(verbose=False)
+    if rank == 0:
+        print(describe_env(denv, plan, precision), flush=True)
+    from mgt_scale.train.engines import build_engine
+    engine = build_engine(cfg, plan, precision)
+    dp_rank, dp_size = engine_dp(engine, plan, rank)
+    try:
+        loader = build_train_loader(cfg.data, seq_len=cfg.data.seq_len, global_batch=plan.global_batch,
+                                    micro_batch=plan.micro_batch, dp_rank=dp_rank, dp_size=dp_size,
+                                    vocab_size=cfg.model.vocab_size)
+        valid = build_valid_batches(cfg.data, cfg.data.seq_len, plan.micro_batch, cfg.data.valid_fraction_batches,
+                                    cfg.model.vocab_size)
+    except (DataError, OSError, ValueError) as e:
+        return _fail(run_dir, rank, str(e))
+
+    from mgt_scale.train.callbacks import MetricsCallback
+    from mgt_scale.train.checkpoint import CheckpointError, CheckpointManager
+    from mgt_scale.train.resume_callbacks import CheckpointCallback, PreemptionCallback
+    from mgt_scale.train.trainer import Trainer
+
+    manager = CheckpointManager(str(run_dir), cfg, rank, plan.world_size)
+    trainer = Trainer(cfg, plan, engine, loader, str(run_dir), rank, valid_batches=valid)
+    if args.resume:
+        tag_dir = manager.find_resume() if args.resume == "auto" else Path(args.resume)
+        if tag_dir is not None:
+            try:
+                state = manager.load(engine, tag_dir)
+            except CheckpointError as e:
+                return _fail(run_dir, rank, str(e))
+            trainer.state.step = state["step"]
+            loader.load_state_dict(state["loader"])
+            trainer.restored_client_state = state
+            if rank == 0:
+                print(f"resumed from {tag_dir} at step {state['step']}", flush=True)
+        elif rank == 0:
+            print("no checkpoint to resume from: starting fresh", flush=True)
+    ckpt_cb = CheckpointCallback(manager)
+    trainer.callbacks = [MetricsCallback(str(run_dir), cfg.train.log_interval, world_size=plan.world_size),
+                         ckpt_cb, PreemptionCallback(ckpt_cb, cfg.train.max_wall_time)]
+    code, reason = trainer.run()
+    loader.close()
+    if rank == 0:
+        summary = {"exit_code": code, "reason": reason, "step": trainer.state.step}
+        if code == exit_codes.FINISHED:
+            summary["valid_loss"] = trainer.evaluate()
+        _write_status(run_dir, "finished" if code == exit_codes.FINISHED else "stopped", code, reason, summary)
+        print(f"run {'finished' if code == 0 else 'stopped'} ({reason}) at step {trainer.state.step}; "
+              f"exit code {code}", flush=True)
+    elif code == exit_codes.FINISHED:
+        trainer.evaluate()  # collective in zero3 mode
+    return code
+
+
+def engine_dp(engine, plan, rank: int) -> tuple[int, int]:
+    """(data-parallel rank, data-parallel size) of this rank."""
+    if hasattr(engine, "dp_rank"):
+        return engine.dp_rank, plan.data_parallel
+    return rank, plan.data_parallel
+
+
+def describe_env(denv, plan, precision: str) -> str:
+    from mgt_scale.cluster.dist_env import describe
+    return f"{describe(denv)}\nbatch: {plan.describe()}; precision {precision}"
+
+
+def _write_status(run_dir: Path, state: str, code, reason: str, extra: dict | None = None) -> None:
+    from mgt_scale.train.callbacks import write_json_atomic
+    write_json_atomic(run_dir / "status.json", dict(extra or {}, state=state, exit_code=code, reason=reason,
+                                                    time=time.time()))
+
+
+def _fail(run_dir: Path, rank: int, msg: str) -> int:
+    if rank == 0 and run_dir.is_dir():
+        _write_status(run_dir, "failed", exit_codes.CONFIG_ERROR, msg)
+    return _error(msg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+# Callbacks that make deaths cheap: periodic/final checkpoints, and preemption (signal, kill-switch,
+# wall-time budget) -> checkpoint at the step boundary -> exit code PREEMPTED.
+from __future__ import annotations
+
+import time
+
+from mgt_scale import exit_codes
+from mgt_scale.train.checkpoint import CheckpointManager
+from mgt_scale.train.preemption import StopConditions, any_rank
+from mgt_scale.train.trainer import Callback, StopTraining, Trainer
+
+
+class CheckpointCallback(Callback):
+    def __init__(self, manager: CheckpointManager):
+        self.manager = manager
+        self.last_saved = -1
+        self.last_save_time = 0.0
+
+    def client_state(self, trainer: Trainer) -> dict:
+        s = trainer.state
+        return {"loader": trainer.loader.state_dict(),
+                "trainer": {"nonfinite_total": s.nonfinite_total, "nonfinite_consecutive": s.nonfinite_consecutive,
+                            **s.extra}}
+
+    def save(self, trainer: Trainer) -> None:
+        step = trainer.state.step
+        if step == self.last_saved:
+            return
+        tic = time.time()
+        path = self.manager.save(trainer.engine, step, self.client_state(trainer))
+        self.last_save_time = time.time() - tic
+        self.last_saved = step
+        if trainer.is_main:
+            print(f"checkpoint saved: {path} ({self.last_save_time:.1f}s)", flush=True)
+
+    def on_step_end(self, trainer: Trainer, record: dict) -> None:
+        n = trainer.cfg.checkpoint.interval
+        if n and trainer.state.step % n == 0 and trainer.state.step < trainer.cfg.train.max_steps:
+            self.save(trainer)
+
+    def on_end(self, trainer: Trainer, exit_code: int, reason: str) -> None:
+        if exit_code == exit_codes.FINISHED and trainer.cfg.checkpoint.save_at_end:
+            self.save(trainer)
+
+
+class PreemptionCallback(Callback):
+    def __init__(self, checkpoint: CheckpointCallback, max_wall_time: float):
+        self.checkpoint = checkpoint
+        self.max_wall_time = max_wall_time
+        self.cond: StopConditions | None = None
+
+    def on_start(self, trainer: Trainer) -> None:
+        self.cond = StopConditions(trainer.run_dir, self.max_wall_time, trainer.start_time)
+        self._check(trainer, 0.0, record=None)  # a signal during start-up
+
+    def on_step_end(self, trainer: Trainer, record: dict) -> None:
+        self._check(trainer, record["step_time"], record)
+
+    def _check(self, trainer: Trainer, step_time: float, record) -> None:
+        self.cond.save_time = self.checkpoint.last_save_time
+        reason = self.cond.local_reason(step_time)
+        if not any_rank(bool(reason)):
+            return
+        if trainer.state.step >= trainer.cfg.train.max_steps:
+            return  # finishing anyway: the final checkpoint follows
+        reason = reason or "another rank asked to stop"
+        if trainer.is_main:
+            print(f"preempted ({reason}): checkpointing step {trainer.state.step}", flush=True)
+        self.checkpoint.save(trainer)
+        raise StopTraining(exit_codes.PREEMPTED, f"preempted: {reason}")
