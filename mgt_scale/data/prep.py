@@ -20,8 +20,16 @@ from .shards import DataError
 EXIT_ERROR = 2  # mgt_scale.exit_codes.CONFIG_ERROR: bad input, retrying cannot help
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are the one-line `error: ...` (exit 2) every mgt command prints."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(EXIT_ERROR)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="mgt prep",
         description="Train (or reuse) a SentencePiece tokenizer and write token shards for training, "
                     "or check an existing output with --verify.",
@@ -152,6 +160,8 @@ def run_prep(a: argparse.Namespace) -> dict:
     quiet = a.no_progress
     if quiet:
         datasets.disable_progress_bars()
+    else:
+        datasets.enable_progress_bars()
     datasets.logging.set_verbosity_error()
     t_start = time.time()
     plan = corpus.plan_inputs(a.input, a.glob, a.exclude, a.max_files)

@@ -239,6 +239,8 @@ def test_help_and_usage_errors(capsys):
     assert code == 2 and err.startswith("error: --input and --output are required")
     code, err = run(["--input", "a", "--output", "b", "--valid-fraction", "1.5"], capsys)
     assert code == 2 and "--valid-fraction" in err
+    code, err = run(["--bogus"], capsys)
+    assert code == 2 and err.startswith("error: unrecognized arguments: --bogus") and err.count("\n") == 1
 
 
 def test_split_documents_deterministic():
