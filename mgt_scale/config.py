@@ -215,6 +215,11 @@ def _convert(value: Any, tp: Any, source: str, key: str) -> Any:
             _fail(source, key, f"expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string: accept numeric text
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(source, key, f"expected a number, got {value!r}")
         return float(value)

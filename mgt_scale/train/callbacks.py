@@ -23,11 +23,14 @@ class MetricsCallback(Callback):
     step, loss, lr, tokens/s, MFU (when known), grad norm, and the minimum effective rank when the
     monitor measured it this step."""
 
-    def __init__(self, run_dir: str, log_interval: int, flops_per_token: float = 0.0, peak_flops: float = 0.0,
+    def __init__(self, logger, log_interval: int, flops_per_token: float = 0.0, peak_flops: float = 0.0,
                  world_size: int = 1):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.logger = logger
         self.log_interval = log_interval
         self.flops_per_token, self.peak_flops, self.world_size = flops_per_token, peak_flops, world_size
+
+    def on_end(self, trainer: Trainer, exit_code: int, reason: str) -> None:
+        self.logger.close()
 
     def on_step_end(self, trainer: Trainer, record: dict) -> None:
         step = record["step"]
@@ -37,8 +40,7 @@ class MetricsCallback(Callback):
         if self.flops_per_token and self.peak_flops:
             record["mfu"] = record["tokens_per_s"] * self.flops_per_token / (self.peak_flops * self.world_size)
         record["elapsed"] = time.time() - trainer.start_time
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.logger.log(record, step)
         parts = [f"step {step:>6}", f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}",
                  f"tok/s {record['tokens_per_s']:.0f}", f"gnorm {record['grad_norm']:.3f}"]
         if "mfu" in record:

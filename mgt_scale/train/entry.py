@@ -160,8 +160,16 @@ def run(cfg: Config, args, denv, plan, precision: str) -> int:
                 print(f"resumed from {tag_dir} at step {state['step']}", flush=True)
         elif rank == 0:
             print("no checkpoint to resume from: starting fresh", flush=True)
+    from mgt_scale.monitor.loggers import build_loggers
+    from mgt_scale.train.flops import flops_per_token, peak_flops_per_device
+    from mgt_scale.train.monitor_callback import MonitorCallback
+    restored = getattr(trainer, "restored_client_state", None) or {}
+    logger = build_loggers(cfg, run_dir, rank=rank, resume_step=restored.get("step"))
     ckpt_cb = CheckpointCallback(manager)
-    trainer.callbacks = [MetricsCallback(str(run_dir), cfg.train.log_interval, world_size=plan.world_size),
+    monitor_cb = MonitorCallback(cfg, logger, ckpt_cb, manager, restored.get("monitor"))
+    trainer.callbacks = [monitor_cb,
+                         MetricsCallback(logger, cfg.train.log_interval, flops_per_token(cfg.model, cfg.data.seq_len),
+                                         peak_flops_per_device(cfg.train.peak_flops), plan.world_size),
                          ckpt_cb, PreemptionCallback(ckpt_cb, cfg.train.max_wall_time)]
     code, reason = trainer.run()
     loader.close()

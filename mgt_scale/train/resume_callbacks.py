@@ -20,7 +20,8 @@ class CheckpointCallback(Callback):
         s = trainer.state
         return {"loader": trainer.loader.state_dict(),
                 "trainer": {"nonfinite_total": s.nonfinite_total, "nonfinite_consecutive": s.nonfinite_consecutive,
-                            **s.extra}}
+                            **s.extra},
+                **{name: fn() for name, fn in getattr(trainer, "state_providers", {}).items()}}
 
     def save(self, trainer: Trainer) -> None:
         step = trainer.state.step

@@ -1,0 +1,112 @@
+# `parallel.mode: pipeline`: DeepSpeed's pipeline engine behind the same interface as Zero3Engine
+# (train_step, eval_loss, save, load, set_lr, mode, module, dp_rank). ZeRO-0/1 only (DeepSpeed's
+# pipeline engine rejects ZeRO-2/3; see mgt_scale.parallel.pipeline).
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from mgt_scale.config import Config
+from mgt_scale.parallel.ds_config import deepspeed_config
+from mgt_scale.parallel.pipeline import PipeLoss, build_pipeline_module, partition_info
+from mgt_scale.parallel.topology import BatchPlan
+from mgt_scale.train.engines import Batch, StepResult, _device
+from mgt_scale.train.optim import build_optimizer
+
+
+class PipelineEngine:
+    """The stack cut into `parallel.pipeline_stages` stages; data parallel over the replicas.
+
+    Every rank of one pipeline must be handed the same data-parallel rank's micro batches
+    (`dp_rank`): DeepSpeed reads inputs on the first stage and labels on the last one.
+    """
+
+    mode = "pipeline"
+
+    def __init__(self, cfg: Config, plan: BatchPlan, precision: str):
+        import deepspeed
+
+        self.cfg, self.plan, self.precision = cfg, plan, precision
+        self.ds_config = deepspeed_config(cfg, plan, precision)
+        self.loss_fn = PipeLoss()
+        module = build_pipeline_module(cfg, plan.pipeline_stages, self.loss_fn)
+        self.partition = partition_info(module)
+        optimizer = build_optimizer(module, cfg.train)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=module, optimizer=optimizer, config=self.ds_config)
+        self.device = _device()
+        self._grad_norm = float("nan")
+        if not self.engine.zero_optimization() and precision == "fp32":
+            # DeepSpeed's ZeRO-0 fp32 clipping counts only model-parallel rank 0's gradients unless
+            # parameters are marked model-parallel: clip over all stages ourselves (and keep the norm).
+            self.engine.clip_fp32_gradients = self._clip_fp32_gradients
+
+    # -- interface ---------------------------------------------------------------------------------
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    @property
+    def dp_rank(self) -> int:
+        return self.engine.grid.get_data_parallel_rank()
+
+    @property
+    def stage_id(self) -> int:
+        return self.engine.stage_id
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
+    def train_step(self, micro_batches: Sequence[Batch], inject_nan: bool = False) -> StepResult:
+        if len(micro_batches) != self.engine.micro_batches:
+            raise ValueError(f"pipeline step needs {self.engine.micro_batches} micro batches, got {len(micro_batches)}")
+        self.loss_fn.inject_nan = inject_nan
+        try:
+            loss = self.engine.train_batch(data_iter=iter(list(micro_batches)))
+        finally:
+            self.loss_fn.inject_nan = False
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            norm = self._grad_norm
+        return StepResult(loss=float(loss), grad_norm=float(norm))
+
+    @torch.no_grad()
+    def eval_loss(self, batches: Sequence[Batch], mask_fn=None) -> float:
+        data = [(x, (y, mask_fn(y))) if mask_fn else (x, y) for x, y in batches]
+        loss = self.engine.eval_batch(iter(data), num_micro_batches=len(data))
+        self.engine.module.train()
+        return float(loss)
+
+    def save(self, save_dir: str, tag: str, client_state: dict) -> None:
+        self.engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
+
+    def load(self, load_dir: str, tag: str) -> Optional[dict]:
+        _, client_state = self.engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+                                                      load_lr_scheduler_states=False)
+        return client_state
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _tied_owner(self, name: str) -> bool:
+        """A tied parameter lives on several stages: count its gradient on the first one only."""
+        return not name.startswith("tied_modules.") or self.engine.stage_id == 0
+
+    @torch.no_grad()
+    def _clip_fp32_gradients(self) -> None:
+        max_norm = self.engine.gradient_clipping()
+        params = [(n, p) for n, p in self.module.named_parameters() if p.grad is not None]
+        sq = torch.zeros((), dtype=torch.float64, device=self.device)
+        for n, p in params:
+            if self._tied_owner(n):
+                sq += p.grad.detach().double().pow(2).sum()
+        if dist.is_initialized():
+            dist.all_reduce(sq, group=self.engine.grid.get_model_parallel_group())
+        norm = math.sqrt(float(sq))
+        self._grad_norm = norm
+        coef = max_norm / (norm + 1e-6)
+        if coef < 1.0:
+            for _, p in params:
+                p.grad.detach().mul_(coef)
