@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Set up and run the whole test suite: unit, distributed (2 CPU ranks through the deepspeed
+# launcher) and SLURM (a real single-node SLURM brought up by the fixture; installed here with
+# apt-get when missing and we are root). Extra arguments go to pytest (e.g. -m "not slurm").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! command -v slurmctld >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge) >/dev/null \
+    || echo "warning: could not install slurm-wlm/munge: SLURM tests will be skipped"
+fi
+bash scripts/setup.sh
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} WANDB_MODE=offline
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --timeout 1200 "$@" tests

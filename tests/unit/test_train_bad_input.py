@@ -1,0 +1,53 @@
+# Operator mistakes at launch: a one-line error naming the problem, a non-zero exit code, and no run
+# directory passed off as a finished run.
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def mgt(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "mgt_scale.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def test_missing_config_file(tmp_path):
+    r = mgt("train", "--config", "nope.yaml", cwd=tmp_path)
+    assert r.returncode == 2 and "nope.yaml" in r.stderr and "not found" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bad_override_names_key(tmp_path):
+    r = mgt("train", "--config", str(REPO / "configs/tiny_synthetic.yaml"), "--set", "train.lrr=1", cwd=tmp_path)
+    assert r.returncode == 2 and "train.lrr" in r.stderr
+
+
+def test_missing_data_dir_leaves_failed_status(tmp_path):
+    run_dir = tmp_path / "run"
+    r = mgt("train", "--config", str(REPO / "configs/demo.yaml"), "--set", f"run.dir={run_dir}",
+            "--set", f"data.path={tmp_path}/no_such_data", cwd=tmp_path)
+    assert r.returncode == 2 and "no_such_data" in r.stderr
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "failed" and not (run_dir / "checkpoints").exists()
+
+
+def test_bad_topology_message(tmp_path):
+    r = mgt("train", "--config", str(REPO / "configs/tiny_synthetic.yaml"), "--set", "train.global_batch_size=12",
+            "--set", "train.micro_batch_size=4", "--num-ranks", "2", "--dry-run", cwd=tmp_path)
+    assert r.returncode == 2 and "train.global_batch_size=12" in r.stderr and "multiple of 8" in r.stderr
+
+
+def test_dry_run_prints_config_and_deepspeed_json(tmp_path):
+    r = mgt("train", "--config", str(REPO / "configs/tiny_synthetic.yaml"), "--dry-run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "# resolved config" in r.stdout and '"zero_optimization"' in r.stdout and '"stage": 3' in r.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+def test_existing_checkpoints_need_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "step_00000001").mkdir(parents=True)
+    r = mgt("train", "--config", str(REPO / "configs/tiny_synthetic.yaml"), "--set", f"run.dir={run_dir}", cwd=tmp_path)
+    assert r.returncode == 2 and "--resume auto" in r.stderr
