@@ -51,18 +51,32 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """RNG states of python, numpy and torch as plain lists/ints/floats/tensors, so the file loads
+    with `torch.load(..., weights_only=True)` (no pickled numpy objects)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [int(version), [int(v) for v in internal], gauss],
+             "numpy": [str(name), [int(v) for v in keys], int(pos), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((int(version), tuple(int(v) for v in internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fault_step(var: str) -> int | None:
+    """Fault injection for tests: the step named by environment variable `var`, if set."""
+    v = os.environ.get(var, "")
+    return int(v) if v.strip() else None
 
 
 def library_versions() -> dict:
@@ -146,6 +160,10 @@ class CheckpointManager:
         engine.save(str(self.dir), tag, state)
         torch.save({"rng": rng_state()}, tag_dir / f"rng_rank{self.rank:05d}.pt")
         _barrier()  # every rank has finished writing its shards
+        if self.rank == 0 and _fault_step("MGT_FAULT_KILL_DURING_SAVE") == step:
+            print(f"fault injection: killing rank 0 while saving {tag} (DeepSpeed files written, no manifest)",
+                  flush=True)
+            os._exit(137)
         if self.rank == 0:
             write_manifest(tag_dir, {"step": step, "world_size": self.world_size, "mode": self.cfg.parallel.mode,
                                      "pipeline_stages": self.cfg.parallel.pipeline_stages,
@@ -165,19 +183,128 @@ class CheckpointManager:
         for s in steps:
             if s not in keep:
                 shutil.rmtree(self.dir / tag_for(s), ignore_errors=True)
+                shutil.rmtree(universal_dir(self.dir / tag_for(s)), ignore_errors=True)
 
     # -- loading ---------------------------------------------------------------------------------
-    def load(self, engine, tag_dir: Path) -> dict:
-        """Load model/optimizer into the engine and return our client state (RNG already restored)."""
+    def same_layout(self, manifest: dict) -> bool:
+        return (manifest["world_size"] == self.world_size and manifest["mode"] == self.cfg.parallel.mode
+                and manifest.get("pipeline_stages", 1) == self.cfg.parallel.pipeline_stages)
+
+    def load(self, engine, tag_dir: Path, log=print) -> dict:
+        """Load model/optimizer into the engine and return our client state (RNG already restored).
+        A checkpoint saved with another zero3 world size is converted to DeepSpeed's universal format
+        (once, by rank 0, under checkpoints/universal/) and loaded from there."""
+        tag_dir = Path(tag_dir)
         manifest = json.loads((tag_dir / MANIFEST).read_text())
-        if manifest["world_size"] != self.world_size or manifest["mode"] != self.cfg.parallel.mode:
-            raise CheckpointError(
-                f"{tag_dir}: saved with world size {manifest['world_size']} ({manifest['mode']}), resuming with "
-                f"{self.world_size} ({self.cfg.parallel.mode}): reshard it first with `mgt ckpt reshard`")
-        state = engine.load(str(tag_dir.parent), tag_dir.name)
+        if self.same_layout(manifest):
+            state = engine.load(str(tag_dir.parent), tag_dir.name)
+        else:
+            where = (f"{tag_dir}: saved with world size {manifest['world_size']} ({manifest['mode']}, "
+                     f"{manifest.get('pipeline_stages', 1)} stages), resuming with {self.world_size} "
+                     f"({self.cfg.parallel.mode}, {self.cfg.parallel.pipeline_stages} stages)")
+            if manifest["mode"] != "zero3" or self.cfg.parallel.mode != "zero3":
+                raise CheckpointError(f"{where}: automatic resharding covers zero3 -> zero3 only; export the "
+                                      "weights (`mgt export`) and start a new run from them")
+            if self.rank == 0:
+                log(f"{where}: resharding through a universal checkpoint")
+            err = None
+            if self.rank == 0:
+                try:
+                    uni = make_universal(tag_dir, log=log)
+                except CheckpointError as e:
+                    err = str(e)
+            err = _broadcast_obj(err)
+            if err:
+                raise CheckpointError(f"{err}\n(run `mgt ckpt reshard {tag_dir.parent.parent} --tag {tag_dir.name}` "
+                                      "to retry the conversion by hand)")
+            uni = universal_dir(tag_dir)
+            state = engine.load(str(uni.parent), uni.name, universal=True)
         if state is None:
             raise CheckpointError(f"{tag_dir}: DeepSpeed could not load it")
         rank_file = tag_dir / f"rng_rank{self.rank:05d}.pt"
-        rng = torch.load(rank_file, weights_only=False)["rng"] if rank_file.is_file() else state["rng"]
+        rng = torch.load(rank_file, weights_only=True)["rng"] if rank_file.is_file() else state["rng"]
         set_rng_state(rng)
         return state
+
+
+def _broadcast_obj(obj):
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def universal_dir(tag_dir: Path) -> Path:
+    """Where the universal (world-size independent) form of a checkpoint lives."""
+    tag_dir = Path(tag_dir)
+    return tag_dir.parent / "universal" / tag_dir.name
+
+
+def make_universal(tag_dir: Path, log=print, force: bool = False) -> Path:
+    """Convert a verified sharded zero3 checkpoint with DeepSpeed's ds_to_universal (single process).
+    The output gets its own manifest; an existing verified conversion is reused."""
+    import subprocess
+    import sys
+    tag_dir = Path(tag_dir)
+    out = universal_dir(tag_dir)
+    if not force and out.is_dir() and not verify_checkpoint(out):
+        return out
+    problems = verify_checkpoint(tag_dir)
+    if problems:
+        raise CheckpointError(f"{tag_dir}: cannot reshard a damaged checkpoint: " + "; ".join(problems))
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+           "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    log("converting: " + " ".join(cmd))
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise CheckpointError(f"{tag_dir}: ds_to_universal failed (exit {r.returncode}):\n"
+                              + (r.stdout[-2000:] + r.stderr[-2000:]))
+    for f in tag_dir.glob("rng_rank*.pt"):
+        shutil.copy2(f, tmp / f.name)
+    (out.parent / "latest_universal").unlink(missing_ok=True)
+    manifest = json.loads((tag_dir / MANIFEST).read_text())
+    write_manifest(tmp, {k: v for k, v in manifest.items() if k not in ("files", "written_at")}
+                   | {"universal_of": tag_dir.name})
+    os.replace(tmp, out)
+    return out
+
+
+def checkpoint_status(tag_dir: Path, full: bool = True) -> tuple[str, list[str], dict]:
+    """("good" | "incomplete" | "damaged", problems, manifest or {})."""
+    problems = verify_checkpoint(tag_dir, full=full)
+    manifest = {}
+    try:
+        manifest = json.loads((Path(tag_dir) / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        pass
+    if not problems:
+        return "good", [], manifest
+    return ("incomplete" if not manifest else "damaged"), problems, manifest
+
+
+def list_checkpoints(run_dir: str | Path, full: bool = True) -> list[dict]:
+    """Every step_* checkpoint of a run (or of a checkpoints/ directory) with its status."""
+    d = Path(run_dir)
+    if (d / "checkpoints").is_dir():
+        d = d / "checkpoints"
+    latest = (d / LATEST).read_text().strip() if (d / LATEST).is_file() else None
+    out = []
+    if not d.is_dir():
+        return out
+    for p in sorted(d.iterdir()):
+        m = TAG_RE.match(p.name)
+        if not (m and p.is_dir()):
+            continue
+        status, problems, manifest = checkpoint_status(p, full=full)
+        size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        out.append({"tag": p.name, "step": int(m.group(1)), "path": str(p), "status": status,
+                    "problems": problems, "world_size": manifest.get("world_size"), "mode": manifest.get("mode"),
+                    "bytes": size, "latest": p.name == latest, "universal": universal_dir(p).is_dir()})
+    return out

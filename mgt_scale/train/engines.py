@@ -30,12 +30,48 @@ def _device() -> torch.device:
     return torch.device(get_accelerator().current_device_name())
 
 
+def _any_rank(flag: bool) -> bool:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+    return flag
+
+
 def _mean_over_ranks(value: torch.Tensor) -> float:
     if dist.is_initialized() and dist.get_world_size() > 1:
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         value /= dist.get_world_size()
     return float(value)
+
+
+def build_model_zero_init(cfg: Config, ds_config: dict) -> torch.nn.Module:
+    """ZeRO-3: build the stack under `deepspeed.zero.Init`, so each parameter is partitioned across the
+    ranks as soon as its module is constructed (a 200-layer stack is never whole on one rank), then
+    initialise it one unit at a time: gather the unit's parameters, run the same per-unit init as
+    `MGTModel.init_weights` (same generators, so the weights equal the plain path's) on rank 0, and let
+    GatheredParameters scatter rank 0's values back into the partitions."""
+    import deepspeed
+
+    from mgt_scale.model import MGTModel, module_generator
+
+    m, seed = cfg.model, cfg.train.seed
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = MGTModel(m)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    units = [(model.embed, 0), *((b, i + 1) for i, b in enumerate(model.blocks))]
+    if not m.tie_embeddings:
+        units.append((model.head, m.num_layers + 1))
+    for unit, idx in units:
+        with deepspeed.zero.GatheredParameters(list(unit.parameters()), modifier_rank=0):
+            if rank0:
+                unit.init_weights(m, module_generator(seed, idx))
+    if m.tie_embeddings:  # head.proj.weight is the embedding's weight: only the final norm to reset
+        with deepspeed.zero.GatheredParameters(list(model.head.norm.parameters()), modifier_rank=0):
+            if rank0:
+                model.head.norm.reset_parameters()
+    return model
 
 
 class Zero3Engine:
@@ -48,7 +84,10 @@ class Zero3Engine:
 
         self.cfg, self.plan, self.precision = cfg, plan, precision
         self.ds_config = deepspeed_config(cfg, plan, precision)
-        model = build_model(cfg.model, seed=cfg.train.seed)
+        if cfg.parallel.zero_stage == 3:
+            model = build_model_zero_init(cfg, self.ds_config)
+        else:
+            model = build_model(cfg.model, seed=cfg.train.seed)
         if cfg.parallel.activation_checkpointing:
             model.checkpoint_every = cfg.parallel.checkpoint_every_layers
         optimizer = build_optimizer(model, cfg.train)
@@ -65,19 +104,40 @@ class Zero3Engine:
             g["lr"] = lr
 
     def train_step(self, micro_batches: Sequence[Batch], inject_nan: bool = False) -> StepResult:
+        """Forward/backward every micro batch and take one optimizer step.
+
+        Non-finite guard: if any rank's loss is non-finite (all-reduced flag, before backward), every
+        rank back-propagates a NaN-scaled loss, so the reduced gradients are NaN everywhere; DeepSpeed's
+        ZeRO optimizer then sees an invalid gradient norm and skips the update (no parameter change, no
+        Adam moment or step-count change, gradients cleared) while its micro-step counters advance
+        normally. The skip is confirmed through the engine's `skipped_steps` counter (non-finite
+        gradients from a finite loss are skipped and reported the same way)."""
         self.engine.train()
         losses = []
+        skipped_before = self.engine.skipped_steps
+        nonfinite = False
         for x, y in micro_batches:
             logits = self.engine(x.to(self.device))
             loss = lm_loss(logits, y.to(self.device))
             if inject_nan:
                 loss = loss * float("nan")
-            self.engine.backward(loss)
+            bad = _any_rank(not bool(torch.isfinite(loss.detach()).all()))
+            if bad:
+                nonfinite = True
+                # NaN * grad on every parameter in the graph: the skip cannot depend on which rank was bad
+                self.engine.backward(loss * float("nan") if torch.isfinite(loss.detach()).all() else loss)
+            else:
+                self.engine.backward(loss)
             self.engine.step()
             losses.append(loss.detach().float())
         loss_mean = _mean_over_ranks(torch.stack(losses).mean().cpu())
-        norm = self.engine.get_global_grad_norm()
-        return StepResult(loss=loss_mean, grad_norm=float(norm) if norm is not None else float("nan"))
+        skipped = self.engine.skipped_steps > skipped_before
+        if nonfinite and not skipped:
+            raise RuntimeError("non-finite loss but DeepSpeed applied the update: the non-finite guard "
+                               "depends on ZeRO's invalid-gradient-norm skip (check the DeepSpeed version)")
+        norm = None if skipped else self.engine.get_global_grad_norm()
+        return StepResult(loss=loss_mean, grad_norm=float(norm) if norm is not None else float("nan"),
+                          skipped=skipped)
 
     @torch.no_grad()
     def eval_loss(self, batches: Sequence[Batch], mask_fn=None) -> float:
@@ -93,9 +153,16 @@ class Zero3Engine:
     def save(self, save_dir: str, tag: str, client_state: dict) -> None:
         self.engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
 
-    def load(self, load_dir: str, tag: str) -> Optional[dict]:
-        _, client_state = self.engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
-                                                      load_lr_scheduler_states=False)
+    def load(self, load_dir: str, tag: str, universal: bool = False) -> Optional[dict]:
+        """`universal`: the directory holds a DeepSpeed universal checkpoint (any world size)."""
+        conf = self.engine._config
+        before = conf.load_universal_checkpoint
+        conf.load_universal_checkpoint = universal
+        try:
+            _, client_state = self.engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+                                                          load_lr_scheduler_states=False)
+        finally:
+            conf.load_universal_checkpoint = before
         return client_state
 
 

@@ -97,8 +97,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(cfg: Config, args, denv, plan, precision: str) -> int:
+    import warnings
     from mgt_scale.train.preemption import install_signal_handlers
     install_signal_handlers()
+    # DeepSpeed 0.19 calls collectives that torch 2.13 deprecates, once per step: keep logs readable
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
     run_dir = Path(cfg.run.dir)
     rank = denv.rank
     ckdir = run_dir / "checkpoints"
@@ -147,14 +150,23 @@ def run(cfg: Config, args, denv, plan, precision: str) -> int:
     manager = CheckpointManager(str(run_dir), cfg, rank, plan.world_size)
     trainer = Trainer(cfg, plan, engine, loader, str(run_dir), rank, valid_batches=valid)
     if args.resume:
-        tag_dir = manager.find_resume() if args.resume == "auto" else Path(args.resume)
+        log = print if rank == 0 else (lambda *a, **k: None)
+        tag_dir = manager.find_resume(log=log) if args.resume == "auto" else Path(args.resume)
+        if tag_dir is not None and args.resume != "auto":
+            from mgt_scale.train.checkpoint import verify_checkpoint
+            problems = verify_checkpoint(tag_dir)
+            if problems:
+                return _fail(run_dir, rank, f"--resume {tag_dir}: checkpoint rejected: " + "; ".join(problems))
         if tag_dir is not None:
             try:
-                state = manager.load(engine, tag_dir)
+                state = manager.load(engine, tag_dir, log=log)
             except CheckpointError as e:
                 return _fail(run_dir, rank, str(e))
             trainer.state.step = state["step"]
             loader.load_state_dict(state["loader"])
+            ts = state.get("trainer", {})
+            trainer.state.nonfinite_total = int(ts.get("nonfinite_total", 0))
+            trainer.state.nonfinite_consecutive = int(ts.get("nonfinite_consecutive", 0))
             trainer.restored_client_state = state
             if rank == 0:
                 print(f"resumed from {tag_dir} at step {state['step']}", flush=True)
@@ -167,7 +179,8 @@ def run(cfg: Config, args, denv, plan, precision: str) -> int:
     logger = build_loggers(cfg, run_dir, rank=rank, resume_step=restored.get("step"))
     ckpt_cb = CheckpointCallback(manager)
     monitor_cb = MonitorCallback(cfg, logger, ckpt_cb, manager, restored.get("monitor"))
-    trainer.callbacks = [monitor_cb,
+    from mgt_scale.train.nonfinite import NonFiniteGuard
+    trainer.callbacks = [NonFiniteGuard(manager, restored.get("nonfinite_guard")), monitor_cb,
                          MetricsCallback(logger, cfg.train.log_interval, flops_per_token(cfg.model, cfg.data.seq_len),
                                          peak_flops_per_device(cfg.train.peak_flops), plan.world_size),
                          ckpt_cb, PreemptionCallback(ckpt_cb, cfg.train.max_wall_time)]

@@ -7,9 +7,6 @@ import signal
 import time
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
 _SIGNALLED: list[str] = []
 
 
@@ -27,8 +24,15 @@ def signalled() -> list[str]:
     return list(_SIGNALLED)
 
 
+def stop_requested(run_dir: str) -> bool:
+    """A signal arrived or the kill-switch file exists (local check, for loops inside a step)."""
+    return bool(_SIGNALLED) or (Path(run_dir) / "STOP").exists()
+
+
 def any_rank(flag: bool) -> bool:
     """True if `flag` is set on any rank (collective)."""
+    import torch  # imported here: this module is loaded before torch so signal handlers go in first
+    import torch.distributed as dist
     if dist.is_initialized() and dist.get_world_size() > 1:
         t = torch.tensor([1.0 if flag else 0.0])
         dist.all_reduce(t, op=dist.ReduceOp.MAX)

@@ -2,7 +2,10 @@
 # wall-time budget) -> checkpoint at the step boundary -> exit code PREEMPTED.
 from __future__ import annotations
 
+import os
+import signal
 import time
+from pathlib import Path
 
 from mgt_scale import exit_codes
 from mgt_scale.train.checkpoint import CheckpointManager
@@ -36,8 +39,14 @@ class CheckpointCallback(Callback):
 
     def on_step_end(self, trainer: Trainer, record: dict) -> None:
         n = trainer.cfg.checkpoint.interval
+        if "rollback_to" in record:
+            return  # the state was just restored from a checkpoint
         if n and trainer.state.step % n == 0 and trainer.state.step < trainer.cfg.train.max_steps:
             self.save(trainer)
+        kill = os.environ.get("MGT_FAULT_SIGKILL_AT_STEP", "").strip()
+        if kill and int(kill) == trainer.state.step and trainer.is_main:  # fault injection for tests
+            print(f"fault injection: SIGKILL at step {trainer.state.step}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def on_end(self, trainer: Trainer, exit_code: int, reason: str) -> None:
         if exit_code == exit_codes.FINISHED and trainer.cfg.checkpoint.save_at_end:
@@ -52,6 +61,9 @@ class PreemptionCallback(Callback):
 
     def on_start(self, trainer: Trainer) -> None:
         self.cond = StopConditions(trainer.run_dir, self.max_wall_time, trainer.start_time)
+        pids = Path(trainer.run_dir) / "pids"  # so that tests and wrappers can signal the rank processes
+        pids.mkdir(parents=True, exist_ok=True)
+        (pids / f"rank{trainer.rank}.pid").write_text(f"{os.getpid()}\n")
         self._check(trainer, 0.0, record=None)  # a signal during start-up
 
     def on_step_end(self, trainer: Trainer, record: dict) -> None:

@@ -55,9 +55,19 @@ class Trainer:
         return self.rank == 0
 
     def evaluate(self) -> Optional[float]:
+        """Mean validation loss, one batch at a time so that a stop request (signal, kill-switch)
+        interrupts a long evaluation: every rank agrees before each batch; None when interrupted."""
         if not self.valid_batches:
             return None
-        return self.engine.eval_loss(self.valid_batches)
+        from mgt_scale.train.preemption import any_rank, stop_requested
+        losses = []
+        for batch in self.valid_batches:
+            if any_rank(stop_requested(self.run_dir)):
+                if self.is_main:
+                    print("evaluation interrupted by a stop request", flush=True)
+                return None
+            losses.append(self.engine.eval_loss([batch]))
+        return sum(losses) / len(losses)
 
     def run(self) -> tuple[int, str]:
         """Train until max_steps or a callback stops the run. Returns (exit code, reason)."""

@@ -139,3 +139,19 @@ def test_init_is_independent_of_build_order_and_documented_values():
     assert std == pytest.approx(cfg.init_std / math.sqrt(2 * cfg.num_layers), rel=0.15)
     c = build_model(cfg, seed=8)
     assert not torch.equal(a.blocks[0].attn.qkv.weight, c.blocks[0].attn.qkv.weight)
+
+
+def test_fused_and_unfused_projections_give_same_outputs_and_gradients():
+    torch.manual_seed(0)
+    grads = {}
+    for fused in (True, False):
+        cfg = ModelConfig(num_layers=2, d_model=D, num_heads=2, d_ff=32, vocab_size=50,
+                          mgt=MGTConfig(fused_proj=fused))
+        model = build_model(cfg, seed=3)
+        tokens = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(5))
+        out = model(tokens)
+        out.square().mean().backward()
+        grads[fused] = (out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    torch.testing.assert_close(grads[True][0], grads[False][0], rtol=1e-6, atol=1e-6)
+    for n, g in grads[True][1].items():
+        torch.testing.assert_close(g, grads[False][1][n], rtol=1e-5, atol=1e-7, msg=n)

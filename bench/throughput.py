@@ -1,0 +1,192 @@
+# Throughput benchmark, one run, one table per question, ratios side by side on the same machine:
+#   1. engine overhead: a plain PyTorch loop vs our trainer in zero3 (1 rank), zero3 (2 ranks), pipeline (2 stages)
+#   2. mgt (full, and efficient forms) vs preln: measured step-time ratio next to the FLOP ratio
+#   3. activation checkpointing on vs off: time and peak-RSS ratios
+#   4. depth 12 -> 200 at fixed width: time per layer and its slope
+# Every measurement runs in a fresh subprocess (so peak RSS is its own). Usage:
+#   python bench/throughput.py [--quick] [--device cpu|cuda] [--precision fp32|bf16] [--width 128]
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# worker: a plain PyTorch training loop of the same model (no DeepSpeed)
+
+def plain_worker(spec: dict) -> dict:
+    import torch
+    from mgt_scale.config import MGTConfig, ModelConfig, TrainConfig
+    from mgt_scale.model import build_model, lm_loss
+    from mgt_scale.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    dev = torch.device(spec["device"])
+    dtype = torch.bfloat16 if spec["precision"] == "bf16" else torch.float32
+    mcfg = ModelConfig(num_layers=spec["layers"], d_model=spec["width"], num_heads=spec["heads"],
+                       d_ff=4 * spec["width"], vocab_size=spec["vocab"], max_seq_len=spec["seq"],
+                       residual=spec["residual"], mgt=MGTConfig(**spec.get("mgt", {})))
+    model = build_model(mcfg, device=dev, dtype=dtype)
+    if spec.get("ckpt"):
+        model.checkpoint_every = 1
+    if spec.get("compile"):
+        model = torch.compile(model)
+    opt = build_optimizer(model, TrainConfig())
+    x = torch.randint(0, spec["vocab"], (spec["batch"], spec["seq"]), device=dev)
+    times = []
+    for i in range(spec["warmup"] + spec["steps"]):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        tic = time.perf_counter()
+        loss = lm_loss(model(x), x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= spec["warmup"]:
+            times.append(time.perf_counter() - tic)
+    out = {"step_time": statistics.median(times), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if dev.type == "cuda":
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    return out
+
+
+def run_plain(spec: dict) -> dict:
+    r = subprocess.run([sys.executable, __file__, "--_worker", json.dumps(spec)], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+    if r.returncode:
+        raise RuntimeError(r.stderr[-2000:])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------
+# our trainer through `mgt train` (reads the median step_time from metrics.jsonl)
+
+def run_trainer(spec: dict, mode: str, ranks: int, tmp: Path) -> dict:
+    run_dir = tmp / f"{mode}-{ranks}-{spec['layers']}"
+    sets = {"run.dir": str(run_dir), "model.num_layers": spec["layers"], "model.d_model": spec["width"],
+            "model.num_heads": spec["heads"], "model.d_ff": 4 * spec["width"], "model.vocab_size": spec["vocab"],
+            "model.max_seq_len": spec["seq"], "model.residual": spec["residual"], "data.synthetic": "random",
+            "data.seq_len": spec["seq"], "train.global_batch_size": spec["batch"],
+            "train.micro_batch_size": spec["batch"] // (ranks if mode == "zero3" else 1),
+            "train.max_steps": spec["warmup"] + spec["steps"], "train.warmup_steps": 0, "train.log_interval": 1,
+            "checkpoint.save_at_end": False, "monitor.interval": 0, "parallel.mode": mode,
+            "parallel.precision": spec["precision"], "data.valid_fraction_batches": 0}
+    if mode == "pipeline":
+        sets.update({"parallel.pipeline_stages": ranks, "parallel.zero_stage": 0,
+                     "train.micro_batch_size": max(1, spec["batch"] // 4)})
+    cmd = [sys.executable, "-m", "mgt_scale.cli", "train", "--config", str(REPO / "configs/tiny_synthetic.yaml"),
+           "--num-ranks", str(ranks)] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
+    if r.returncode:
+        raise RuntimeError(f"{mode}/{ranks}: {r.stdout[-1500:]} {r.stderr[-1500:]}")
+    recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    times = [x["step_time"] for x in recs if "step_time" in x and x["step"] > spec["warmup"]]
+    return {"step_time": statistics.median(times)}
+
+
+def table(title: str, header: list[str], rows: list[list]) -> str:
+    lines = [f"\n### {title}", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{c:.3f}" if isinstance(c, float) else str(c) for c in r) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="fewer steps and depths")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--width", type=int, default=128)
+    ap.add_argument("--depth", type=int, default=48, help="depth of the engine / mgt-vs-preln comparisons")
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--skip-engines", action="store_true")
+    ap.add_argument("--_worker", default="")
+    args = ap.parse_args()
+    if args._worker:
+        print(json.dumps(plain_worker(json.loads(args._worker))))
+        return
+    from mgt_scale.config import MGTConfig, ModelConfig
+    from mgt_scale.train.flops import flops_per_token
+
+    steps, warm = (4, 2) if args.quick else (8, 3)
+    base = dict(layers=args.depth, width=args.width, heads=max(1, args.width // 32), vocab=2048, seq=args.seq,
+                batch=args.batch, residual="mgt", device=args.device, precision=args.precision, steps=steps, warmup=warm)
+    print(f"# throughput bench: {args.device} {args.precision}, width {args.width}, depth {args.depth}, "
+          f"seq {args.seq}, batch {args.batch}, median of {steps} steps after {warm} warm-up; cores {os.cpu_count()}")
+    out = []
+    plain = run_plain(base)
+    tok = args.batch * args.seq
+    if not args.skip_engines:
+        rows = [["plain PyTorch loop", 1, plain["step_time"], tok / plain["step_time"], 1.0]]
+        with tempfile.TemporaryDirectory() as tmp:
+            for mode, ranks in (("zero3", 1), ("zero3", 2), ("pipeline", 2)):
+                try:
+                    r = run_trainer(base, mode, ranks, Path(tmp))
+                    rows.append([f"mgt train {mode}", ranks, r["step_time"], tok / r["step_time"],
+                                 r["step_time"] / plain["step_time"]])
+                except RuntimeError as e:
+                    rows.append([f"mgt train {mode}", ranks, "failed", str(e)[:80].replace("\n", " "), ""])
+        out.append(table("Engine overhead (same model and global batch)",
+                         ["engine", "ranks", "step s", "tokens/s", "x plain"], rows))
+        print(out[-1], flush=True)
+
+    def cfg_of(spec):
+        return ModelConfig(num_layers=spec["layers"], d_model=spec["width"], num_heads=spec["heads"],
+                           d_ff=4 * spec["width"], vocab_size=spec["vocab"], max_seq_len=spec["seq"],
+                           residual=spec["residual"], mgt=MGTConfig(**spec.get("mgt", {})))
+
+    pre = run_plain(dict(base, residual="preln"))
+    f_pre = flops_per_token(cfg_of(dict(base, residual="preln")), args.seq)
+    rows = []
+    variants = [("mgt full, fused proj", {}), ("mgt full, unfused", {"fused_proj": False}),
+                ("mgt low-rank r=16", {"proj_rank": 16}), ("mgt low-rank r=16, token beta", {"proj_rank": 16, "beta_shape": "token"}),
+                ("mhc_gate", None), ("ddl", None)]
+    rows.append(["preln", pre["step_time"], 1.0, 1.0])
+    for name, mgt in variants:
+        spec = dict(base, residual=name if mgt is None else "mgt", mgt=mgt or {})
+        r = plain if name == "mgt full, fused proj" else run_plain(spec)
+        rows.append([name, r["step_time"], r["step_time"] / pre["step_time"],
+                     flops_per_token(cfg_of(spec), args.seq) / f_pre])
+    out.append(table(f"Residual kind cost at depth {args.depth} (plain loop)",
+                     ["residual", "step s", "time / preln", "FLOPs / preln"], rows))
+    print(out[-1], flush=True)
+
+    rows = []
+    for depth in ((50, 200) if args.quick else (50, 100, 200)):
+        off = run_plain(dict(base, layers=depth))
+        on = run_plain(dict(base, layers=depth, ckpt=True))
+        rows.append([depth, off["step_time"], on["step_time"], on["step_time"] / off["step_time"],
+                     off["peak_rss_mb"], on["peak_rss_mb"], on["peak_rss_mb"] / off["peak_rss_mb"]])
+    out.append(table("Activation checkpointing (mgt, plain loop, peak RSS of the whole process)",
+                     ["depth", "off s", "on s", "time ratio", "off MB", "on MB", "memory ratio"], rows))
+    print(out[-1], flush=True)
+
+    rows, xs, ys = [], [], []
+    for depth in ((12, 48, 200) if args.quick else (12, 24, 48, 100, 200)):
+        r = run_plain(dict(base, layers=depth, steps=max(2, steps // 2)))
+        rows.append([depth, r["step_time"], 1000 * r["step_time"] / depth])
+        xs.append(depth)
+        ys.append(r["step_time"])
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    out.append(table(f"Depth scaling (mgt, width {args.width}); linear fit: {1000 * slope:.2f} ms per layer, "
+                     f"intercept {1000 * (my - slope * mx):.1f} ms", ["depth", "step s", "ms per layer"], rows))
+    print(out[-1], flush=True)
+
+
+if __name__ == "__main__":
+    main()
