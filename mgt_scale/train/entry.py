@@ -29,6 +29,8 @@ def build_parser(prog: str = "mgt train") -> argparse.ArgumentParser:
     ap.add_argument("--num-ranks", type=int, default=0,
                     help="on one machine: number of ranks to start with the deepspeed launcher "
                          "(default: 1, or what the launcher already set)")
+    # the deepspeed launcher appends --local_rank=N; the rank is taken from the environment instead
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return ap
 
 
@@ -56,7 +58,7 @@ def _relaunch(args: argparse.Namespace, argv: list[str]) -> int:
             continue
         rest.append(a)
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
-    cmd = [launcher, "--num_gpus", str(args.num_ranks), "--master_port", str(free_port()),
+    cmd = [launcher, "--num_gpus", str(args.num_ranks), "--master_port", str(free_port()), "--no_local_rank",
            "--module", "mgt_scale.train.entry", *rest]
     print("launching:", " ".join(cmd), flush=True)
     return subprocess.call(cmd)
