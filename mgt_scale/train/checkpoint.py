@@ -165,6 +165,8 @@ class CheckpointManager:
                   flush=True)
             os._exit(137)
         if self.rank == 0:
+            from mgt_scale.config import save_config
+            save_config(self.cfg, tag_dir / "config.yaml")  # every checkpoint carries its resolved config
             write_manifest(tag_dir, {"step": step, "world_size": self.world_size, "mode": self.cfg.parallel.mode,
                                      "pipeline_stages": self.cfg.parallel.pipeline_stages,
                                      "config_hash": config_hash(self.cfg)})

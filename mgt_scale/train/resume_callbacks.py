@@ -43,6 +43,9 @@ class CheckpointCallback(Callback):
             return  # the state was just restored from a checkpoint
         if n and trainer.state.step % n == 0 and trainer.state.step < trainer.cfg.train.max_steps:
             self.save(trainer)
+        nap = os.environ.get("MGT_FAULT_STEP_SLEEP", "").strip()
+        if nap:  # fault injection for tests: slow steps so that an outside signal lands mid-run
+            time.sleep(float(nap))
         kill = os.environ.get("MGT_FAULT_SIGKILL_AT_STEP", "").strip()
         if kill and int(kill) == trainer.state.step and trainer.is_main:  # fault injection for tests
             print(f"fault injection: SIGKILL at step {trainer.state.step}", flush=True)

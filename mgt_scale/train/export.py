@@ -1,0 +1,127 @@
+# `mgt export RUN_DIR|CKPT_DIR --output DIR [--dtype fp32|bf16]`: a consolidated, DeepSpeed-free copy
+# of a checkpoint's weights: model.safetensors (canonical names `embed.*`, `blocks.{i}.*`, `head.*`),
+# config.yaml (the run's resolved config) and tokenizer.model (copied from the data directory when it
+# has one). `load_exported(DIR)` rebuilds the model with mgt_scale.model alone.
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+WEIGHTS = "model.safetensors"
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory (with a manifest), or a run directory -> its latest good checkpoint."""
+    from mgt_scale.train.checkpoint import LATEST, MANIFEST, verify_checkpoint
+    p = Path(path)
+    if not (p / MANIFEST).is_file():
+        root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+        if (root / LATEST).is_file():
+            p = root / (root / LATEST).read_text().strip()
+        else:
+            from mgt_scale.train.checkpoint import CheckpointManager  # noqa: F401  (listing helper below)
+            raise ExportError(f"{path}: neither a checkpoint directory nor a run directory with a "
+                              f"checkpoints/{LATEST} pointer")
+    problems = verify_checkpoint(p)
+    if problems:
+        raise ExportError(f"{p}: checkpoint rejected: " + "; ".join(problems))
+    return p
+
+
+def checkpoint_config(tag_dir: Path):
+    from mgt_scale.config import load_config
+    for c in (tag_dir / "config.yaml", tag_dir.parent.parent / "config.yaml"):
+        if c.is_file():
+            return load_config(c), c
+    raise ExportError(f"{tag_dir}: no config.yaml in the checkpoint or its run directory")
+
+
+def consolidated_from_checkpoint(tag_dir: Path, cfg) -> dict[str, torch.Tensor]:
+    """Canonical fp32 state dict from a sharded checkpoint, offline (no process group)."""
+    manifest = json.loads((tag_dir / "mgt_manifest.json").read_text())
+    if manifest.get("mode", "zero3") == "zero3":
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    else:  # pipeline: one file per layer, keyed by the layer's position in the PipelineModule
+        from mgt_scale.parallel.convert import pipe_to_canonical
+        merged = {}
+        for f in sorted(tag_dir.glob("layer_*-model_states.pt")):
+            idx = int(f.name.split("_")[1].split("-")[0])
+            for k, v in torch.load(f, map_location="cpu", weights_only=True).items():
+                merged[f"{idx}.{k}"] = v
+        sd = pipe_to_canonical(cfg.model, merged)
+    return {k: v.detach().float().contiguous().clone() for k, v in sd.items()}
+
+
+def export(src: str | Path, output: str | Path, dtype: str = "fp32", log=print) -> Path:
+    from safetensors.torch import save_file
+    from mgt_scale.config import save_config
+    from mgt_scale.model import build_model
+    tag_dir = resolve_checkpoint(src)
+    cfg, _ = checkpoint_config(tag_dir)
+    sd = consolidated_from_checkpoint(tag_dir, cfg)
+    model = build_model(cfg.model, seed=0)
+    expected = dict(model.state_dict())
+    if cfg.model.tie_embeddings:
+        sd.pop("head.proj.weight", None)
+        expected.pop("head.proj.weight", None)
+    missing, unknown = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+    if missing or unknown:
+        raise ExportError(f"{tag_dir}: weights do not match the model of its config: missing {missing[:5]}, "
+                          f"unknown {unknown[:5]}")
+    target = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    sd = {k: v.to(target).contiguous() for k, v in sd.items()}
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(out / WEIGHTS), metadata={"source": str(tag_dir), "dtype": dtype, "format": "pt"})
+    save_config(cfg, out / "config.yaml")
+    tok = Path(cfg.data.path) / "tokenizer.model" if cfg.data.path else None
+    if tok is not None and tok.is_file():
+        shutil.copy2(tok, out / "tokenizer.model")
+    log(f"exported {tag_dir} -> {out} ({len(sd)} tensors, {dtype}"
+        f"{', tokenizer' if (out / 'tokenizer.model').is_file() else ', no tokenizer'})")
+    return out
+
+
+def load_exported(path: str | Path, dtype: torch.dtype = torch.float32):
+    """(model in eval mode, config) from an export directory: mgt_scale.model + safetensors only."""
+    from safetensors.torch import load_file
+    from mgt_scale.config import load_config
+    from mgt_scale.model import build_model
+    p = Path(path)
+    cfg = load_config(p / "config.yaml")
+    model = build_model(cfg.model, seed=0)
+    sd = load_file(str(p / WEIGHTS))
+    strict = not cfg.model.tie_embeddings
+    result = model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=strict)
+    if not strict and [k for k in result.missing_keys if k != "head.proj.weight"]:
+        raise ExportError(f"{p}: missing weights {result.missing_keys[:5]}")
+    return model.to(dtype).eval(), cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="mgt export", description="Write a checkpoint's weights as a consolidated "
+                                 "model.safetensors + config.yaml (+ tokenizer.model), loadable without DeepSpeed.")
+    ap.add_argument("source", help="a run directory (its latest good checkpoint) or a checkpoint directory")
+    ap.add_argument("--output", required=True, help="output directory")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    args = ap.parse_args(argv)
+    try:
+        export(args.source, args.output, args.dtype)
+    except (ExportError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+# Non-finite steps in real runs: NaN losses (train.fault_inject_nan_steps) are skipped, counted and
+# logged; max_consecutive_nonfinite in a row roll back to the last good checkpoint (2 ranks), or stop
+# with exit code 87 under nonfinite_policy=stop (1 rank).
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.distributed
+
+
+def write(tmp_path, name, train):
+    run_dir = tmp_path / name
+    cfg = {"run": {"dir": str(run_dir)},
+           "model": {"num_layers": 4, "d_model": 32, "num_heads": 4, "d_ff": 64, "vocab_size": 64, "max_seq_len": 32},
+           "data": {"synthetic": "copy", "seq_len": 32, "prefetch": 0},
+           "train": {"max_steps": 10, "global_batch_size": 8, "micro_batch_size": 2, "warmup_steps": 2,
+                     "log_interval": 1, "max_consecutive_nonfinite": 3} | train,
+           "parallel": {"precision": "fp32"}, "checkpoint": {"interval": 2, "keep_last": 3}, "monitor": {"interval": 0}}
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(json.dumps(cfg))
+    return p, run_dir
+
+
+def train(config, ranks):
+    return subprocess.run([sys.executable, "-m", "mgt_scale.cli", "train", "--config", str(config),
+                           "--num-ranks", str(ranks)], capture_output=True, text=True, timeout=600)
+
+
+def records(run_dir):
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+
+
+def test_nan_steps_skipped_then_rollback(tmp_path):
+    # steps (1-based) 5, 6, 7 have NaN losses: skipped; the third in a row rolls back to step_00000006
+    # (saved during the streak; skipped steps leave the weights as they were at step 4)
+    config, run_dir = write(tmp_path, "rb", {"fault_inject_nan_steps": [4, 5, 6], "nonfinite_policy": "rollback"})
+    r = train(config, 2)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    recs = records(run_dir)
+    skipped = [x["step"] for x in recs if x.get("skipped")]
+    assert skipped[:3] == [5, 6, 7]
+    assert "update skipped (1 consecutive, 1 in total)" in out
+    rb = [x for x in recs if "rollback_to" in x]
+    assert len(rb) == 1 and rb[0]["step"] == 7 and rb[0]["rollback_to"] == 6
+    assert "rolled back to step_00000006" in out
+    final = [x for x in recs if x["step"] == 10 and "loss" in x][-1]
+    assert final["loss"] == final["loss"]  # finite at the end
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["exit_code"] == 0 and status["step"] == 10
+
+
+def test_nan_policy_stop_exits_87(tmp_path):
+    config, run_dir = write(tmp_path, "stop", {"fault_inject_nan_steps": [2, 3, 4], "nonfinite_policy": "stop"})
+    r = train(config, 1)
+    assert r.returncode == 87, (r.stdout + r.stderr)[-4000:]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["exit_code"] == 87 and status["step"] == 5 and "nonfinite_policy=stop" in status["reason"]
+    assert [x["step"] for x in records(run_dir) if x.get("skipped")] == [3, 4, 5]

@@ -1,0 +1,51 @@
+# NonFiniteGuard without an engine: counting, spike flags, policy stop, and its state round trip.
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from mgt_scale import exit_codes
+from mgt_scale.config import load_config
+from mgt_scale.train.nonfinite import NonFiniteGuard
+from mgt_scale.train.trainer import StopTraining, TrainState
+
+
+def fake(policy="stop", k=2):
+    cfg = load_config(None, ["data.synthetic=copy", f"train.nonfinite_policy={policy}",
+                             f"train.max_consecutive_nonfinite={k}", "train.spike_zscore=4"])
+    return SimpleNamespace(cfg=cfg, state=TrainState(), is_main=True)
+
+
+def step(guard, tr, loss, skipped=False):
+    tr.state.step += 1
+    rec = {"step": tr.state.step, "loss": loss}
+    if skipped:
+        rec["skipped"] = True
+    guard.on_step_end(tr, rec)
+    return rec
+
+
+def test_spike_flagged_and_nan_counted_then_stop():
+    tr, g = fake(), NonFiniteGuard(manager=None)
+    for i in range(20):
+        assert "spike" not in step(g, tr, 3.0 + 0.01 * (i % 3))
+    rec = step(g, tr, 5.0)
+    assert rec["spike"] > 4
+    rec = step(g, tr, math.nan, skipped=True)
+    assert rec["nonfinite_total"] == 1 and tr.state.nonfinite_consecutive == 1
+    step(g, tr, 3.0)
+    assert tr.state.nonfinite_consecutive == 0 and tr.state.nonfinite_total == 1
+    step(g, tr, math.nan, skipped=True)
+    with pytest.raises(StopTraining) as e:
+        step(g, tr, math.inf, skipped=True)
+    assert e.value.exit_code == exit_codes.NONFINITE
+    g2 = NonFiniteGuard(None, g.state_dict())
+    assert list(g2.window) == list(g.window)
+
+
+def test_rollback_without_checkpoint_stops():
+    tr = fake("rollback", 1)
+    g = NonFiniteGuard(manager=SimpleNamespace(find_resume=lambda log=print: None))
+    with pytest.raises(StopTraining) as e:
+        step(g, tr, math.nan, skipped=True)
+    assert e.value.exit_code == exit_codes.NONFINITE and "no good checkpoint" in e.value.reason
