@@ -32,10 +32,19 @@ class MetricsCallback(Callback):
     def on_end(self, trainer: Trainer, exit_code: int, reason: str) -> None:
         self.logger.close()
 
+    def on_stopped_step(self, trainer: Trainer, record: dict) -> None:
+        self._log(trainer, record)
+
     def on_step_end(self, trainer: Trainer, record: dict) -> None:
         step = record["step"]
         last = step == trainer.cfg.train.max_steps
-        if not trainer.is_main or not (step % self.log_interval == 0 or step == 1 or last or "valid_loss" in record):
+        if not (step % self.log_interval == 0 or step == 1 or last or "valid_loss" in record):
+            return
+        self._log(trainer, record)
+
+    def _log(self, trainer: Trainer, record: dict) -> None:
+        step = record["step"]
+        if not trainer.is_main:
             return
         if self.flops_per_token and self.peak_flops:
             record["mfu"] = record["tokens_per_s"] * self.flops_per_token / (self.peak_flops * self.world_size)

@@ -29,6 +29,10 @@ class Callback:
 
     def on_step_end(self, trainer: "Trainer", record: dict) -> None: ...
 
+    def on_stopped_step(self, trainer: "Trainer", record: dict) -> None:
+        """The step's record when an earlier callback stopped the run at this step (no further
+        work such as checkpoints should happen here: only bookkeeping)."""
+
     def on_end(self, trainer: "Trainer", exit_code: int, reason: str) -> None: ...
 
 
@@ -94,7 +98,14 @@ class Trainer:
                 if t.eval_interval and self.state.step % t.eval_interval == 0:
                     record["valid_loss"] = self.evaluate()
                 for cb in self.callbacks:
-                    cb.on_step_end(self, record)
+                    try:
+                        cb.on_step_end(self, record)
+                    except StopTraining as stop:
+                        # the step happened: later callbacks (metrics) still see its record
+                        record["stopped"] = stop.reason
+                        for later in self.callbacks[self.callbacks.index(cb) + 1:]:
+                            later.on_stopped_step(self, record)
+                        raise
         except StopTraining as stop:
             code, reason = stop.exit_code, stop.reason
         for cb in self.callbacks:

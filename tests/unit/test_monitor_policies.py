@@ -38,6 +38,8 @@ def test_checkpoint_and_stop(tmp_path):
     assert (run_dir / "checkpoints" / "latest_good").read_text().strip() == "step_00000002"
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "stopped" and status["exit_code"] == exit_codes.COLLAPSE
+    metrics = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and metrics[-1]["alarm"] == "checkpoint_and_stop"
 
 
 def test_rollback_then_escalates(tmp_path):
