@@ -79,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         denv = derive_dist_env()
     except DistEnvError as e:
         return _error(str(e))
+    if _launched() and args.num_ranks > 1 and args.num_ranks != denv.world_size:
+        return _error(f"--num-ranks {args.num_ranks} was given, but this process is already rank {denv.rank} of a "
+                      f"launched world of {denv.world_size} (launcher '{denv.launcher}' set RANK/WORLD_SIZE or "
+                      f"SLURM_PROCID); drop --num-ranks under a launcher, or unset those variables")
     world = denv.world_size if _launched() else max(1, args.num_ranks)
     from mgt_scale.parallel.ds_config import deepspeed_config, detect_precision
     from mgt_scale.parallel.topology import plan_batch
@@ -182,10 +186,11 @@ def run(cfg: Config, args, denv, plan, precision: str) -> int:
     ckpt_cb = CheckpointCallback(manager)
     monitor_cb = MonitorCallback(cfg, logger, ckpt_cb, manager, restored.get("monitor"))
     from mgt_scale.train.nonfinite import NonFiniteGuard
-    trainer.callbacks = [NonFiniteGuard(manager, restored.get("nonfinite_guard")), monitor_cb,
+    guard = NonFiniteGuard(manager, restored.get("nonfinite_guard"))
+    trainer.callbacks = [guard, monitor_cb,
                          MetricsCallback(logger, cfg.train.log_interval, flops_per_token(cfg.model, cfg.data.seq_len),
                                          peak_flops_per_device(cfg.train.peak_flops), plan.world_size),
-                         ckpt_cb, PreemptionCallback(ckpt_cb, cfg.train.max_wall_time)]
+                         guard.enforcer(), ckpt_cb, PreemptionCallback(ckpt_cb, cfg.train.max_wall_time)]
     code, reason = trainer.run()
     loader.close()
     if rank == 0:

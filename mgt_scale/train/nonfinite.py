@@ -23,9 +23,23 @@ class NonFiniteGuard(Callback):
         self.manager = manager
         self.window: deque[float] = deque(maxlen=SPIKE_WINDOW)
         self.rollbacks = 0
+        self.pending = False
         if restored:
             self.window.extend(float(v) for v in restored.get("window", []))
             self.rollbacks = int(restored.get("rollbacks", 0))
+
+    def enforcer(self) -> Callback:
+        """The callback that rolls back / stops; place it after the metrics callback (so the step that
+        triggers it is logged) and before the checkpoint callback."""
+        guard = self
+
+        class _Enforce(Callback):
+            def on_step_end(self, trainer: Trainer, record: dict) -> None:
+                if guard.pending:
+                    guard.pending = False
+                    guard._too_many(trainer, record)
+
+        return _Enforce()
 
     def state_dict(self) -> dict:
         return {"window": list(self.window), "rollbacks": self.rollbacks}
@@ -48,7 +62,8 @@ class NonFiniteGuard(Callback):
                 print(f"non-finite loss/gradient at step {s.step}: update skipped "
                       f"({s.nonfinite_consecutive} consecutive, {s.nonfinite_total} in total)", flush=True)
             if s.nonfinite_consecutive >= t.max_consecutive_nonfinite:
-                self._too_many(trainer, record)
+                self.pending = True  # acted on by enforcer(), after the metrics callback logged the step
+                record["nonfinite_action"] = t.nonfinite_policy
             return
         s.nonfinite_consecutive = 0
         if len(self.window) >= SPIKE_MIN_HISTORY:

@@ -24,11 +24,10 @@ def write_config(tmp_path: Path, name: str, **over) -> tuple[Path, Path]:
                      "max_seq_len": 32},
            "data": {"synthetic": "copy", "seq_len": 32, "prefetch": 0},
            "train": {"max_steps": STEPS, "global_batch_size": 8, "micro_batch_size": 2, "lr": 3e-3,
-                     "warmup_steps": 2, "log_interval": 1, "precision": None} | over.get("train", {}),
+                     "warmup_steps": 2, "log_interval": 1} | over.get("train", {}),
            "parallel": {"precision": "fp32"},
            "checkpoint": {"interval": 4, "keep_last": 3},
            "monitor": {"interval": 0}}
-    del cfg["train"]["precision"]
     path = tmp_path / f"{name}.yaml"
     path.write_text(json.dumps(cfg))
     return path, run_dir

@@ -44,8 +44,8 @@ def test_nan_steps_skipped_then_rollback(tmp_path):
     skipped = [x["step"] for x in recs if x.get("skipped")]
     assert skipped[:3] == [5, 6, 7]
     assert "update skipped (1 consecutive, 1 in total)" in out
-    rb = [x for x in recs if "rollback_to" in x]
-    assert len(rb) == 1 and rb[0]["step"] == 7 and rb[0]["rollback_to"] == 6
+    rb = [x for x in recs if x.get("nonfinite_action") == "rollback"]
+    assert len(rb) == 1 and rb[0]["step"] == 7
     assert "rolled back to step_00000006" in out
     final = [x for x in recs if x["step"] == 10 and "loss" in x][-1]
     assert final["loss"] == final["loss"]  # finite at the end

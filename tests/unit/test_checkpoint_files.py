@@ -18,18 +18,21 @@ OVR = ["data.synthetic=copy", "model.num_layers=2", "model.d_model=32", "model.n
        "train.global_batch_size=4", "train.micro_batch_size=2", "parallel.precision=fp32"]
 
 
+DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def clean_env() -> dict:
+    """The environment without this process's one-rank torchrun variables (set by `inprocess_dist`)."""
+    return {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+
+
 def mgt(*args):
-    return subprocess.run([sys.executable, "-m", "mgt_scale.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "mgt_scale.cli", *args], capture_output=True, text=True,
+                          timeout=300, env=clean_env())
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    from mgt_scale.cluster.dist_env import free_port
-    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
-        os.environ.setdefault(k, v)
-    import deepspeed
-    deepspeed.init_distributed(verbose=False)
+def saved(tmp_path_factory, inprocess_dist):
     from mgt_scale.config import save_config
     from mgt_scale.parallel.topology import plan_batch
     from mgt_scale.train.checkpoint import CheckpointManager
@@ -75,7 +78,7 @@ def test_export_matches_training_logits_and_generates(saved, tmp_path):
             f"torch.save(m(x).detach(), {str(tmp_path / 'y.pt')!r}); "
             "assert 'deepspeed' not in sys.modules, 'deepspeed imported'")
     torch.save(x, tmp_path / "x.pt")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=clean_env())
     assert r.returncode == 0, r.stderr[-3000:]
     y = torch.load(tmp_path / "y.pt", weights_only=True)
     err = (y - logits).abs().max().item()

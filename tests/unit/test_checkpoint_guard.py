@@ -22,6 +22,7 @@ def step(guard, tr, loss, skipped=False):
     if skipped:
         rec["skipped"] = True
     guard.on_step_end(tr, rec)
+    guard.enforcer().on_step_end(tr, rec)
     return rec
 
 

@@ -1,23 +1,12 @@
 # The non-finite guard of Zero3Engine.train_step (one in-process rank, ZeRO-3, fp32 CPU): a step with
 # a NaN loss is skipped without touching parameters or optimizer state (Adam moments and step count),
 # and the run that took it continues exactly like a run in which that batch never happened.
-import os
 
 import pytest
 import torch
 
 from mgt_scale.config import load_config
 
-
-@pytest.fixture(scope="module")
-def dist_env():
-    from mgt_scale.cluster.dist_env import free_port
-    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
-        os.environ.setdefault(k, v)
-    import deepspeed
-    deepspeed.init_distributed(verbose=False)
-    yield
 
 
 def engine(cfg):
@@ -58,7 +47,7 @@ def same(a, b):
             assert v == w, k
 
 
-def test_nan_step_is_skipped_exactly(dist_env, tmp_path):
+def test_nan_step_is_skipped_exactly(inprocess_dist, tmp_path):
     cfg = load_config(None, ["data.synthetic=copy", "model.num_layers=2", "model.d_model=32", "model.num_heads=4",
                              "model.d_ff=64", "model.vocab_size=64", "model.max_seq_len=32", "data.seq_len=16", "monitor.interval=0",
                              "train.global_batch_size=4", "train.micro_batch_size=2", "parallel.precision=fp32"])

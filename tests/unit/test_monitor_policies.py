@@ -21,6 +21,7 @@ def train(tmp_path, policy, *extra):
            "--set", "monitor.probe_seq_len=32", "--set", "monitor.alarm_eff_rank_norm_below=0.99",
            "--set", f"monitor.alarm_policy={policy}", *extra]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert (run_dir / "geometry.jsonl").exists(), f"exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
     geo = [json.loads(l) for l in (run_dir / "geometry.jsonl").read_text().splitlines()]
     return r, run_dir, geo
 

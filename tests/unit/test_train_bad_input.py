@@ -1,6 +1,7 @@
 # Operator mistakes at launch: a one-line error naming the problem, a non-zero exit code, and no run
 # directory passed off as a finished run.
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,9 +9,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def mgt(*args, cwd):
+def mgt(*args, cwd, env=None):
     return subprocess.run([sys.executable, "-m", "mgt_scale.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
+                          cwd=cwd, timeout=300, env=env)
 
 
 def test_missing_config_file(tmp_path):
@@ -37,6 +38,14 @@ def test_bad_topology_message(tmp_path):
     r = mgt("train", "--config", str(REPO / "configs/tiny_synthetic.yaml"), "--set", "train.global_batch_size=12",
             "--set", "train.micro_batch_size=4", "--num-ranks", "2", "--dry-run", cwd=tmp_path)
     assert r.returncode == 2 and "train.global_batch_size=12" in r.stderr and "multiple of 8" in r.stderr
+
+
+def test_num_ranks_under_a_launcher_that_disagrees(tmp_path):
+    # A stray torchrun environment (or --num-ranks inside an srun step) must not silently train 1 rank.
+    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29999")
+    r = mgt("train", "--config", str(REPO / "configs/tiny_synthetic.yaml"), "--num-ranks", "2", "--dry-run",
+            cwd=tmp_path, env=env)
+    assert r.returncode == 2 and "--num-ranks 2" in r.stderr and "world of 1" in r.stderr, r.stderr
 
 
 def test_dry_run_prints_config_and_deepspeed_json(tmp_path):

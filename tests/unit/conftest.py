@@ -1,0 +1,37 @@
+# Shared fixtures for the unit tests.
+# `inprocess_dist`: a one-rank gloo process group for tests that build a DeepSpeed engine in the pytest
+# process. It sets the torchrun-style variables only for the module that uses it and restores them
+# afterwards: left behind, they make every later `mgt train` subprocess believe it is rank 0 of a
+# torchrun world of 1 (which silently ignores --num-ranks and rendezvous on a dead port).
+import os
+
+import pytest
+
+DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(scope="module")
+def inprocess_dist():
+    from mgt_scale.cluster.dist_env import free_port
+    saved = {k: os.environ.get(k) for k in DIST_VARS}
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": os.environ.get("MASTER_PORT") or str(free_port())})
+    import deepspeed
+    deepspeed.init_distributed(verbose=False)  # a no-op when an earlier module already initialised it
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_dist_env(request):
+    """Fails the test (not a later, unrelated one) that leaves torchrun variables behind."""
+    before = {k: os.environ.get(k) for k in DIST_VARS}
+    yield
+    if "inprocess_dist" in request.fixturenames:
+        return
+    after = {k: os.environ.get(k) for k in DIST_VARS}
+    assert before == after, f"test leaked distributed environment variables: {before} -> {after}"
