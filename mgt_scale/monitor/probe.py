@@ -9,8 +9,8 @@ Model API used: ``model.blocks`` (an ``nn.ModuleList`` of blocks, each with ``at
 
 Parallel engines: under ZeRO-3 the forward pass gathers partitioned parameters collectively, so
 every rank must run the probe (only rank 0 needs to log the result). Pipeline mode holds only some
-blocks per stage; there each stage can call :func:`capture_probe` on its own module list's
-blocks and the results are concatenated in stage order (not handled here).
+blocks per stage: :mod:`mgt_scale.parallel.pipeline_probe` runs each stage's blocks there and
+gathers the per-stage results into the same record.
 """
 from __future__ import annotations
 

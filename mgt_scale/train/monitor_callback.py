@@ -23,9 +23,9 @@ def probe_tokens(cfg, vocab_size: int) -> torch.Tensor:
 
 
 class MonitorCallback(Callback):
-    """Probes on every rank (ZeRO-3 gathers parameters collectively in the forward); rank 0 logs.
-    In pipeline mode no rank holds the whole stack, so the in-loop probe is skipped (use `mgt probe`
-    on a checkpoint)."""
+    """Probes on every rank (ZeRO-3 gathers parameters collectively in the forward; in pipeline mode
+    each stage measures its own blocks and the stages' results are all-gathered); rank 0 logs. Every
+    rank sees the same record, so every rank takes the same alarm decision."""
 
     def __init__(self, cfg, logger, checkpoint_cb, manager, restored_state: dict | None = None):
         self.cfg, self.logger, self.checkpoint_cb, self.manager = cfg, logger, checkpoint_cb, manager
@@ -36,7 +36,7 @@ class MonitorCallback(Callback):
         self.total_time = 0.0
 
     def on_start(self, trainer: Trainer) -> None:
-        if self.cfg.monitor.interval and trainer.engine.mode == "zero3":
+        if self.cfg.monitor.interval:
             self.tokens = probe_tokens(self.cfg, self.cfg.model.vocab_size)
         trainer.state_providers = getattr(trainer, "state_providers", {})
         trainer.state_providers["monitor"] = self.monitor.state_dict
@@ -48,8 +48,13 @@ class MonitorCallback(Callback):
         tic = time.perf_counter()
         module = trainer.engine.module
         was_training = module.training
-        geo = probe_geometry(module, self.tokens.to(next(module.parameters()).device), step,
-                             center=self.cfg.monitor.geometry_center)
+        if trainer.engine.mode == "pipeline":
+            from mgt_scale.parallel.pipeline_probe import pipeline_probe_geometry
+            geo = pipeline_probe_geometry(module, self.tokens, step, self.cfg.model.d_model,
+                                          self.cfg.model.num_layers, center=self.cfg.monitor.geometry_center)
+        else:
+            geo = probe_geometry(module, self.tokens.to(next(module.parameters()).device), step,
+                                 center=self.cfg.monitor.geometry_center)
         module.train(was_training)
         self.total_time += time.perf_counter() - tic
         summary = geometry_summary(geo["layers"])

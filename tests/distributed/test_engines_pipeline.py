@@ -112,7 +112,7 @@ DEEP = {
     "data": {"synthetic": "copy", "seq_len": 16, "prefetch": 0},
     "train": {"max_steps": 2, "global_batch_size": 4, "micro_batch_size": 2, "warmup_steps": 1, "log_interval": 1},
     "checkpoint": {"interval": 0, "save_at_end": False},
-    "monitor": {"interval": 0},
+    "monitor": {"interval": 1, "probe_batch_size": 2, "probe_seq_len": 16},
 }
 
 
@@ -120,7 +120,11 @@ DEEP = {
 def deep_runs(tmp):
     pipe, log = train(with_parallel(DEEP, dict(PIPE, partition_method="parameters")), tmp, 2, "deep_pipe")
     zero3, _ = train(with_parallel(DEEP, ZERO3), tmp, 2, "deep_zero3")
-    return {"pipe": pipe, "pipe_log": log, "zero3": zero3}
+    return {"pipe": pipe, "pipe_log": log, "zero3": zero3, "dir": tmp}
+
+
+def geometry(run_dir) -> list[dict]:
+    return [json.loads(l) for l in (run_dir / "geometry.jsonl").read_text().splitlines()]
 
 
 def test_deep_stack_trains_and_balances(deep_runs):
@@ -137,6 +141,22 @@ def test_deep_stack_trains_and_balances(deep_runs):
         losses = deep_runs[name]
         assert len(losses) == 2 and all(l == l and l < 10 for l in losses), (name, losses)
     assert rel_diff(deep_runs["pipe"], deep_runs["zero3"]) < 1e-4
+
+
+def test_pipeline_probe_matches_zero3(deep_runs):
+    # Each stage measures its own blocks and the records are gathered: the pipeline run's geometry.jsonl
+    # must be the zero3 run's (whole-model probe) at every step, layer for layer, op for op.
+    pipe, zero3 = geometry(deep_runs["dir"] / "deep_pipe"), geometry(deep_runs["dir"] / "deep_zero3")
+    assert [g["step"] for g in pipe] == [g["step"] for g in zero3] == [1, 2]
+    for gp, gz in zip(pipe, zero3):
+        assert [l["layer"] for l in gp["layers"]] == list(range(201))
+        assert [(o["block"], o["sublayer"], o["kind"]) for o in gp["ops"]] == \
+            [(o["block"], o["sublayer"], o["kind"]) for o in gz["ops"]] and len(gp["ops"]) == 400
+        for lp, lz in zip(gp["layers"], gz["layers"]):
+            for key in ("eff_rank_norm", "stable_rank", "cosine", "norm"):
+                assert abs(lp[key] - lz[key]) <= 1e-4 * max(1.0, abs(lz[key])), (lp["layer"], key, lp[key], lz[key])
+        for op, oz in zip(gp["ops"], gz["ops"]):
+            assert abs(op["beta_mean"] - oz["beta_mean"]) <= 1e-5, (op["sublayer"], op["beta_mean"], oz["beta_mean"])
 
 
 def test_consolidated_state_converts_between_modes(tmp):
