@@ -39,10 +39,13 @@ class PipelineEngine:
             model=module, optimizer=optimizer, config=self.ds_config)
         self.device = _device()
         self._grad_norm = float("nan")
+        self._guarded = False
         if not self.engine.zero_optimization() and precision == "fp32":
             # DeepSpeed's ZeRO-0 fp32 clipping counts only model-parallel rank 0's gradients unless
             # parameters are marked model-parallel: clip over all stages ourselves (and keep the norm).
             self.engine.clip_fp32_gradients = self._clip_fp32_gradients
+            self._guard_optimizer_step()
+        self._warned_unguarded = False
 
     # -- interface ---------------------------------------------------------------------------------
     @property
@@ -65,14 +68,23 @@ class PipelineEngine:
         if len(micro_batches) != self.engine.micro_batches:
             raise ValueError(f"pipeline step needs {self.engine.micro_batches} micro batches, got {len(micro_batches)}")
         self.loss_fn.inject_nan = inject_nan
+        self._grad_norm = float("nan")
+        skipped_before = self.engine.skipped_steps
         try:
-            loss = self.engine.train_batch(data_iter=iter(list(micro_batches)))
+            loss = float(self.engine.train_batch(data_iter=iter(list(micro_batches))))
         finally:
             self.loss_fn.inject_nan = False
+        skipped = self.engine.skipped_steps > skipped_before
+        if not math.isfinite(loss) and not skipped and self._guarded:
+            raise RuntimeError("non-finite loss but the guarded optimizer step applied the update")
+        if not math.isfinite(loss) and not skipped and not self._warned_unguarded and dist.get_rank() == 0:
+            self._warned_unguarded = True
+            print("warning: non-finite loss in pipeline mode with ZeRO-1 or bf16: DeepSpeed applied the update; "
+                  "the non-finite guard will roll back after train.max_consecutive_nonfinite steps", flush=True)
         norm = self.engine.get_global_grad_norm()
         if norm is None:
             norm = self._grad_norm
-        return StepResult(loss=float(loss), grad_norm=float(norm))
+        return StepResult(loss=loss, grad_norm=float("nan") if skipped else float(norm), skipped=skipped)
 
     @torch.no_grad()
     def eval_loss(self, batches: Sequence[Batch], mask_fn=None) -> float:
@@ -95,18 +107,41 @@ class PipelineEngine:
         return not name.startswith("tied_modules.") or self.engine.stage_id == 0
 
     @torch.no_grad()
-    def _clip_fp32_gradients(self) -> None:
-        max_norm = self.engine.gradient_clipping()
-        params = [(n, p) for n, p in self.module.named_parameters() if p.grad is not None]
+    def _global_grad_norm(self) -> float:
+        """L2 norm of the gradients of all stages (the same on every rank: the data-parallel all-reduce
+        has run, and the stages' squares are summed over the model-parallel group)."""
         sq = torch.zeros((), dtype=torch.float64, device=self.device)
-        for n, p in params:
-            if self._tied_owner(n):
+        for n, p in self.module.named_parameters():
+            if p.grad is not None and self._tied_owner(n):
                 sq += p.grad.detach().double().pow(2).sum()
         if dist.is_initialized():
             dist.all_reduce(sq, group=self.engine.grid.get_model_parallel_group())
-        norm = math.sqrt(float(sq))
-        self._grad_norm = norm
-        coef = max_norm / (norm + 1e-6)
-        if coef < 1.0:
-            for _, p in params:
-                p.grad.detach().mul_(coef)
+        self._grad_norm = math.sqrt(float(sq))
+        return self._grad_norm
+
+    @torch.no_grad()
+    def _clip_fp32_gradients(self) -> None:
+        norm = self._global_grad_norm()
+        coef = self.engine.gradient_clipping() / (norm + 1e-6)
+        if coef < 1.0:  # False for a NaN norm: that step is skipped by the guarded optimizer step
+            for p in self.module.parameters():
+                if p.grad is not None:
+                    p.grad.detach().mul_(coef)
+
+    def _guard_optimizer_step(self) -> None:
+        """Skip the update of a step whose gradients are non-finite on any stage. In `zero3` mode ZeRO's
+        invalid-norm check does this; DeepSpeed's plain fp32 path (pipeline with ZeRO-0) has no such
+        check and would write NaN into every weight. DeepSpeed reads `optimizer.overflow` after the
+        step: when set it counts the step in `skipped_steps` (and zeroes the gradients as usual)."""
+        opt = self.engine.optimizer
+        inner_step = opt.step
+
+        def step(*args, **kwargs):
+            if self.engine.gradient_clipping() <= 0:  # the clip hook (which measures the norm) did not run
+                self._global_grad_norm()
+            opt.overflow = not math.isfinite(self._grad_norm)
+            return None if opt.overflow else inner_step(*args, **kwargs)
+
+        opt.overflow = False
+        opt.step = step
+        self._guarded = True
