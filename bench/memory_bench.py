@@ -3,11 +3,13 @@
 # step-time ratio. Each configuration runs in a fresh subprocess so peaks do not mix.
 """Usage: python bench/memory_bench.py [--depths 50,100,200] [--d-model 64] [--seq 128] [--batch 4]
 
-Per configuration: build the model (plain torch, fp32, CPU) and torch AdamW, run one warm-up step
-(allocates the optimizer moments), read the resident set size (RSS, /proc/self/statm) as the baseline,
-then run --steps timed steps. Reported: peak RSS of the process (getrusage ru_maxrss), the step's peak
-increase over the baseline (what activations and gradients cost on top of weights + optimizer state),
-and the median step time. Activation checkpointing = MGTModel.checkpoint_every = 1 (torch non-reentrant
+Per configuration: build the model (plain torch, fp32, CPU) and torch AdamW and read the resident set
+size (RSS, /proc/self/statm) as the baseline (libraries + weights), then run one warm-up step and
+--steps timed steps. Reported: peak RSS of the process (getrusage ru_maxrss), the training peak over
+the baseline (activations, gradients and the Adam moments; the last two, 3 x params x 4 bytes, are the
+same with and without checkpointing, so they are also shown and subtracted for the activation ratio),
+and the median step time. The baseline is taken before the first step on purpose: after a step the
+allocator keeps freed activation pages, which would hide most of the peak. Activation checkpointing = MGTModel.checkpoint_every = 1 (torch non-reentrant
 checkpoint per block, as zero3 mode does)."""
 from __future__ import annotations
 
@@ -50,16 +52,19 @@ def worker(a: argparse.Namespace) -> dict:
         opt.zero_grad(set_to_none=True)
         return float(loss)
 
-    step()  # warm-up: optimizer state
     base = _rss_mb()
+    step()  # warm-up: allocates the optimizer moments
     times, losses = [], []
     for _ in range(a.steps):
         t0 = time.perf_counter()
         losses.append(step())
         times.append(time.perf_counter() - t0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {"depth": a.depth, "ac": a.ac, "params": count_parameters(model), "base_mb": base, "peak_mb": peak,
-            "step_delta_mb": peak - base, "step_s": statistics.median(times), "loss": losses[-1]}
+    n = count_parameters(model)
+    fixed = 3 * n * 4 / 2**20  # gradients + two Adam moments, fp32
+    return {"depth": a.depth, "ac": a.ac, "params": n, "base_mb": base, "peak_mb": peak,
+            "step_delta_mb": peak - base, "fixed_mb": fixed, "act_mb": peak - base - fixed,
+            "step_s": statistics.median(times), "loss": losses[-1]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,15 +100,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# depth {depth} ac {ac}: {r}", file=sys.stderr, flush=True)
     print(f"d_model {a.d_model}, heads {a.heads}, d_ff {4 * a.d_model}, vocab {a.vocab}, seq {a.seq}, "
           f"batch {a.batch}, residual {a.residual}, fp32, CPU, {a.threads} thread(s)\n")
-    print("| depth | params | AC | peak RSS (MB) | step peak over baseline (MB) | step time (s) | AC/no-AC memory | AC/no-AC time |")
-    print("|------:|-------:|:--:|--------------:|-----------------------------:|--------------:|----------------:|--------------:|")
+    print("| depth | params | AC | peak RSS (MB) | training peak over baseline (MB) | of which grads+Adam (MB) | "
+          "step time (s) | loss | AC/no-AC training peak | AC/no-AC activations | AC/no-AC time |")
+    print("|------:|-------:|:--:|------:|------:|------:|------:|------:|------:|------:|------:|")
     by = {(r["depth"], r["ac"]): r for r in rows}
     for (depth, ac), r in sorted(by.items()):
         ref = by[(depth, 0)]
         mem = f"{r['step_delta_mb'] / ref['step_delta_mb']:.2f}" if ac else ""
+        act = f"{r['act_mb'] / ref['act_mb']:.2f}" if ac else ""
         tim = f"{r['step_s'] / ref['step_s']:.2f}" if ac else ""
         print(f"| {depth} | {r['params']:,} | {'on' if ac else 'off'} | {r['peak_mb']:.0f} | "
-              f"{r['step_delta_mb']:.0f} | {r['step_s']:.3f} | {mem} | {tim} |")
+              f"{r['step_delta_mb']:.0f} | {r['fixed_mb']:.0f} | {r['step_s']:.3f} | {r['loss']:.6f} | {mem} | {act} | {tim} |")
     return 0
 
 
