@@ -52,7 +52,8 @@ def build_model_zero_init(cfg: Config, ds_config: dict) -> torch.nn.Module:
     initialise it one unit at a time: gather the unit's parameters, run the same per-unit init as
     `MGTModel.init_weights` (same generators, so the weights equal the plain path's) on rank 0, and let
     GatheredParameters scatter rank 0's values back into the partitions."""
-    import deepspeed
+    from mgt_scale.parallel.ds_runtime import import_deepspeed
+    deepspeed = import_deepspeed()
 
     from mgt_scale.model import MGTModel, module_generator
 
@@ -80,7 +81,8 @@ class Zero3Engine:
     mode = "zero3"
 
     def __init__(self, cfg: Config, plan: BatchPlan, precision: str):
-        import deepspeed
+        from mgt_scale.parallel.ds_runtime import import_deepspeed
+        deepspeed = import_deepspeed()
 
         self.cfg, self.plan, self.precision = cfg, plan, precision
         self.ds_config = deepspeed_config(cfg, plan, precision)

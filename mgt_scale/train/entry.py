@@ -119,8 +119,9 @@ def run(cfg: Config, args, denv, plan, precision: str) -> int:
         save_config(cfg, run_dir / "config.yaml")
         _write_status(run_dir, "running", None, "")
 
-    import deepspeed
     import torch
+    from mgt_scale.parallel.ds_runtime import import_deepspeed
+    deepspeed = import_deepspeed()
     from mgt_scale.data import build_train_loader, build_valid_batches, dataset_vocab_size
     from mgt_scale.data.shards import DataError
 

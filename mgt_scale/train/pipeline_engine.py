@@ -27,7 +27,8 @@ class PipelineEngine:
     mode = "pipeline"
 
     def __init__(self, cfg: Config, plan: BatchPlan, precision: str):
-        import deepspeed
+        from mgt_scale.parallel.ds_runtime import import_deepspeed
+        deepspeed = import_deepspeed()
 
         self.cfg, self.plan, self.precision = cfg, plan, precision
         self.ds_config = deepspeed_config(cfg, plan, precision)

@@ -1,5 +1,6 @@
 # ZeRO-3 on 2 CPU ranks (deepspeed launcher, gloo) against 1 rank on the same global batch: per-step
-# losses must agree to 1e-5 over 12 steps; and the run directory holds what a finished run must.
+# losses must agree to 1e-5 over 12 steps; the run directory holds what a finished run must; and the
+# launch leaves no DeepSpeed shared-memory buffers behind in /dev/shm (see parallel/ds_runtime.py).
 import json
 import subprocess
 import sys
@@ -22,9 +23,15 @@ def train(tmp_path, name, ranks, *extra):
     return run_dir, {l["step"]: l["loss"] for l in lines if "loss" in l}
 
 
+def shm_buffers() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
+
+
 def test_two_ranks_match_one_rank(tmp_path):
+    before = shm_buffers()
     d1, one = train(tmp_path, "r1", 1)
     d2, two = train(tmp_path, "r2", 2)
+    assert shm_buffers() - before == set()  # DeepSpeed's CPU shm op (never used by training) was not built
     assert sorted(one) == list(range(1, 13))
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-5), step

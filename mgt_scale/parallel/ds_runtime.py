@@ -1,0 +1,33 @@
+# How mgt-scale imports DeepSpeed at run time: one place for the process-wide adjustments that must
+# happen before DeepSpeed's communication backend is first created.
+from __future__ import annotations
+
+_PATCHED = False
+
+
+def import_deepspeed():
+    """Import DeepSpeed, and on the CPU accelerator turn off its shared-memory all-reduce op.
+
+    DeepSpeed's torch backend JIT-builds `deepspeed_shm_comm` on CPU the first time a process group
+    is created. Training never uses it (it serves only `inference_all_reduce`; our collectives go
+    through gloo), and it costs: a ~2-minute compile on a fresh machine; a build lock file in
+    ~/.cache/torch_extensions that a launch killed mid-build leaves behind, after which every later
+    launch on that machine waits on it forever; and two 66 MB /dev/shm buffers per launch that are
+    never unlinked. GPU accelerators do not build it, so this changes nothing there.
+    Set MGT_DS_SHM_COMM=1 to keep DeepSpeed's default.
+    """
+    global _PATCHED
+    import importlib
+    import os
+
+    import deepspeed
+    if _PATCHED or os.environ.get("MGT_DS_SHM_COMM", "") == "1":
+        return deepspeed
+    from deepspeed.accelerator import get_accelerator
+    if get_accelerator().device_name() == "cpu":
+        # importlib, not `import deepspeed.comm.torch as m`: deepspeed.comm re-exports the real torch
+        # package under the name `torch`, which that statement would return instead.
+        ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+        ds_torch_comm.build_shm_op = lambda: None
+    _PATCHED = True
+    return deepspeed
