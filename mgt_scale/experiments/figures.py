@@ -89,10 +89,11 @@ def depth_scaling(rows: list[dict], out: Path) -> Path | None:
                     xs.append(d)
                     ys.append(v)
             if xs:
-                ax.plot(xs, ys, ls, marker="o", color=col, label=f"{kind} {lab}")
+                ax.plot(xs, ys, ls, marker="o" if lab == "trained" else "x", color=col, label=f"{kind} {lab}")
     ax.set_xscale("log")
     ax.set_xticks(depths)
     ax.set_xticklabels([str(int(d)) for d in depths])
+    ax.minorticks_off()  # else a log axis labels 2x10^1, 3x10^1... among the depths
     ax.set_xlabel("depth (blocks)")
     ax.set_ylabel("last-layer normalised eff. rank")
     ax.set_ylim(0, 1.02)
@@ -114,6 +115,7 @@ def depth_scaling(rows: list[dict], out: Path) -> Path | None:
         ax.set_xscale("log")
         ax.set_xticks(depths)
         ax.set_xticklabels([str(int(d)) for d in depths])
+        ax.minorticks_off()  # else a log axis labels 2x10^1, 3x10^1... among the depths
         ax.set_xlabel("depth (blocks)")
         ax.set_ylabel("valid loss")
         ax.grid(alpha=0.3)
