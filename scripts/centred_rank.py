@@ -50,6 +50,20 @@ def cell_geometry(run_dir: Path) -> dict | None:
             "init": init, "trained": trained}
 
 
+def render(runs: Path, rows: list[dict]) -> None:
+    lines = ["| cell | residual | L | init raw last | init centred last | trained raw last | trained centred last "
+             "| trained centred min | trained token cosine (last) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        i, t = r["init"], r["trained"]
+        lines.append(f"| {r['cell']} | {r['residual']} | {r['depth']} | {i['raw']['last']:.4f} | "
+                     f"{i['centred']['last']:.4f} | {t['raw']['last']:.4f} | {t['centred']['last']:.4f} | "
+                     f"{t['centred']['min']:.4f} | {t['cosine_last']:.4f} |")
+    (runs / "centred_rank.md").write_text(
+        f"# Raw vs mean-centred normalised effective rank: {runs}\n\n"
+        f"Command: `python scripts/centred_rank.py {runs}`; probe = the monitor's batch (validation split).\n\n"
+        + "\n".join(lines) + "\n")
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 1 or not Path(argv[0]).is_dir():
         print(__doc__ or "", "\nusage: python scripts/centred_rank.py RUNS_DIR", file=sys.stderr)
@@ -64,19 +78,9 @@ def main(argv: list[str]) -> int:
         rows.append(row)
         print(f"{row['cell']}: trained raw {row['trained']['raw']['last']:.4f} "
               f"centred {row['trained']['centred']['last']:.4f}", flush=True)
-    rows.sort(key=lambda r: (r["residual"], r["depth"]))
+    rows.sort(key=lambda r: (r["residual"], r["depth"], r["cell"]))
     (runs / "centred_rank.json").write_text(json.dumps(rows, indent=1))
-    lines = ["| residual | L | init raw last | init centred last | trained raw last | trained centred last "
-             "| trained centred min | trained token cosine (last) |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        i, t = r["init"], r["trained"]
-        lines.append(f"| {r['residual']} | {r['depth']} | {i['raw']['last']:.4f} | {i['centred']['last']:.4f} | "
-                     f"{t['raw']['last']:.4f} | {t['centred']['last']:.4f} | {t['centred']['min']:.4f} | "
-                     f"{t['cosine_last']:.4f} |")
-    (runs / "centred_rank.md").write_text(
-        f"# Raw vs mean-centred normalised effective rank: {runs}\n\n"
-        f"Command: `python scripts/centred_rank.py {runs}`; probe = the monitor's batch (validation split).\n\n"
-        + "\n".join(lines) + "\n")
+    render(runs, rows)
     print(f"wrote {runs / 'centred_rank.md'}")
     return 0
 
