@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -32,6 +33,17 @@ class RunFactory:
                 "--workdir", str(run_dir), "--output", str(script), *extra]
         assert slurm_cli.main(argv) == 0
         return run_dir, script
+
+
+def rank_exits(log: str, code: int) -> bool:
+    """The job script logged a step that ended with `code` on the ranks. Once one rank has exited,
+    srun --kill-on-bad-exit TERMs the other; one that is still tearing down its interpreter (slow under
+    load) then dies of it (143): the script reads both, so [code code] and [code 143] both count."""
+    m = re.search(r"per-rank exits \[(\d+) (\d+)\] -> (\d+)", log)
+    if not m:
+        return False
+    exits = {int(m.group(1)), int(m.group(2))}
+    return int(m.group(3)) == code and code in exits and exits <= {code, 143}
 
 
 def read_log(run_dir: Path, job_id: int) -> str:

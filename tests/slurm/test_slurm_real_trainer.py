@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from fake_runs import read_log
+from fake_runs import rank_exits, read_log
 from mgt_scale.cluster import slurm as slurm_cli
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(600)]
@@ -86,14 +86,6 @@ def _assert_checkpoint(run_dir: Path, step: int, latest: bool = True) -> None:
     assert (manifest["step"], manifest["world_size"]) == (step, 2), manifest
     if latest:
         assert (run_dir / "checkpoints" / "latest_good").read_text().strip() == tag.name
-
-
-def _rank_exits(log: str, code: int) -> bool:
-    """The step ended with `code` on the ranks. Once one rank has exited, srun --kill-on-bad-exit TERMs the
-    other; one that is still tearing down its interpreter then dies of it (143): the script reads both."""
-    m = re.search(r"per-rank exits \[(\d+) (\d+)\] -> (\d+)", log)
-    return bool(m) and int(m.group(3)) == code and code in {int(m.group(1)), int(m.group(2))} and \
-        {int(m.group(1)), int(m.group(2))} <= {code, 143}
 
 
 def _wait_steps(run_dir: Path, n: int, cluster, jid: int, timeout: float = 400) -> None:
@@ -168,7 +160,7 @@ def test_real_trainer_preempted_requeues_and_resumes_exactly(slurm_cluster, fini
     info = slurm_cluster.wait(jid, timeout=540, min_restarts=1)
     log = read_log(run_dir, jid)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log
-    assert "received SIGUSR1: forwarding" in log and _rank_exits(log, 85), log
+    assert "received SIGUSR1: forwarding" in log and rank_exits(log, 85), log
     m = re.search(r"preempted \(signal SIGUSR1\): checkpointing step (\d+)", log)
     assert m, log
     stopped = int(m.group(1))
@@ -197,7 +189,7 @@ def test_real_trainer_collapse_alarm_is_not_requeued(slurm_cluster, tmp_path):
     log = read_log(run_dir, jid)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "86:0", "0"), log
     assert "COLLAPSE ALARM at step 2 (checkpoint_and_stop)" in log, log
-    assert _rank_exits(log, 86), log
+    assert rank_exits(log, 86), log
     assert "STOP, no requeue: collapse alarm (exit 86)" in log
     _assert_checkpoint(run_dir, 2)
     status = _status(run_dir)
