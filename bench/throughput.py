@@ -1,10 +1,12 @@
 # Throughput benchmark, one run, one table per question, ratios side by side on the same machine:
-#   1. engine overhead: a plain PyTorch loop vs our trainer in zero3 (1 rank), zero3 (2 ranks), pipeline (2 stages)
+#   1. engine overhead: a plain PyTorch loop vs our trainer in zero3 (1 rank; block and per-module
+#      parameter fetch), zero3 (2 ranks), pipeline (2 stages)
 #   2. mgt (full, and efficient forms) vs preln: measured step-time ratio next to the FLOP ratio
 #   3. activation checkpointing on vs off: time and peak-RSS ratios
 #   4. depth 12 -> 200 at fixed width: time per layer and its slope
 # Every measurement runs in a fresh subprocess (so peak RSS is its own). Usage:
 #   python bench/throughput.py [--quick] [--device cpu|cuda] [--precision fp32|bf16] [--width 128]
+#                              [--sections engines,kinds,ckpt,depth]
 from __future__ import annotations
 
 import argparse
@@ -76,8 +78,8 @@ def run_plain(spec: dict) -> dict:
 # ------------------------------------------------------------------------------------------------
 # our trainer through `mgt train` (reads the median step_time from metrics.jsonl)
 
-def run_trainer(spec: dict, mode: str, ranks: int, tmp: Path) -> dict:
-    run_dir = tmp / f"{mode}-{ranks}-{spec['layers']}"
+def run_trainer(spec: dict, mode: str, ranks: int, tmp: Path, extra_sets: dict | None = None) -> dict:
+    run_dir = tmp / f"{mode}-{ranks}-{spec['layers']}-{len(list(tmp.iterdir()))}"
     sets = {"run.dir": str(run_dir), "model.num_layers": spec["layers"], "model.d_model": spec["width"],
             "model.num_heads": spec["heads"], "model.d_ff": 4 * spec["width"], "model.vocab_size": spec["vocab"],
             "model.max_seq_len": spec["seq"], "model.residual": spec["residual"], "data.synthetic": "random",
@@ -86,6 +88,7 @@ def run_trainer(spec: dict, mode: str, ranks: int, tmp: Path) -> dict:
             "train.max_steps": spec["warmup"] + spec["steps"], "train.warmup_steps": 0, "train.log_interval": 1,
             "checkpoint.save_at_end": False, "monitor.interval": 0, "parallel.mode": mode,
             "parallel.precision": spec["precision"], "data.valid_fraction_batches": 0}
+    sets.update(extra_sets or {})
     if mode == "pipeline":
         sets.update({"parallel.pipeline_stages": ranks, "parallel.zero_stage": 0,
                      "train.micro_batch_size": max(1, spec["batch"] // 4)})
@@ -116,41 +119,62 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--skip-engines", action="store_true")
+    ap.add_argument("--sections", default="engines,kinds,ckpt,depth",
+                    help="comma-separated subset of the tables to run: engines,kinds,ckpt,depth")
     ap.add_argument("--_worker", default="")
     args = ap.parse_args()
+    sections = set(args.sections.split(","))
+    if args.skip_engines:
+        sections.discard("engines")
+    unknown = sections - {"engines", "kinds", "ckpt", "depth"}
+    if unknown:
+        ap.error(f"--sections: unknown {sorted(unknown)}; choose from engines,kinds,ckpt,depth")
     if args._worker:
         print(json.dumps(plain_worker(json.loads(args._worker))))
         return
-    from mgt_scale.config import MGTConfig, ModelConfig
-    from mgt_scale.train.flops import flops_per_token
-
     steps, warm = (4, 2) if args.quick else (8, 3)
     base = dict(layers=args.depth, width=args.width, heads=max(1, args.width // 32), vocab=2048, seq=args.seq,
                 batch=args.batch, residual="mgt", device=args.device, precision=args.precision, steps=steps, warmup=warm)
     print(f"# throughput bench: {args.device} {args.precision}, width {args.width}, depth {args.depth}, "
           f"seq {args.seq}, batch {args.batch}, median of {steps} steps after {warm} warm-up; cores {os.cpu_count()}")
-    out = []
-    plain = run_plain(base)
+    out: list[str] = []
+    plain = run_plain(base) if sections & {"engines", "kinds"} else None
+    if "engines" in sections:
+        engines_table(args, base, plain, out)
+    if "kinds" in sections:
+        kinds_table(args, base, plain, out)
+    if "ckpt" in sections:
+        ckpt_table(args, base, steps, out)
+    if "depth" in sections:
+        depth_table(args, base, steps, out)
+
+
+def cfg_of(spec: dict):
+    from mgt_scale.config import MGTConfig, ModelConfig
+    return ModelConfig(num_layers=spec["layers"], d_model=spec["width"], num_heads=spec["heads"],
+                       d_ff=4 * spec["width"], vocab_size=spec["vocab"], max_seq_len=spec["seq"],
+                       residual=spec["residual"], mgt=MGTConfig(**spec.get("mgt", {})))
+
+
+def engines_table(args, base, plain, out) -> None:
     tok = args.batch * args.seq
-    if not args.skip_engines:
-        rows = [["plain PyTorch loop", 1, plain["step_time"], tok / plain["step_time"], 1.0]]
-        with tempfile.TemporaryDirectory() as tmp:
-            for mode, ranks in (("zero3", 1), ("zero3", 2), ("pipeline", 2)):
-                try:
-                    r = run_trainer(base, mode, ranks, Path(tmp))
-                    rows.append([f"mgt train {mode}", ranks, r["step_time"], tok / r["step_time"],
-                                 r["step_time"] / plain["step_time"]])
-                except RuntimeError as e:
-                    rows.append([f"mgt train {mode}", ranks, "failed", str(e)[:80].replace("\n", " "), ""])
-        out.append(table("Engine overhead (same model and global batch)",
-                         ["engine", "ranks", "step s", "tokens/s", "x plain"], rows))
-        print(out[-1], flush=True)
+    rows = [["plain PyTorch loop", 1, plain["step_time"], tok / plain["step_time"], 1.0]]
+    runs = [("zero3", 1, {}), ("zero3", 1, {"parallel.zero3_fetch": "module"}), ("zero3", 2, {}), ("pipeline", 2, {})]
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode, ranks, extra in runs:
+            name = f"mgt train {mode}" + (" (per-module fetch, DeepSpeed's default)" if extra else "")
+            try:
+                r = run_trainer(base, mode, ranks, Path(tmp), extra)
+                rows.append([name, ranks, r["step_time"], tok / r["step_time"], r["step_time"] / plain["step_time"]])
+            except RuntimeError as e:
+                rows.append([name, ranks, "failed", str(e)[:80].replace("\n", " "), ""])
+    out.append(table("Engine overhead (same model and global batch)",
+                     ["engine", "ranks", "step s", "tokens/s", "x plain"], rows))
+    print(out[-1], flush=True)
 
-    def cfg_of(spec):
-        return ModelConfig(num_layers=spec["layers"], d_model=spec["width"], num_heads=spec["heads"],
-                           d_ff=4 * spec["width"], vocab_size=spec["vocab"], max_seq_len=spec["seq"],
-                           residual=spec["residual"], mgt=MGTConfig(**spec.get("mgt", {})))
 
+def kinds_table(args, base, plain, out) -> None:
+    from mgt_scale.train.flops import flops_per_token
     pre = run_plain(dict(base, residual="preln"))
     f_pre = flops_per_token(cfg_of(dict(base, residual="preln")), args.seq)
     rows = []
@@ -167,6 +191,8 @@ def main() -> None:
                      ["residual", "step s", "time / preln", "FLOPs / preln"], rows))
     print(out[-1], flush=True)
 
+
+def ckpt_table(args, base, steps, out) -> None:
     rows = []
     for depth in ((50, 200) if args.quick else (50, 100, 200)):
         off = run_plain(dict(base, layers=depth))
@@ -180,6 +206,8 @@ def main() -> None:
                       "whole-process RSS ratio"], rows))
     print(out[-1], flush=True)
 
+
+def depth_table(args, base, steps, out) -> None:
     rows, xs, ys = [], [], []
     for depth in ((12, 48, 200) if args.quick else (12, 24, 48, 100, 200)):
         r = run_plain(dict(base, layers=depth, steps=max(2, steps // 2)))

@@ -98,6 +98,10 @@ class ParallelConfig:
     activation_checkpointing: bool = False
     checkpoint_every_layers: int = 1  # checkpoint every k blocks (k consecutive blocks per segment)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # ZeRO-3 parameter gathering: "block" fetches and releases each transformer block's parameters
+    # as one unit (DeepSpeed z3 leaf modules: one hook pair per block); "module" is DeepSpeed's
+    # default, hooks on every nn.Module (about 10 per block). Same numbers, fewer hooks.
+    zero3_fetch: Literal["block", "module"] = "block"
 
 
 @dataclass(frozen=True)

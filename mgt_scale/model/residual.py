@@ -81,14 +81,15 @@ class ResidualOp(nn.Module):
     # ------------------------------------------------------------------------------------------
     def _projections(self, x: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Raw gate pre-activation X @ W_gate and beta pre-activation X @ W_beta (no bias)."""
-        if self.proj_rank:
-            z = F.linear(F.linear(x, self.gate_beta_down), self.gate_beta_up)
-            return (z[..., : self.gate_rows] if self.use_gate else None,
-                    z[..., self.gate_rows:] if self.use_beta else None)
-        if self.fused:
-            z = F.linear(x, self.gate_beta)
-            return (z[..., : self.gate_rows] if self.use_gate else None,
-                    z[..., self.gate_rows:] if self.use_beta else None)
+        if self.proj_rank or self.fused:
+            z = (F.linear(F.linear(x, self.gate_beta_down), self.gate_beta_up) if self.proj_rank
+                 else F.linear(x, self.gate_beta))
+            if not (self.use_gate and self.use_beta):
+                return (z, None) if self.use_gate else (None, z)
+            # split, not two slices: the backward of a split is one concatenation, that of each slice
+            # a zero-filled full-size buffer plus a copy, and then their sum
+            g, b = torch.split(z, (self.gate_rows, self.beta_rows), dim=-1)
+            return g, b
         g = F.linear(x, self.gate_beta[: self.gate_rows]) if self.use_gate else None
         b = F.linear(x, self.gate_beta[self.gate_rows:]) if self.use_beta else None
         return g, b

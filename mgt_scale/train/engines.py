@@ -75,6 +75,17 @@ def build_model_zero_init(cfg: Config, ds_config: dict) -> torch.nn.Module:
     return model
 
 
+def mark_blocks_as_zero3_leaves(model: torch.nn.Module) -> None:
+    """Make every transformer block a ZeRO-3 leaf module: DeepSpeed then gathers the block's parameters
+    in one fetch before its forward (and its backward) and releases them after, instead of installing
+    fetch/release hooks on each of its ~10 submodules. Must run before `deepspeed.initialize`, which
+    registers the hooks. bench/throughput.py measures the gain (bench/RESULTS.md)."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from mgt_scale.model.transformer import Block
+    set_z3_leaf_modules(model, [Block])
+
+
 class Zero3Engine:
     """DeepSpeed ZeRO (stage 3 by default) over all ranks; the whole model on each rank's graph."""
 
@@ -92,6 +103,8 @@ class Zero3Engine:
             model = build_model(cfg.model, seed=cfg.train.seed)
         if cfg.parallel.activation_checkpointing:
             model.checkpoint_every = cfg.parallel.checkpoint_every_layers
+        if cfg.parallel.zero_stage == 3 and cfg.parallel.zero3_fetch == "block":
+            mark_blocks_as_zero3_leaves(model)
         optimizer = build_optimizer(model, cfg.train)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config)
