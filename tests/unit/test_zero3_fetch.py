@@ -2,7 +2,7 @@
 # DeepSpeed leaf module (its parameters gathered in one fetch, no hooks on its submodules); training
 # must give the same losses, gradient norms and weights as DeepSpeed's per-module default, with and
 # without activation checkpointing. One in-process rank, fp32 CPU; the 2-rank tests in
-# tests/distributed run the default ("block") against the plain loop.
+# tests/distributed run the default ("block") on 2 ranks against 1 rank.
 
 import pytest
 import torch
