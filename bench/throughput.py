@@ -118,7 +118,6 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=48, help="depth of the engine / mgt-vs-preln comparisons")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--skip-engines", action="store_true")
     ap.add_argument("--sections", default="engines,kinds,ckpt,depth",
                     help="comma-separated subset of the tables to run: engines,kinds,ckpt,depth")
     ap.add_argument("--rounds", type=int, default=0,
@@ -126,8 +125,6 @@ def main() -> None:
     ap.add_argument("--_worker", default="")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
-    if args.skip_engines:
-        sections.discard("engines")
     unknown = sections - {"engines", "kinds", "ckpt", "depth"}
     if unknown:
         ap.error(f"--sections: unknown {sorted(unknown)}; choose from engines,kinds,ckpt,depth")

@@ -16,17 +16,21 @@ from pathlib import Path
 
 
 def probe_both(cfg, model) -> dict:
+    """One forward over the monitor's probe batch; its residual states read raw and mean-centred."""
     import torch
 
-    from mgt_scale.monitor.probe import probe_geometry
+    from mgt_scale.monitor.metrics import layer_geometry
+    from mgt_scale.monitor.probe import capture_hidden_states
     from mgt_scale.train.monitor_callback import probe_tokens
     tokens = probe_tokens(cfg, cfg.model.vocab_size)
-    out = {}
     with torch.no_grad():
-        for name, center in (("raw", False), ("centred", True)):
-            layers = probe_geometry(model, tokens, step=0, center=center)["layers"]
-            ranks = [l["eff_rank_norm"] for l in layers]
-            out[name] = {"last": ranks[-1], "min": min(ranks)}
+        hiddens = capture_hidden_states(model, tokens)
+    out = {}
+    for name, center in (("raw", False), ("centred", True)):
+        layers = layer_geometry(hiddens, center=center)
+        ranks = [l["eff_rank_norm"] for l in layers]
+        out[name] = {"last": ranks[-1], "min": min(ranks)}
+        if not center:  # cosine is always on the raw tokens (monitor/metrics.py)
             out["cosine_last"] = layers[-1]["cosine"]
     return out
 
