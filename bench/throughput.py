@@ -4,7 +4,8 @@
 #   2. mgt (full, and efficient forms) vs preln: measured step-time ratio next to the FLOP ratio
 #   3. activation checkpointing on vs off: time and peak-RSS ratios
 #   4. depth 12 -> 200 at fixed width: time per layer and its slope
-# Every measurement runs in a fresh subprocess (so peak RSS is its own). Usage:
+# Every measurement runs in a fresh subprocess (so peak RSS is its own); the residual-kind rows put all
+# their models in one process and step each in turn, so that they share the machine's state. Usage:
 #   python bench/throughput.py [--quick] [--device cpu|cuda] [--precision fp32|bf16] [--width 128]
 #                              [--sections engines,kinds,ckpt,depth]
 from __future__ import annotations
@@ -26,50 +27,76 @@ REPO = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------------------------------------
 # worker: a plain PyTorch training loop of the same model (no DeepSpeed)
 
-def plain_worker(spec: dict) -> dict:
+def build_plain(spec: dict):
+    """The model of `spec`, its AdamW and one fixed batch, for a plain PyTorch loop."""
     import torch
-    from mgt_scale.config import MGTConfig, ModelConfig, TrainConfig
-    from mgt_scale.model import build_model, lm_loss
+    from mgt_scale.config import TrainConfig
+    from mgt_scale.model import build_model
     from mgt_scale.train.optim import build_optimizer
 
     torch.manual_seed(0)
     dev = torch.device(spec["device"])
     dtype = torch.bfloat16 if spec["precision"] == "bf16" else torch.float32
-    mcfg = ModelConfig(num_layers=spec["layers"], d_model=spec["width"], num_heads=spec["heads"],
-                       d_ff=4 * spec["width"], vocab_size=spec["vocab"], max_seq_len=spec["seq"],
-                       residual=spec["residual"], mgt=MGTConfig(**spec.get("mgt", {})))
-    model = build_model(mcfg, device=dev, dtype=dtype)
+    model = build_model(cfg_of(spec), device=dev, dtype=dtype)
     if spec.get("ckpt"):
         model.checkpoint_every = 1
     if spec.get("compile"):
         model = torch.compile(model)
     opt = build_optimizer(model, TrainConfig())
     x = torch.randint(0, spec["vocab"], (spec["batch"], spec["seq"]), device=dev)
+    return model, opt, x
+
+
+def timed_step(model, opt, x) -> float:
+    """One forward, backward and optimizer step; seconds."""
+    import torch
+    from mgt_scale.model import lm_loss
+
+    cuda = x.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    tic = time.perf_counter()
+    loss = lm_loss(model(x), x)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - tic
+
+
+def plain_worker(spec: dict) -> dict:
+    import torch
+
+    model, opt, x = build_plain(spec)
     with open("/proc/self/statm") as f:  # libraries + weights, before any activation, gradient or Adam moment
         base_rss_mb = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-    times = []
-    for i in range(spec["warmup"] + spec["steps"]):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        tic = time.perf_counter()
-        loss = lm_loss(model(x), x)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= spec["warmup"]:
-            times.append(time.perf_counter() - tic)
+    times = [timed_step(model, opt, x) for _ in range(spec["warmup"] + spec["steps"])][spec["warmup"]:]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = {"step_time": statistics.median(times), "peak_rss_mb": peak, "train_peak_mb": peak - base_rss_mb}
-    if dev.type == "cuda":
+    if x.device.type == "cuda":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
     return out
 
 
-def run_plain(spec: dict) -> dict:
-    r = subprocess.run([sys.executable, __file__, "--_worker", json.dumps(spec)], capture_output=True, text=True,
-                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+def interleaved_worker(specs: dict) -> dict:
+    """All models of `specs` (name -> spec) in one process, one training step of each in turn, so every
+    row sees the same machine state; median step time per name (no memory figures: they would mix)."""
+    built = {name: build_plain(spec) for name, spec in specs.items()}
+    first = next(iter(specs.values()))
+    times: dict = {name: [] for name in specs}
+    for i in range(first["warmup"] + first["steps"]):
+        for name, (model, opt, x) in built.items():
+            t = timed_step(model, opt, x)
+            if i >= first["warmup"]:
+                times[name].append(t)
+    return {name: {"step_time": statistics.median(t)} for name, t in times.items()}
+
+
+def run_plain(spec: dict, mode: str = "one") -> dict:
+    """`plain_worker(spec)` (mode "one") or `interleaved_worker(spec)` ("interleaved") in a fresh process."""
+    r = subprocess.run([sys.executable, __file__, f"--_worker={mode}", json.dumps(spec)], capture_output=True,
+                       text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     if r.returncode:
         raise RuntimeError(r.stderr[-2000:])
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -121,15 +148,18 @@ def main() -> None:
     ap.add_argument("--sections", default="engines,kinds,ckpt,depth",
                     help="comma-separated subset of the tables to run: engines,kinds,ckpt,depth")
     ap.add_argument("--rounds", type=int, default=0,
-                    help="interleaved repetitions of the engine and residual-kind rows (default 3, --quick 1)")
-    ap.add_argument("--_worker", default="")
+                    help="engine rows: interleaved repetitions (best kept); residual-kind rows: steps x rounds "
+                         "(default 3, --quick 1)")
+    ap.add_argument("--_worker", default="", choices=["", "one", "interleaved"])
+    ap.add_argument("_spec", nargs="?", default="")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
     unknown = sections - {"engines", "kinds", "ckpt", "depth"}
     if unknown:
         ap.error(f"--sections: unknown {sorted(unknown)}; choose from engines,kinds,ckpt,depth")
     if args._worker:
-        print(json.dumps(plain_worker(json.loads(args._worker))))
+        worker = plain_worker if args._worker == "one" else interleaved_worker
+        print(json.dumps(worker(json.loads(args._spec))))
         return
     steps, warm = (4, 2) if args.quick else (8, 3)
     args.rounds = args.rounds or (1 if args.quick else 3)
@@ -194,17 +224,21 @@ def engines_table(args, base, out) -> None:
 
 def kinds_table(args, base, out) -> None:
     from mgt_scale.train.flops import flops_per_token
-    variants = {"preln": dict(base, residual="preln"), "mgt full, fused proj": base,
-                "mgt full, unfused": dict(base, mgt={"fused_proj": False}),
+    variants = {"preln": dict(base, residual="preln"), "mgt full (fused path)": base,
+                "mgt full, reference (unfused)": dict(base, mgt={"fused": False}),
                 "mgt low-rank r=16": dict(base, mgt={"proj_rank": 16}),
                 "mgt low-rank r=16, token beta": dict(base, mgt={"proj_rank": 16, "beta_shape": "token"}),
+                "mgt low-rank r=16, token beta, reference": dict(base, mgt={"proj_rank": 16, "beta_shape": "token",
+                                                                            "fused": False}),
                 "mhc_gate": dict(base, residual="mhc_gate"), "ddl": dict(base, residual="ddl")}
-    best = best_of_rounds(args.rounds, {name: (lambda s=spec: run_plain(s)) for name, spec in variants.items()})
+    steps = base["steps"] * args.rounds
+    best = run_plain({name: dict(spec, steps=steps) for name, spec in variants.items()}, mode="interleaved")
     f_pre = flops_per_token(cfg_of(variants["preln"]), args.seq)
     t_pre = best["preln"]["step_time"]
     rows = [[name, best[name]["step_time"], best[name]["step_time"] / t_pre,
              flops_per_token(cfg_of(spec), args.seq) / f_pre] for name, spec in variants.items()]
-    out.append(table(f"Residual kind cost at depth {args.depth} (plain loop; best of {args.rounds} interleaved rounds)",
+    out.append(table(f"Residual kind cost at width {args.width}, depth {args.depth} (plain loop; all models in one "
+                     f"process, one step of each in turn, median of {steps} steps each)",
                      ["residual", "step s", "time / preln", "FLOPs / preln"], rows))
     print(out[-1], flush=True)
 

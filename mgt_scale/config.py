@@ -42,7 +42,7 @@ class MGTConfig:
     beta_shape: Literal["channel", "token"] = "channel"  # beta per channel, or one scalar per token
     alpha_shape: Literal["scalar", "channel"] = "scalar"
     proj_rank: int = 0  # 0: full d x d W_gate and W_beta (the paper); r > 0: low-rank d x r x d factors
-    fused_proj: bool = True  # compute the gate and beta projections with one matmul
+    fused: bool = True  # fast path (one gate+beta matmul, fewer elementwise kernels); false: the paper op by op
 
 
 @dataclass(frozen=True)

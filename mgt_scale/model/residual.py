@@ -32,6 +32,12 @@ def mgt_beta(z: torch.Tensor, lam: float, eps: float) -> torch.Tensor:
     return lam * torch.tanh(z) + eps
 
 
+def _twice_affine(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """2 (h @ w^T + b) as one addmm kernel."""
+    out = torch.addmm(b, h.reshape(-1, h.shape[-1]), w.t(), beta=2.0, alpha=2.0)
+    return out.view(*h.shape[:-1], w.shape[0])
+
+
 class ResidualOp(nn.Module):
     """One sublayer's residual update, selected by `model.residual`.
 
@@ -45,6 +51,8 @@ class ResidualOp(nn.Module):
     Gate and beta projections read the raw stream X (not LN(X)), as the paper writes them. Their weights
     live in one matrix `gate_beta` (rows [0, d) for the gate, the rest for beta) so the fused path is a
     single matmul; with `mgt.proj_rank = r > 0` it is factored as up(r -> rows) @ down(d -> r).
+    `mgt.fused` (default) picks `_fused_update`; `mgt.fused: false` picks `_reference_update`, the
+    formulas above op by op, which the tests hold the fused path to (fp32, 1e-6).
 
     If `stats_sink` is set (by the monitor, from outside), the operator hands it detached intermediate
     tensors after each forward; otherwise it records nothing.
@@ -56,7 +64,7 @@ class ResidualOp(nn.Module):
         d = cfg.d_model
         m = cfg.mgt
         self.lam, self.eps = m.lam, m.eps
-        self.fused = m.fused_proj
+        self.fused = m.fused
         self.norm = nn.LayerNorm(d, eps=cfg.norm_eps)
         self.use_gate = self.kind in ("mgt", "mhc_gate")
         self.use_beta = self.kind in ("mgt", "ddl")
@@ -79,21 +87,6 @@ class ResidualOp(nn.Module):
         self.stats_sink: Optional[Callable[["ResidualOp", dict], None]] = None
 
     # ------------------------------------------------------------------------------------------
-    def _projections(self, x: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """Raw gate pre-activation X @ W_gate and beta pre-activation X @ W_beta (no bias)."""
-        if self.proj_rank or self.fused:
-            z = (F.linear(F.linear(x, self.gate_beta_down), self.gate_beta_up) if self.proj_rank
-                 else F.linear(x, self.gate_beta))
-            if not (self.use_gate and self.use_beta):
-                return (z, None) if self.use_gate else (None, z)
-            # split, not two slices: the backward of a split is one concatenation, that of each slice
-            # a zero-filled full-size buffer plus a copy, and then their sum
-            g, b = torch.split(z, (self.gate_rows, self.beta_rows), dim=-1)
-            return g, b
-        g = F.linear(x, self.gate_beta[: self.gate_rows]) if self.use_gate else None
-        b = F.linear(x, self.gate_beta[self.gate_rows:]) if self.use_beta else None
-        return g, b
-
     def forward(self, x: torch.Tensor, sublayer: Sublayer) -> torch.Tensor:
         kind = self.kind
         if kind == "preln":
@@ -103,17 +96,7 @@ class ResidualOp(nn.Module):
         if kind == "deepnorm":
             return self.norm(self.deepnorm_alpha * x + sublayer(x))
         f = sublayer(self.norm(x))
-        g_pre, b_pre = self._projections(x)
-        gate = beta = None
-        v = f
-        if self.use_gate:
-            gate = torch.sigmoid(self.gate_norm(g_pre))
-            v = f * gate
-        if self.use_beta:
-            beta = mgt_beta(b_pre + self.beta_bias, self.lam, self.eps)
-            out = mgt_update(x, v, beta, self.alpha)
-        else:
-            out = x + v
+        out, gate, beta = self._fused_update(x, f) if self.fused else self._reference_update(x, f)
         if self.stats_sink is not None:
             with torch.no_grad():
                 self.stats_sink(self, {
@@ -123,6 +106,58 @@ class ResidualOp(nn.Module):
                     "alpha": self.alpha.detach() if self.use_beta else None,
                 })
         return out
+
+    def _reference_update(self, x: torch.Tensor, f: torch.Tensor):
+        """The paper's formulas op by op, with separate gate and beta matmuls: the reference that the
+        fused path is tested against (`mgt.fused: false`)."""
+        h, up = (F.linear(x, self.gate_beta_down), self.gate_beta_up) if self.proj_rank else (x, self.gate_beta)
+        gate = beta = None
+        v = f
+        if self.use_gate:
+            gate = torch.sigmoid(self.gate_norm(F.linear(h, up[: self.gate_rows])))
+            v = f * gate
+        if not self.use_beta:
+            return x + v, gate, None
+        beta = mgt_beta(F.linear(h, up[self.gate_rows:]) + self.beta_bias, self.lam, self.eps)
+        return mgt_update(x, v, beta, self.alpha), gate, beta
+
+    def _fused_update(self, x: torch.Tensor, f: torch.Tensor):
+        """Same values as `_reference_update` (fp32 to rounding), fewer and cheaper kernels; each choice
+        below was measured on CPU (bench/RESULTS.md):
+        - projections: full form, one matmul for gate and beta rows, split (not sliced: a split's backward is
+          one concatenation); low rank, one shared down-projection, then the gate and beta up-projections
+          apart (a 129-wide output runs slower than a 128-wide one, and needs a split and a concatenation)
+          with b_beta added inside the matmul (addmm);
+        - beta = lam tanh(z) + eps = 2 lam sigmoid(2 z) + (eps - lam): sigmoid runs twice as fast as tanh
+          here, and the affine part is one kernel (addcmul);
+        - update X + beta (V - alpha X) as addcmul(X, beta, addcmul(V, alpha, X, -1)): two kernels instead
+          of four; with one beta per token, X (1 - alpha beta) + beta V, where 1 - alpha beta is per token.
+        """
+        gr = self.gate_rows
+        # g_pre = X W_gate^T; z2 = 2 (X W_beta^T + b_beta), the factor 2 folded into a matmul or an add
+        if self.proj_rank:
+            h = F.linear(x, self.gate_beta_down)
+            g_pre = F.linear(h, self.gate_beta_up[:gr]) if self.use_gate else None
+            z2 = _twice_affine(h, self.gate_beta_up[gr:], self.beta_bias) if self.use_beta else None
+        elif self.use_gate and self.use_beta:
+            g_pre, b_pre = torch.split(F.linear(x, self.gate_beta), (gr, self.beta_rows), dim=-1)
+            z2 = torch.add(2.0 * self.beta_bias, b_pre, alpha=2.0)
+        else:
+            g_pre = F.linear(x, self.gate_beta) if self.use_gate else None
+            z2 = _twice_affine(x, self.gate_beta, self.beta_bias) if self.use_beta else None
+        gate = beta = None
+        v = f
+        if self.use_gate:
+            gate = torch.sigmoid(self.gate_norm(g_pre))
+            v = f * gate
+        if not self.use_beta:
+            return x + v, gate, None
+        s = torch.sigmoid(z2)
+        beta = torch.addcmul(s.new_full((), self.eps - self.lam), s, s.new_full((), 2.0 * self.lam))
+        if self.beta_rows == 1:
+            keep = 1.0 - self.alpha * beta  # per token
+            return torch.addcmul(x * keep, beta, v), gate, beta
+        return torch.addcmul(x, beta, torch.addcmul(v, self.alpha, x, value=-1.0)), gate, beta
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -69,7 +69,7 @@ def _gate_beta_ref(op, x, cfg):
 @pytest.mark.parametrize("alpha_shape", ["scalar", "channel"])
 @pytest.mark.parametrize("fused", [True, False])
 def test_mgt_full(x, beta_shape, alpha_shape, fused):
-    cfg, op = make_op("mgt", beta_shape=beta_shape, alpha_shape=alpha_shape, fused_proj=fused, lam=0.8, eps=0.1)
+    cfg, op = make_op("mgt", beta_shape=beta_shape, alpha_shape=alpha_shape, fused=fused, lam=0.8, eps=0.1)
     g, beta = _gate_beta_ref(op, x, cfg)
     v = sublayer(ln_ref(x, op.norm.weight, op.norm.bias)) * g
     ref = x + beta * (v - op.alpha * x)
@@ -141,13 +141,28 @@ def test_init_is_independent_of_build_order_and_documented_values():
     assert not torch.equal(a.blocks[0].attn.qkv.weight, c.blocks[0].attn.qkv.weight)
 
 
-def test_fused_and_unfused_projections_give_same_outputs_and_gradients():
+@pytest.mark.parametrize("residual,mgt", [
+    ("mgt", {}),
+    ("mgt", {"proj_rank": 4, "beta_shape": "token"}),
+    ("mgt", {"proj_rank": 4, "alpha_shape": "channel", "lam": 0.7, "eps": 0.05}),
+    ("mgt", {"beta_shape": "token", "alpha_shape": "channel"}),
+    ("mhc_gate", {}),
+    ("ddl", {"lam": 1.3, "eps": -0.1}),
+    ("ddl", {"proj_rank": 4}),
+])
+def test_fused_path_matches_reference_in_fp32(residual, mgt):
+    """The fused path (one projection matmul, beta through sigmoid, addcmul updates) against the paper's
+    formulas op by op, fp32, in a whole model with alpha moved off its zero init."""
     torch.manual_seed(0)
     grads = {}
     for fused in (True, False):
-        cfg = ModelConfig(num_layers=2, d_model=D, num_heads=2, d_ff=32, vocab_size=50,
-                          mgt=MGTConfig(fused_proj=fused))
+        cfg = ModelConfig(num_layers=2, d_model=D, num_heads=2, d_ff=32, vocab_size=50, residual=residual,
+                          mgt=MGTConfig(fused=fused, **mgt))
         model = build_model(cfg, seed=3)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("alpha"):
+                    p.copy_(torch.linspace(-0.4, 0.6, p.numel()))
         tokens = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(5))
         out = model(tokens)
         out.square().mean().backward()
