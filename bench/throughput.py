@@ -38,8 +38,8 @@ def build_plain(spec: dict):
     dev = torch.device(spec["device"])
     dtype = torch.bfloat16 if spec["precision"] == "bf16" else torch.float32
     model = build_model(cfg_of(spec), device=dev, dtype=dtype)
-    if spec.get("ckpt"):
-        model.checkpoint_every = 1
+    if spec.get("ckpt"):  # "full" or "selective" (mgt_scale.model.recompute), one block per segment
+        model.checkpoint_every, model.checkpoint_policy = 1, spec["ckpt"]
     if spec.get("compile"):
         model = torch.compile(model)
     opt = build_optimizer(model, TrainConfig())
@@ -150,6 +150,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=0,
                     help="engine rows: interleaved repetitions (best kept); residual-kind rows: steps x rounds "
                          "(default 3, --quick 1)")
+    ap.add_argument("--ckpt-depths", default="", help="depths of the checkpointing table (default 50,100,200; "
+                                                        "--quick 50,200)")
     ap.add_argument("--_worker", default="", choices=["", "one", "interleaved"])
     ap.add_argument("_spec", nargs="?", default="")
     args = ap.parse_args()
@@ -163,6 +165,7 @@ def main() -> None:
         return
     steps, warm = (4, 2) if args.quick else (8, 3)
     args.rounds = args.rounds or (1 if args.quick else 3)
+    args.ckpt_depths = args.ckpt_depths or ("50,200" if args.quick else "50,100,200")
     base = dict(layers=args.depth, width=args.width, heads=max(1, args.width // 32), vocab=2048, seq=args.seq,
                 batch=args.batch, residual="mgt", device=args.device, precision=args.precision, steps=steps, warmup=warm)
     print(f"# throughput bench: {args.device} {args.precision}, width {args.width}, depth {args.depth}, "
@@ -245,15 +248,16 @@ def kinds_table(args, base, out) -> None:
 
 def ckpt_table(args, base, steps, out) -> None:
     rows = []
-    for depth in ((50, 200) if args.quick else (50, 100, 200)):
+    for depth in (int(d) for d in args.ckpt_depths.split(",")):
         off = run_plain(dict(base, layers=depth))
-        on = run_plain(dict(base, layers=depth, ckpt=True))
-        rows.append([depth, off["step_time"], on["step_time"], on["step_time"] / off["step_time"],
-                     off["train_peak_mb"], on["train_peak_mb"], on["train_peak_mb"] / off["train_peak_mb"],
-                     on["peak_rss_mb"] / off["peak_rss_mb"]])
+        for policy in ("full", "selective"):
+            on = run_plain(dict(base, layers=depth, ckpt=policy))
+            rows.append([depth, policy, off["step_time"], on["step_time"], on["step_time"] / off["step_time"],
+                         off["train_peak_mb"], on["train_peak_mb"], on["train_peak_mb"] / off["train_peak_mb"],
+                         on["peak_rss_mb"] / off["peak_rss_mb"]])
     out.append(table("Activation checkpointing (mgt, plain loop; training peak = peak RSS over the RSS before "
                      "the first step, i.e. activations + gradients + Adam moments)",
-                     ["depth", "off s", "on s", "time ratio", "off MB", "on MB", "training-peak ratio",
+                     ["depth", "policy", "off s", "on s", "time ratio", "off MB", "on MB", "training-peak ratio",
                       "whole-process RSS ratio"], rows))
     print(out[-1], flush=True)
 

@@ -97,6 +97,9 @@ class ParallelConfig:
     offload_params: Literal["none", "cpu"] = "none"
     activation_checkpointing: bool = False
     checkpoint_every_layers: int = 1  # checkpoint every k blocks (k consecutive blocks per segment)
+    # "full": recompute each segment's whole forward in the backward; "selective": keep the outputs of the
+    # matmuls that narrow their input (FFN down-projection, low-rank down-projections), recompute the rest
+    checkpoint_policy: Literal["full", "selective"] = "full"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     # ZeRO-3 parameter gathering: "block" fetches and releases each transformer block's parameters
     # as one unit (DeepSpeed z3 leaf modules: one hook pair per block); "module" is DeepSpeed's

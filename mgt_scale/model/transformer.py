@@ -4,6 +4,7 @@
 # block gets the same weights whichever rank or stage builds it. Pure torch: no DeepSpeed import.
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional
 
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 
 from mgt_scale.config import ModelConfig
 from mgt_scale.model.layers import CausalSelfAttention, FeedForward
+from mgt_scale.model.recompute import checkpoint_segment
 from mgt_scale.model.residual import ResidualOp, deepnorm_constants
 
 
@@ -102,8 +104,8 @@ class MGTModel(nn.Module):
     """Decoder-only LM: embed -> blocks -> head. `forward(tokens)` returns logits [B, T, vocab].
 
     Activation checkpointing: set `checkpoint_every` = k > 0 to recompute each segment of k blocks in
-    the backward pass (torch non-reentrant checkpointing by default; a parallel engine may substitute
-    its own `checkpoint_fn`).
+    the backward pass (torch non-reentrant checkpointing with `checkpoint_policy` "full" or "selective",
+    mgt_scale.model.recompute; a parallel engine may substitute its own `checkpoint_fn`).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -115,6 +117,7 @@ class MGTModel(nn.Module):
         if cfg.tie_embeddings:
             self.head.proj.weight = self.embed.tok.weight
         self.checkpoint_every = 0
+        self.checkpoint_policy = "full"  # see mgt_scale.model.recompute
         self.checkpoint_fn: Optional[Callable] = None
 
     def init_weights(self, seed: int = 0) -> None:
@@ -145,7 +148,7 @@ class MGTModel(nn.Module):
         x = self.embed(tokens)
         k = self.checkpoint_every
         if k and self.training and torch.is_grad_enabled():
-            ckpt = self.checkpoint_fn or _torch_checkpoint
+            ckpt = self.checkpoint_fn or functools.partial(checkpoint_segment, policy=self.checkpoint_policy)
             for start in range(0, len(self.blocks), k):
                 x = ckpt(_run_blocks(self.blocks[start:start + k]), x)
         else:
@@ -160,10 +163,6 @@ def _run_blocks(blocks: nn.ModuleList) -> Callable[[torch.Tensor], torch.Tensor]
             x = b(x)
         return x
     return run
-
-
-def _torch_checkpoint(fn: Callable, x: torch.Tensor) -> torch.Tensor:
-    return torch.utils.checkpoint.checkpoint(fn, x, use_reentrant=False)
 
 
 def build_model(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "cpu",

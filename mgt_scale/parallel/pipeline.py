@@ -21,6 +21,7 @@ of each stage, and config validation rejects `parallel.zero_stage > 1` with `par
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 
 from mgt_scale.config import Config, ModelConfig
 from mgt_scale.model import Block, Head, TokenEmbedding, lm_loss, module_generator
+from mgt_scale.model.recompute import checkpoint_segment
 
 
 def _materialise(module: nn.Module, init: Callable[[], None]) -> None:
@@ -116,21 +118,17 @@ def ds_partition_method(method: str) -> str:
     return method
 
 
-def _checkpoint(fn, *args):
-    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
-
-
 def build_pipeline_module(cfg: Config, num_stages: int, loss_fn: Optional[PipeLoss] = None, verbose: bool = True):
     """The PipelineModule of the stack; needs torch.distributed initialised (every rank calls it).
     Activation checkpointing (`parallel.activation_checkpointing`) recomputes every
     `parallel.checkpoint_every_layers` consecutive layers of a stage (torch non-reentrant checkpoint,
-    which also lets the embedding's segment get gradients)."""
+    which also lets the embedding's segment get gradients; `parallel.checkpoint_policy` full or selective)."""
     from deepspeed.pipe import PipelineModule
     p = cfg.parallel
     interval = p.checkpoint_every_layers if p.activation_checkpointing else 0
     module = PipelineModule(layers=layer_specs(cfg.model, cfg.train.seed), num_stages=num_stages,
                             loss_fn=loss_fn or PipeLoss(), partition_method=ds_partition_method(p.partition_method),
-                            activation_checkpoint_interval=interval, activation_checkpoint_func=_checkpoint)
+                            activation_checkpoint_interval=interval, activation_checkpoint_func=functools.partial(checkpoint_segment, policy=p.checkpoint_policy))
     info = partition_info(module)
     if verbose and torch.distributed.get_rank() == 0:
         print(describe_partition(info), flush=True)

@@ -103,6 +103,7 @@ class Zero3Engine:
             model = build_model(cfg.model, seed=cfg.train.seed)
         if cfg.parallel.activation_checkpointing:
             model.checkpoint_every = cfg.parallel.checkpoint_every_layers
+            model.checkpoint_policy = cfg.parallel.checkpoint_policy
         if cfg.parallel.zero_stage == 3 and cfg.parallel.zero3_fetch == "block":
             mark_blocks_as_zero3_leaves(model)
         optimizer = build_optimizer(model, cfg.train)

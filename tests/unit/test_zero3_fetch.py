@@ -1,7 +1,7 @@
 # ZeRO-3 fetch granularity (`parallel.zero3_fetch`): with "block", each transformer block is a
 # DeepSpeed leaf module (its parameters gathered in one fetch, no hooks on its submodules); training
 # must give the same losses, gradient norms and weights as DeepSpeed's per-module default, with and
-# without activation checkpointing. One in-process rank, fp32 CPU; the 2-rank tests in
+# without activation checkpointing (full or selective recomputation). One in-process rank, fp32 CPU; the 2-rank tests in
 # tests/distributed run the default ("block") on 2 ranks against 1 rank.
 
 import pytest
@@ -36,7 +36,9 @@ def ds_hooked(module) -> bool:
     return len(module._forward_pre_hooks) > 0
 
 
-@pytest.mark.parametrize("extra", [(), ("parallel.activation_checkpointing=true",)], ids=["plain", "ckpt"])
+@pytest.mark.parametrize("extra", [(), ("parallel.activation_checkpointing=true",),
+                                   ("parallel.activation_checkpointing=true", "parallel.checkpoint_policy=selective")],
+                         ids=["plain", "ckpt", "ckpt-selective"])
 def test_block_fetch_trains_exactly_like_module_fetch(inprocess_dist, extra):
     e_block, r_block, w_block = run("block", extra)
     e_mod, r_mod, w_mod = run("module", extra)
@@ -51,6 +53,14 @@ def test_block_fetch_trains_exactly_like_module_fetch(inprocess_dist, extra):
     for blk in e_mod.module.blocks:
         assert not getattr(blk, "_z3_leaf", False)
         assert ds_hooked(blk.ffn.up)
+
+
+def test_selective_checkpointing_under_zero3_trains_exactly_like_no_checkpointing(inprocess_dist):
+    _, r_plain, w_plain = run("block")
+    _, r_sel, w_sel = run("block", ("parallel.activation_checkpointing=true", "parallel.checkpoint_policy=selective"))
+    assert r_sel == r_plain
+    for k in w_plain:
+        assert torch.equal(w_sel[k], w_plain[k]), k
 
 
 def test_unknown_fetch_mode_is_an_error_naming_the_key():

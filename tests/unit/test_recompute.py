@@ -1,0 +1,85 @@
+# Activation checkpointing policies (mgt_scale.model.recompute): "full" and "selective" must give
+# exactly the losses and gradients of no checkpointing, and "selective" must really skip recomputing
+# the narrowing matmuls (counted at the dispatcher during the backward) and nothing else.
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mgt_scale.config import MGTConfig, ModelConfig, load_config
+from mgt_scale.model import build_model, lm_loss
+from mgt_scale.model.recompute import checkpoint_segment, narrowing_matmul
+
+MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+
+
+class CountMatmuls(TorchDispatchMode):
+    """Counts matmul calls, and those among them that narrow their input."""
+
+    def __init__(self):
+        super().__init__()
+        self.all = self.narrowing = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in MATMULS:
+            self.all += 1
+            self.narrowing += narrowing_matmul(func, args)
+        return func(*args, **(kwargs or {}))
+
+
+def train_step(cfg: ModelConfig, every: int, policy: str, count: bool = False):
+    model = build_model(cfg, seed=11)
+    model.checkpoint_every, model.checkpoint_policy = every, policy
+    tokens = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(4))
+    fwd, bwd = CountMatmuls(), CountMatmuls()
+    with fwd if count else torch.enable_grad():
+        loss = lm_loss(model(tokens), tokens)
+    with bwd if count else torch.enable_grad():
+        loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, fwd, bwd
+
+
+FORMS = [("mgt", {}), ("mgt", {"proj_rank": 4, "beta_shape": "token"}), ("preln", {})]
+
+
+@pytest.mark.parametrize("residual,mgt", FORMS)
+@pytest.mark.parametrize("every", [1, 2])
+def test_policies_give_exactly_the_uncheckpointed_step(residual, mgt, every):
+    cfg = ModelConfig(num_layers=4, d_model=16, num_heads=2, d_ff=64, vocab_size=40, residual=residual,
+                      mgt=MGTConfig(**mgt))
+    ref_loss, ref_grads, _, _ = train_step(cfg, 0, "full")
+    for policy in ("full", "selective"):
+        loss, grads, _, _ = train_step(cfg, every, policy)
+        assert torch.equal(loss, ref_loss), policy
+        for n, g in grads.items():
+            assert torch.equal(g, ref_grads[n]), (policy, n)
+
+
+@pytest.mark.parametrize("residual,mgt", FORMS)
+def test_selective_skips_exactly_the_narrowing_matmuls_in_the_backward(residual, mgt):
+    cfg = ModelConfig(num_layers=3, d_model=16, num_heads=2, d_ff=64, vocab_size=40, residual=residual,
+                      mgt=MGTConfig(**mgt))
+    _, _, fwd_none, bwd_none = train_step(cfg, 0, "full", count=True)
+    _, _, fwd_full, bwd_full = train_step(cfg, 1, "full", count=True)
+    _, _, fwd_sel, bwd_sel = train_step(cfg, 1, "selective", count=True)
+    head_matmuls = 1  # the LM head runs outside the checkpointed blocks (and widens: d -> vocab)
+    block_fwd, narrowing = fwd_none.all - head_matmuls, fwd_none.narrowing
+    assert narrowing >= cfg.num_layers  # at least each block's FFN down-projection
+    assert fwd_full.all == fwd_sel.all == fwd_none.all
+    recomputed_full = bwd_full.all - bwd_none.all
+    recomputed_narrowing_full = bwd_full.narrowing - bwd_none.narrowing
+    # full recomputes at most every block matmul: torch stops a segment's recomputation once it has
+    # every tensor the backward needs, so pre-LN's last matmul (feeding only an add) is not redone
+    assert 0 < recomputed_full <= block_fwd
+    assert bwd_sel.narrowing == bwd_none.narrowing  # selective recomputes no narrowing matmul ...
+    assert bwd_sel.all - bwd_none.all == recomputed_full - recomputed_narrowing_full  # ... and all the rest
+    if residual == "mgt":  # V = F(.) * gate keeps F's output: full does recompute the FFN down-projection
+        assert recomputed_narrowing_full == narrowing
+    else:
+        assert recomputed_narrowing_full == 0  # nothing to gain for pre-LN
+
+
+def test_unknown_policy_is_an_error_naming_the_key_and_the_value():
+    with pytest.raises(Exception, match="parallel.checkpoint_policy"):
+        load_config(None, ["parallel.checkpoint_policy=some"])
+    with pytest.raises(ValueError, match="'some'"):
+        checkpoint_segment(lambda t: t * 2, torch.ones(2, requires_grad=True), policy="some")
