@@ -7,7 +7,8 @@
 # Every measurement runs in a fresh subprocess (so peak RSS is its own); the residual-kind rows put all
 # their models in one process and step each in turn, so that they share the machine's state. Usage:
 #   python bench/throughput.py [--quick] [--device cpu|cuda] [--precision fp32|bf16] [--width 128]
-#                              [--sections engines,kinds,ckpt,depth]
+#                              [--depth 48] [--sections engines,kinds,ckpt,depth] [--rounds 3]
+#                              [--ckpt-depths 50,100,200]
 from __future__ import annotations
 
 import argparse
