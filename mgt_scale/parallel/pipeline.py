@@ -128,7 +128,8 @@ def build_pipeline_module(cfg: Config, num_stages: int, loss_fn: Optional[PipeLo
     interval = p.checkpoint_every_layers if p.activation_checkpointing else 0
     module = PipelineModule(layers=layer_specs(cfg.model, cfg.train.seed), num_stages=num_stages,
                             loss_fn=loss_fn or PipeLoss(), partition_method=ds_partition_method(p.partition_method),
-                            activation_checkpoint_interval=interval, activation_checkpoint_func=functools.partial(checkpoint_segment, policy=p.checkpoint_policy))
+                            activation_checkpoint_interval=interval,
+                            activation_checkpoint_func=functools.partial(checkpoint_segment, policy=p.checkpoint_policy))
     info = partition_info(module)
     if verbose and torch.distributed.get_rank() == 0:
         print(describe_partition(info), flush=True)

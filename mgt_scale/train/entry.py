@@ -203,7 +203,20 @@ def run(cfg: Config, args, denv, plan, precision: str) -> int:
               f"exit code {code}", flush=True)
     elif code == exit_codes.FINISHED:
         trainer.evaluate()  # collective in zero3 mode
+    _leave_process_group()
     return code
+
+
+def _leave_process_group() -> None:
+    """Tear the process group down before the interpreter exits. A rank that exits with gloo's threads
+    still up can abort in a C++ destructor ("terminate called without an active exception", exit -6)
+    after a clean finish, which makes the launcher report a finished run as failed (seen in CI)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception as e:  # teardown must not change the run's exit code
+            print(f"warning: process group teardown failed: {e}", file=sys.stderr, flush=True)
 
 
 def engine_dp(engine, plan, rank: int) -> tuple[int, int]:
