@@ -107,15 +107,18 @@ class ResidualOp(nn.Module):
                 })
         return out
 
+    def _gated(self, f: torch.Tensor, g_pre: Optional[torch.Tensor]):
+        """(gate, V): gate = sigmoid(LN_g(X W_gate)) and V = F * gate, or (None, F) without a gate."""
+        if g_pre is None:
+            return None, f
+        gate = torch.sigmoid(self.gate_norm(g_pre))
+        return gate, f * gate
+
     def _reference_update(self, x: torch.Tensor, f: torch.Tensor):
         """The paper's formulas op by op, with separate gate and beta matmuls: the reference that the
         fused path is tested against (`mgt.fused: false`)."""
         h, up = (F.linear(x, self.gate_beta_down), self.gate_beta_up) if self.proj_rank else (x, self.gate_beta)
-        gate = beta = None
-        v = f
-        if self.use_gate:
-            gate = torch.sigmoid(self.gate_norm(F.linear(h, up[: self.gate_rows])))
-            v = f * gate
+        gate, v = self._gated(f, F.linear(h, up[: self.gate_rows]) if self.use_gate else None)
         if not self.use_beta:
             return x + v, gate, None
         beta = mgt_beta(F.linear(h, up[self.gate_rows:]) + self.beta_bias, self.lam, self.eps)
@@ -145,11 +148,7 @@ class ResidualOp(nn.Module):
         else:
             g_pre = F.linear(x, self.gate_beta) if self.use_gate else None
             z2 = _twice_affine(x, self.gate_beta, self.beta_bias) if self.use_beta else None
-        gate = beta = None
-        v = f
-        if self.use_gate:
-            gate = torch.sigmoid(self.gate_norm(g_pre))
-            v = f * gate
+        gate, v = self._gated(f, g_pre)
         if not self.use_beta:
             return x + v, gate, None
         s = torch.sigmoid(z2)

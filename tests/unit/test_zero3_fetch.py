@@ -1,8 +1,8 @@
 # ZeRO-3 fetch granularity (`parallel.zero3_fetch`): with "block", each transformer block is a
 # DeepSpeed leaf module (its parameters gathered in one fetch, no hooks on its submodules); training
 # must give the same losses, gradient norms and weights as DeepSpeed's per-module default, with and
-# without activation checkpointing (full or selective recomputation). One in-process rank, fp32 CPU; the 2-rank tests in
-# tests/distributed run the default ("block") on 2 ranks against 1 rank.
+# without activation checkpointing (full or selective recomputation). One in-process rank, fp32 CPU;
+# the 2-rank tests in tests/distributed run the default ("block") on 2 ranks against 1 rank.
 
 import pytest
 import torch
