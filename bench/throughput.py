@@ -228,12 +228,16 @@ def engines_table(args, base, out) -> None:
 
 def kinds_table(args, base, out) -> None:
     from mgt_scale.train.flops import flops_per_token
-    variants = {"preln": dict(base, residual="preln"), "mgt full (fused path)": base,
-                "mgt full, reference (unfused)": dict(base, mgt={"fused": False}),
-                "mgt low-rank r=16": dict(base, mgt={"proj_rank": 16}),
-                "mgt low-rank r=16, token beta": dict(base, mgt={"proj_rank": 16, "beta_shape": "token"}),
-                "mgt low-rank r=16, token beta, reference": dict(base, mgt={"proj_rank": 16, "beta_shape": "token",
-                                                                            "fused": False}),
+    torch_ops, ref = {"cpu_kernel": False}, {"fused": False}
+    r16, r16t = {"proj_rank": 16}, {"proj_rank": 16, "beta_shape": "token"}
+    # default rows: fused path, with the C++ kernel on CPU fp32; "torch ops": fused path without the kernel;
+    # "reference": the paper's formulas op by op
+    variants = {"preln": dict(base, residual="preln"), "mgt full": base,
+                "mgt full, torch ops": dict(base, mgt=torch_ops), "mgt full, reference": dict(base, mgt=ref),
+                "mgt low-rank r=16": dict(base, mgt=r16),
+                "mgt low-rank r=16, token beta": dict(base, mgt=r16t),
+                "mgt low-rank r=16, token beta, torch ops": dict(base, mgt=dict(r16t, **torch_ops)),
+                "mgt low-rank r=16, token beta, reference": dict(base, mgt=dict(r16t, **ref)),
                 "mhc_gate": dict(base, residual="mhc_gate"), "ddl": dict(base, residual="ddl")}
     steps = base["steps"] * args.rounds
     best = run_plain({name: dict(spec, steps=steps) for name, spec in variants.items()}, mode="interleaved")

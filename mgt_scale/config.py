@@ -43,6 +43,9 @@ class MGTConfig:
     alpha_shape: Literal["scalar", "channel"] = "scalar"
     proj_rank: int = 0  # 0: full d x d W_gate and W_beta (the paper); r > 0: low-rank d x r x d factors
     fused: bool = True  # fast path (one gate+beta matmul, fewer elementwise kernels); false: the paper op by op
+    # with `fused`, on an AVX2 CPU in fp32: the update's elementwise chain (gate LN, sigmoid, beta, update) as
+    # one compiled C++ kernel, forward and backward (mgt_scale/model/cpu_kernel.py); false: torch ops
+    cpu_kernel: bool = True
 
 
 @dataclass(frozen=True)

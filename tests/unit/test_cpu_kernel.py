@@ -1,0 +1,171 @@
+# The fused CPU kernel of the MGT update (mgt_scale/model/cpu_kernel.py, csrc/mgt_update_cpu.cpp): it builds
+# on this machine and is really used, matches the paper's formulas at the edges (saturated sigmoid and
+# tanh, NaN), gives the same gradients whatever the thread count, and fails safe (a failed build falls
+# back to torch ops with a warning; a lock file left by a build killed midway does not hang the next).
+# The equality with the reference over every form is test_model_residual.py's fused-path test.
+import copy
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from mgt_scale.config import MGTConfig, ModelConfig
+from mgt_scale.model import ResidualOp, cpu_kernel
+
+D = 16
+
+
+def make_ops(kind="mgt", scale=0.3, **mgt):
+    """(kernel op, reference op) with the same non-trivial parameters."""
+    ops = []
+    for kw in ({}, {"fused": False}):
+        cfg = ModelConfig(residual=kind, d_model=D, num_heads=2, d_ff=32, mgt=MGTConfig(**mgt, **kw))
+        op = ResidualOp(cfg)
+        op.init_weights(cfg, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            for p in op.parameters():
+                p.add_(scale * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        ops.append(op)
+    return ops
+
+
+def sublayer(h):
+    return torch.tanh(h @ torch.linspace(-1, 1, D * D, dtype=h.dtype).reshape(D, D)) + 0.1 * h
+
+
+def run(op, x, go):
+    x = x.detach().clone().requires_grad_(True)
+    out = op(x, sublayer)
+    out.backward(go)
+    return out.detach(), x.grad, {n: p.grad.clone() for n, p in op.named_parameters()}, out
+
+
+def assert_as_accurate_as_torch(kernel_op, ref_op, x, go, floor=2e-6):
+    """Output, input gradient and every parameter gradient of the kernel against the paper's formulas
+    in fp64: each error (relative to the tensor's largest entry) at most 4x that of the same formulas in
+    torch fp32, or `floor`. (fp32 torch is no exact reference itself: 1 - tanh^2 near |tanh| = 1, say.)"""
+    exact_op = copy.deepcopy(ref_op).double()
+    exact = run(exact_op, x.double(), go.double())
+    got, fp32 = run(kernel_op, x, go), run(ref_op, x, go)
+    assert type(got[3].grad_fn).__name__ == "_FusedUpdateBackward"
+    pairs = [("output", got[0], fp32[0], exact[0]), ("grad x", got[1], fp32[1], exact[1])]
+    pairs += [(n, got[2][n], fp32[2][n], exact[2][n]) for n in exact[2]]
+    for name, k, t, e in pairs:
+        scale = e.abs().max().clamp_min(1e-12)
+        k_err, t_err = ((k - e).abs().max() / scale).item(), ((t - e).abs().max() / scale).item()
+        assert k_err <= max(4 * t_err, floor), (name, k_err, t_err)
+
+
+def test_kernel_builds_here_and_is_the_path_taken():
+    assert cpu_kernel.load() is not None, f"kernel unavailable: {cpu_kernel.unavailable_reason()}"
+    kernel_op, ref_op = make_ops()
+    x = torch.randn(2, 5, D)
+    assert type(run(kernel_op, x, torch.ones(2, 5, D))[3].grad_fn).__name__ == "_FusedUpdateBackward"
+    assert type(run(ref_op, x, torch.ones(2, 5, D))[3].grad_fn).__name__ != "_FusedUpdateBackward"
+
+
+@pytest.mark.parametrize("kind,mgt", [
+    ("mgt", {}), ("mgt", {"proj_rank": 4}), ("mgt", {"proj_rank": 4, "beta_shape": "token"}),
+    ("mgt", {"alpha_shape": "channel", "lam": 0.7, "eps": 0.1}), ("mgt", {"beta_shape": "token", "alpha_shape": "channel"}),
+    ("mhc_gate", {}), ("ddl", {}), ("ddl", {"proj_rank": 4, "beta_shape": "token"}),
+])
+def test_kernel_matches_reference_with_every_parameter_perturbed(kind, mgt):
+    """Unlike the model-level test (gate and beta weights at their 1e-3 init), every parameter here is
+    O(0.3), so the gate LN's backward and the alpha terms carry real weight."""
+    kernel_op, ref_op = make_ops(kind, **mgt)
+    x = torch.randn(3, 20, D, generator=torch.Generator().manual_seed(6))
+    go = torch.randn(3, 20, D, generator=torch.Generator().manual_seed(7))
+    assert_as_accurate_as_torch(kernel_op, ref_op, x, go)
+
+
+@pytest.mark.parametrize("mgt", [{}, {"beta_shape": "token", "alpha_shape": "channel"}])
+def test_saturated_gate_and_beta_match_fp64_reference(mgt):
+    """Gate LN weight and beta projection scaled up so that sigmoid and tanh see |z| up to ~100, where
+    the kernel's exp is clamped; the kernel is held to the paper's formulas in fp64 as tightly as torch's
+    own fp32 ops are."""
+    kernel_op, ref_op = make_ops(**mgt)
+    with torch.no_grad():
+        for op in (kernel_op, ref_op):
+            op.gate_norm.weight.mul_(40.0)
+            op.gate_beta[D:].mul_(300.0)
+    x = torch.randn(3, 7, D, generator=torch.Generator().manual_seed(2))
+    go = torch.randn(3, 7, D, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        z = torch.nn.functional.linear(x, ref_op.gate_beta[D:]) + ref_op.beta_bias
+        g = ref_op.gate_norm(torch.nn.functional.linear(x, ref_op.gate_beta[:D]))
+    assert z.abs().max() > 50 and g.abs().max() > 50  # really saturated
+    assert_as_accurate_as_torch(kernel_op, ref_op, x, go)
+
+
+def test_nan_propagates_like_the_reference():
+    kernel_op, ref_op = make_ops()
+    x = torch.randn(2, 4, D)
+    x[1, 2, 5] = float("nan")
+    with torch.no_grad():
+        a, b = kernel_op(x, sublayer), ref_op(x, sublayer)
+    assert torch.equal(torch.isnan(a), torch.isnan(b)) and torch.isnan(a).any()
+    torch.testing.assert_close(a[0], b[0], rtol=1e-6, atol=1e-6)
+
+
+def test_gradients_do_not_depend_on_thread_count():
+    """The kernel's reductions over rows (gate LN weight/bias, b_beta, alpha) go through fixed chunks of
+    16 rows: bitwise equal gradients with 1 and 2 threads over 150 rows. (torch's own LayerNorm backward,
+    for the main norm, is not thread-count invariant, so it is not checked.)"""
+    kernel_op, _ = make_ops(alpha_shape="channel")
+    x = torch.randn(3, 50, D, generator=torch.Generator().manual_seed(4))
+    go = torch.randn(3, 50, D, generator=torch.Generator().manual_seed(5))
+    threads = torch.get_num_threads()
+    try:
+        grads = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            kernel_op.zero_grad(set_to_none=True)
+            grads.append(run(kernel_op, x, go))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(grads[0][1], grads[1][1])
+    for n in ("gate_norm.weight", "gate_norm.bias", "beta_bias", "alpha"):  # the kernel's reductions
+        assert torch.equal(grads[0][2][n], grads[1][2][n]), n
+
+
+def test_inputs_the_kernel_cannot_take_use_torch_ops():
+    assert not cpu_kernel.usable(torch.zeros(2, 12))  # width not a multiple of 8
+    assert not cpu_kernel.usable(torch.zeros(2, 16, dtype=torch.bfloat16))
+    assert not cpu_kernel.usable(torch.zeros(2, 16, dtype=torch.float64))
+    assert cpu_kernel.usable(torch.zeros(2, 16))
+
+
+def test_failed_build_falls_back_to_torch_ops_with_one_warning(monkeypatch):
+    import torch.utils.cpp_extension as cpp_extension
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Error building extension 'mgt_update_cpu': c++: not found")
+
+    monkeypatch.setattr(cpu_kernel, "_state", {})
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    with pytest.warns(RuntimeWarning, match="could not be built.*c\\+\\+: not found"):
+        assert cpu_kernel.load() is None
+    assert "c++: not found" in cpu_kernel.unavailable_reason()
+    kernel_op, ref_op = make_ops()
+    x, go = torch.randn(2, 5, D), torch.randn(2, 5, D)
+    a, b = run(kernel_op, x, go), run(ref_op, x, go)
+    assert type(a[3].grad_fn).__name__ != "_FusedUpdateBackward"
+    torch.testing.assert_close(a[0], b[0], rtol=1e-6, atol=1e-6)
+
+
+def test_lock_left_by_a_killed_build_does_not_hang_the_next(tmp_path):
+    cpu_kernel.load()
+    lock = cpu_kernel.build_directory() / "lock"
+    lock.write_text("")  # what torch leaves when a build is killed between taking and releasing its baton
+    code = textwrap.dedent("""
+        from mgt_scale.model import cpu_kernel
+        assert cpu_kernel.load() is not None, cpu_kernel.unavailable_reason()
+        print("loaded")
+    """)
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    finally:
+        lock.unlink(missing_ok=True)
+    assert r.returncode == 0 and "loaded" in r.stdout, r.stderr[-2000:]
