@@ -1,8 +1,9 @@
 # The fused CPU kernel of the MGT update (mgt_scale/model/cpu_kernel.py, csrc/mgt_update_cpu.cpp): it builds
-# on this machine and is really used, matches the paper's formulas at the edges (saturated sigmoid and
-# tanh, NaN), gives the same gradients whatever the thread count, and fails safe (a failed build falls
-# back to torch ops with a warning; a lock file left by a build killed midway does not hang the next).
-# The equality with the reference over every form is test_model_residual.py's fused-path test.
+# on this machine and is really used, matches the paper's formulas in fp64 for every form with every
+# parameter perturbed and at the edges (saturated sigmoid and tanh, NaN), gives the same gradients
+# whatever the thread count, and fails safe (a failed build falls back to torch ops with a warning; a
+# lock file left by a build killed midway does not hang the next). test_model_residual.py's fused-path
+# test holds it to the fp32 reference in a whole model.
 import copy
 import subprocess
 import sys
