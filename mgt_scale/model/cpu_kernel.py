@@ -1,8 +1,8 @@
 # The fused CPU kernel of the MGT residual update (csrc/mgt_update_cpu.cpp): built on first use with
 # torch.utils.cpp_extension (about 45 s on 2 cores; cached per python and torch version under
-# TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions, in mgt_scale/), wrapped in an autograd Function. Used by ResidualOp when `mgt.cpu_kernel` is on and the input is fp32
-# on an AVX2 CPU; anything else (GPU, bf16, no compiler) takes the torch-op path, with one warning if the
-# build fails.
+# TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions, in mgt_scale/), wrapped in an autograd Function.
+# Used by ResidualOp when `mgt.cpu_kernel` is on and the input is fp32 on an AVX2 CPU; anything else
+# (GPU, bf16, no compiler) takes the torch-op path, with one warning if the build fails.
 from __future__ import annotations
 
 import fcntl
@@ -52,6 +52,8 @@ def _build(verbose: bool):
 
 def load(verbose: bool = False):
     """The compiled extension, or None (with the reason in `unavailable_reason()`); built once per process."""
+    if "module" in _state:  # every forward asks: no lock once built
+        return _state["module"]
     with _lock:
         if "module" in _state or "error" in _state:
             return _state.get("module")

@@ -68,10 +68,6 @@ struct Form {
   float lam = 1.f, eps = 0.f, ln_eps = 1e-5f;
 };
 
-inline const float* ptr_or_null(const c10::optional<torch::Tensor>& t) {
-  return t.has_value() ? t->data_ptr<float>() : nullptr;
-}
-
 void check_rows(const torch::Tensor& t, int64_t M, int64_t cols, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32, name, ": expected a CPU float32 tensor");
   TORCH_CHECK(t.dim() == 2 && t.size(0) == M && t.size(1) == cols && t.stride(1) == 1,
@@ -135,11 +131,14 @@ inline void row_stats(const Form& p, const float* g, float& mean, float& rstd) {
   rstd = 1.0f / std::sqrt(hsum8(acc) / static_cast<float>(p.d) + p.ln_eps);
 }
 
-// Token beta of row m and dt = 1 - tanh^2 = 1 / cosh^2 (accurate where tanh -> +-1).
-inline void token_beta(const Form& p, int64_t m, float& beta, float& dt) {
-  const double u = static_cast<double>(p.z[m * p.sz]) + p.zb[0], c = std::cosh(u);
-  beta = static_cast<float>(p.lam * std::tanh(u) + p.eps);
-  dt = static_cast<float>(1.0 / (c * c));
+// Token beta of row m and, for the backward, dt = 1 - tanh^2 = 1 / cosh^2 (accurate where tanh -> +-1).
+inline float token_beta(const Form& p, int64_t m, float* dt = nullptr) {
+  const double u = static_cast<double>(p.z[m * p.sz]) + p.zb[0];
+  if (dt) {
+    const double c = std::cosh(u);
+    *dt = static_cast<float>(1.0 / (c * c));
+  }
+  return static_cast<float>(p.lam * std::tanh(u) + p.eps);
 }
 
 // tanh(u) = (1 - e) / (1 + e) and 1 - tanh(u)^2 = 4 e / (1 + e)^2 with e = exp(-2u): the second form stays
@@ -186,13 +185,13 @@ std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor f, c10::option
     for (int64_t m = begin; m < end; ++m) {
       const float *xr = p.x + m * p.sx, *fr = p.f + m * p.sf;
       float* orow = o + m * p.d;
-      float mean_m = 0.f, rstd_m = 0.f, beta_m = 0.f, dt_m = 0.f;
+      float mean_m = 0.f, rstd_m = 0.f;
       if (p.gate) {
         row_stats(p, p.g + m * p.sg, mean_m, rstd_m);
         mu[m] = mean_m;
         rs[m] = rstd_m;
       }
-      if (p.beta == 1) token_beta(p, m, beta_m, dt_m);
+      const float beta_m = p.beta == 1 ? token_beta(p, m) : 0.f;
       const __m256 mv = _mm256_set1_ps(mean_m), rv = _mm256_set1_ps(rstd_m);
       for (int64_t j = 0; j < p.d; j += 8) {
         const __m256 xv = _mm256_loadu_ps(xr + j);
@@ -259,8 +258,8 @@ std::vector<torch::Tensor> backward(torch::Tensor go, torch::Tensor x, torch::Te
         float *dxr = dxp + m * d, *dfr = dfp + m * d, *dgr = p.gate ? dgp + m * d : nullptr;
         float *dzr = p.beta ? dzp + m * zcols : nullptr;
         const __m256 mv = _mm256_set1_ps(p.gate ? mu[m] : 0.f), rv = _mm256_set1_ps(p.gate ? rs[m] : 0.f);
-        float beta_m = 0.f, dt_m = 0.f;
-        if (p.beta == 1) token_beta(p, m, beta_m, dt_m);
+        float dt_m = 0.f;
+        const float beta_m = p.beta == 1 ? token_beta(p, m, &dt_m) : 0.f;
         __m256 s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), sbeta = _mm256_setzero_ps();
         for (int64_t j = 0; j < d; j += 8) {
           const __m256 gov = _mm256_loadu_ps(gor + j), xv = _mm256_loadu_ps(xr + j), fv = _mm256_loadu_ps(fr + j);
