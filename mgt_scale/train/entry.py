@@ -243,5 +243,18 @@ def _fail(run_dir: Path, rank: int, msg: str) -> int:
     return _error(msg)
 
 
+def _exit_rank(code: int) -> None:
+    """End a launched rank with `code` once everything durable is written (checkpoints, status.json,
+    metrics: the loggers are closed by then), skipping the interpreter's teardown. Even after
+    `_leave_process_group`, a rank has aborted in a C++ destructor at exit ("terminate called without an
+    active exception", -6) in pipeline mode (fresh-clone CI, test_pipeline_sigkill_then_resume_is_exact),
+    and the launcher then reports a finished run as failed."""
+    import logging
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(code or 0))  # as sys.exit: None is 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit_rank(main())
