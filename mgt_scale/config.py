@@ -122,6 +122,9 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    # torch AdamW's fused kernel (one pass over each tensor, CPU and CUDA); false: its per-tensor loop of
+    # ~7 elementwise kernels per tensor. Same update to rounding; bench/RESULTS.md has the timings.
+    fused_adamw: bool = True
     seed: int = 0
     log_interval: int = 10
     eval_interval: int = 0  # 0: evaluate only at the end

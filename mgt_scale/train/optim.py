@@ -22,5 +22,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over `param_groups`. `train.fused_adamw` (default) picks torch's fused kernel, one pass over
+    each tensor: under ZeRO the tensors are flat partitions, in the plain loop and pipeline ZeRO-0 they
+    are the parameters themselves, where the per-tensor loop also pays Python dispatch per tensor."""
+    impl = {"fused": True} if t.fused_adamw else {"foreach": False}
     return torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
-                             eps=1e-8, foreach=False)
+                             eps=1e-8, **impl)
