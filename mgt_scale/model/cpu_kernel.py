@@ -91,39 +91,59 @@ def _rows(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 class _FusedUpdate(torch.autograd.Function):
+    """The sublayer's MGT update from its projections on: gz = [X W_gate^T | X W_beta^T] (through the rank-r
+    factor h = X W_down^T when low rank) as one matmul, then the kernel on column ranges of gz. Written as
+    one Function so that the backward can use the kernel's single [dg | dz] buffer: one matmul for the
+    projection's weight gradient and one addmm that adds its input gradient to the kernel's dx, where
+    autograd would slice the weight, run a matmul per part, concatenate and sum (bench/RESULTS.md)."""
+
     @staticmethod
-    def forward(ctx, x, f, g_pre, ln_w, ln_b, z, z_bias, alpha, ln_eps, lam, eps):
+    def forward(ctx, x, f, w_down, w_proj, ln_w, ln_b, z_bias, alpha, gate_rows, ln_eps, lam, eps):
         ext = _state["module"]
         shape = x.shape
-        x2, f2, g2, z2 = _rows(x), _rows(f), _rows(g_pre), _rows(z)
-        out, mean, rstd, gate, e = ext.forward(x2, f2, g2, ln_w, ln_b, ln_eps, z2, z_bias, alpha, lam, eps)
-        ctx.save_for_backward(x2, f2, g2, ln_w, ln_b, z2, z_bias, alpha, mean, rstd, gate, e)
-        ctx.consts = (ln_eps, lam, eps)
-        ctx.shapes = (shape, None if g_pre is None else g_pre.shape, None if z is None else z.shape)
+        x2, f2 = _rows(x), _rows(f)
+        h = x2 if w_down is None else torch.mm(x2, w_down.t())
+        gz = torch.mm(h, w_proj.t())
+        g = gz[:, :gate_rows] if gate_rows else None
+        z = gz[:, gate_rows:] if gz.shape[1] > gate_rows else None
+        out, mean, rstd, gate, e = ext.forward(x2, f2, g, ln_w, ln_b, ln_eps, z, z_bias, alpha, lam, eps)
+        ctx.save_for_backward(x2, f2, h, gz, w_down, w_proj, ln_w, ln_b, z_bias, alpha, mean, rstd, gate, e)
+        ctx.consts = (gate_rows, ln_eps, lam, eps)
+        ctx.shape = shape
         return out.view(shape)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2, f2, g2, ln_w, ln_b, z2, z_bias, alpha, mean, rstd, gate_saved, e_saved = ctx.saved_tensors
-        ln_eps, lam, eps = ctx.consts
-        shape, g_shape, z_shape = ctx.shapes
-        dx, df, dg, dw, db, dz, dzb, dal = _state["module"].backward(
-            _rows(grad_out), x2, f2, g2, ln_w, ln_b, ln_eps, z2, z_bias, alpha, lam, eps, mean, rstd,
-            gate_saved, e_saved)
-        gate, beta = g2 is not None, z2 is not None
-        return (dx.view(shape), df.view(shape),
-                dg.view(g_shape) if gate else None, dw if gate else None, db if gate else None,
-                dz.view(z_shape) if beta else None, dzb if beta else None, dal.view_as(alpha) if beta else None,
-                None, None, None)
+        x2, f2, h, gz, w_down, w_proj, ln_w, ln_b, z_bias, alpha, mean, rstd, gate, e = ctx.saved_tensors
+        gate_rows, ln_eps, lam, eps = ctx.consts
+        g = gz[:, :gate_rows] if gate_rows else None
+        z = gz[:, gate_rows:] if gz.shape[1] > gate_rows else None
+        dx, df, _, dw, db, _, dzb, dal, dgz = _state["module"].backward(
+            _rows(grad_out), x2, f2, g, ln_w, ln_b, ln_eps, z, z_bias, alpha, lam, eps, mean, rstd, gate, e)
+        d_proj = torch.mm(dgz.t(), h)
+        if w_down is None:
+            d_down = None
+            dx.addmm_(dgz, w_proj)  # dx is the kernel's own fresh tensor
+        else:
+            dh = torch.mm(dgz, w_proj)
+            d_down = torch.mm(dh.t(), x2)
+            dx.addmm_(dh, w_down)
+        shape = ctx.shape
+        return (dx.view(shape), df.view(shape), d_down, d_proj,
+                dw if g is not None else None, db if g is not None else None,
+                dzb if z is not None else None, dal.view_as(alpha) if z is not None else None,
+                None, None, None, None)
 
 
-def fused_update(x: torch.Tensor, f: torch.Tensor, g_pre: Optional[torch.Tensor], ln: Optional[torch.nn.LayerNorm],
-                 z: Optional[torch.Tensor], z_bias: Optional[torch.Tensor], alpha: Optional[torch.Tensor],
-                 lam: float, eps: float) -> torch.Tensor:
-    """X + beta (V - alpha X), V = F * sigmoid(LN(g_pre)) (F without a gate), beta = lam tanh(z + z_bias) + eps
-    (no beta: X + V); z is [..., 1] (one beta per token) or [..., d]. Call only when `usable(x)`."""
+def fused_update(x: torch.Tensor, f: torch.Tensor, w_down: Optional[torch.Tensor], w_proj: torch.Tensor,
+                 ln: Optional[torch.nn.LayerNorm], z_bias: Optional[torch.Tensor], alpha: Optional[torch.Tensor],
+                 gate_rows: int, lam: float, eps: float) -> torch.Tensor:
+    """X + beta (V - alpha X) with V = F * sigmoid(LN(g)) (F without a gate) and beta = lam tanh(z + z_bias) + eps
+    (no beta: X + V), where [g | z] = X W_proj^T, or (X W_down^T) W_proj^T with `w_down`: rows [0, gate_rows)
+    of W_proj give the gate, the rest (1 per token or d per channel, or none) beta. Call only when `usable(x)`."""
     ln_w = ln_b = None
     ln_eps = 1e-5
-    if g_pre is not None:
+    if gate_rows:
         ln_w, ln_b, ln_eps = ln.weight, ln.bias, ln.eps
-    return _FusedUpdate.apply(x, f, g_pre, ln_w, ln_b, z, z_bias, alpha, float(ln_eps), float(lam), float(eps))
+    return _FusedUpdate.apply(x, f, w_down, w_proj, ln_w, ln_b, z_bias, alpha, int(gate_rows), float(ln_eps),
+                              float(lam), float(eps))

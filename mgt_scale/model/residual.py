@@ -164,22 +164,14 @@ class ResidualOp(nn.Module):
         return torch.addcmul(x, beta, torch.addcmul(v, self.alpha, x, value=-1.0)), gate, beta
 
     def _kernel_update(self, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-        """The projections in torch (as `_fused_update`, without b_beta or the factor 2), then the gate LN,
-        sigmoid, beta and update in the C++ kernel of cpu_kernel.py: one pass over each row forward, one
-        backward, instead of about 15 full-size torch kernels. The monitor's probe takes `_fused_update`."""
-        gr = self.gate_rows
-        if self.proj_rank:
-            h = F.linear(x, self.gate_beta_down)
-            g_pre = F.linear(h, self.gate_beta_up[:gr]) if self.use_gate else None
-            z = F.linear(h, self.gate_beta_up[gr:]) if self.use_beta else None
-        elif self.use_gate and self.use_beta:
-            g_pre, z = torch.split(F.linear(x, self.gate_beta), (gr, self.beta_rows), dim=-1)
-        else:
-            proj = F.linear(x, self.gate_beta)
-            g_pre, z = (proj, None) if self.use_gate else (None, proj)
-        return cpu_kernel.fused_update(x, f, g_pre, self.gate_norm if self.use_gate else None, z,
+        """The projections and the update in one autograd Function of cpu_kernel.py: the gate and beta
+        projection as one matmul (without b_beta or the factor 2), then the gate LN, sigmoid, beta and
+        update in the C++ kernel, one pass over each row forward and one backward, instead of about 15
+        full-size torch kernels. The monitor's probe takes `_fused_update`."""
+        w_down, w_proj = (self.gate_beta_down, self.gate_beta_up) if self.proj_rank else (None, self.gate_beta)
+        return cpu_kernel.fused_update(x, f, w_down, w_proj, self.gate_norm if self.use_gate else None,
                                        self.beta_bias if self.use_beta else None,
-                                       self.alpha if self.use_beta else None, self.lam, self.eps)
+                                       self.alpha if self.use_beta else None, self.gate_rows, self.lam, self.eps)
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -218,8 +218,10 @@ std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor f, c10::option
   return {out, mean, rstd, gate_out, e_out};
 }
 
-// Returns (dx, df, dg, dw, db, dz, dzb, dalpha); dg, dw, db are empty without a gate, dz, dzb, dalpha
-// without beta.
+// Returns (dx, df, dg, dw, db, dz, dzb, dalpha, dgz); dg, dw, db are empty without a gate, dz, dzb, dalpha
+// without beta. dg and dz are column ranges of one buffer, dgz = [dg | dz]: the gradient of the gate and beta
+// projection's output, which the caller multiplies into the projection's weight and input gradients in one
+// matmul each.
 std::vector<torch::Tensor> backward(torch::Tensor go, torch::Tensor x, torch::Tensor f, c10::optional<torch::Tensor> g,
                                     c10::optional<torch::Tensor> w, c10::optional<torch::Tensor> b, double ln_eps,
                                     c10::optional<torch::Tensor> z, c10::optional<torch::Tensor> zb,
@@ -232,14 +234,15 @@ std::vector<torch::Tensor> backward(torch::Tensor go, torch::Tensor x, torch::Te
   const float* gop = go.data_ptr<float>();
   auto opts = x.options();
   auto dx = torch::empty({p.M, d}, opts), df = torch::empty({p.M, d}, opts);
-  auto dg = torch::empty({p.gate ? p.M : 0, d}, opts);
-  const int64_t zcols = p.beta == 1 ? 1 : d;
-  auto dz = torch::empty({p.beta ? p.M : 0, zcols}, opts);
+  const int64_t zcols = p.beta == 1 ? 1 : d, gcols = p.gate ? d : 0;
+  auto dgz = torch::empty({p.M, gcols + (p.beta ? zcols : 0)}, opts);
+  const int64_t sdgz = dgz.size(1);
+  auto dg = dgz.narrow(1, 0, gcols), dz = dgz.narrow(1, gcols, p.beta ? zcols : 0);
   // per chunk of rows: [dw | db | dzb | dalpha], d floats each (dzb, dalpha use one when scalar)
   const int64_t chunks = (p.M + kRowsPerChunk - 1) / kRowsPerChunk;
   auto part = torch::zeros({chunks, 4, d}, opts);
-  float *dxp = dx.data_ptr<float>(), *dfp = df.data_ptr<float>(), *dgp = dg.data_ptr<float>();
-  float *dzp = dz.data_ptr<float>(), *partp = part.data_ptr<float>();
+  float *dxp = dx.data_ptr<float>(), *dfp = df.data_ptr<float>(), *dgp = dgz.data_ptr<float>();
+  float *dzp = dgp + gcols, *partp = part.data_ptr<float>();
   const float *mu = mean.data_ptr<float>(), *rs = rstd.data_ptr<float>();
   if (p.gate) check_rows(gate_saved, p.M, d, "saved gate");
   if (p.beta == 2) check_rows(e_saved, p.M, d, "saved exp(-2 (z + b_beta))");
@@ -255,8 +258,8 @@ std::vector<torch::Tensor> backward(torch::Tensor go, torch::Tensor x, torch::Te
       for (int64_t m = c * kRowsPerChunk; m < std::min(p.M, (c + 1) * kRowsPerChunk); ++m) {
         const float *gor = gop + m * sgo, *xr = p.x + m * p.sx, *fr = p.f + m * p.sf;
         const float *gr = p.gate ? p.g + m * p.sg : nullptr, *zr = p.beta ? p.z + m * p.sz : nullptr;
-        float *dxr = dxp + m * d, *dfr = dfp + m * d, *dgr = p.gate ? dgp + m * d : nullptr;
-        float *dzr = p.beta ? dzp + m * zcols : nullptr;
+        float *dxr = dxp + m * d, *dfr = dfp + m * d, *dgr = p.gate ? dgp + m * sdgz : nullptr;
+        float *dzr = p.beta ? dzp + m * sdgz : nullptr;
         const __m256 mv = _mm256_set1_ps(p.gate ? mu[m] : 0.f), rv = _mm256_set1_ps(p.gate ? rs[m] : 0.f);
         float dt_m = 0.f;
         const float beta_m = p.beta == 1 ? token_beta(p, m, &dt_m) : 0.f;
@@ -330,7 +333,7 @@ std::vector<torch::Tensor> backward(torch::Tensor go, torch::Tensor x, torch::Te
   return {dx, df, dg,
           p.gate ? total[0].clone() : empty, p.gate ? total[1].clone() : empty,
           dz, p.beta ? total[2].narrow(0, 0, ncol).clone() : empty,
-          p.beta ? total[3].narrow(0, 0, acol).clone() : empty};
+          p.beta ? total[3].narrow(0, 0, acol).clone() : empty, dgz};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
