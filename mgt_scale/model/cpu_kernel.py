@@ -1,6 +1,7 @@
 # The fused CPU kernel of the MGT residual update (csrc/mgt_update_cpu.cpp): built on first use with
 # torch.utils.cpp_extension (about 45 s on 2 cores; cached per python and torch version under
-# TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions, in mgt_scale/), wrapped in an autograd Function.
+# TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions, in mgt_scale/), wrapped together with the gate and
+# beta projections in one autograd Function.
 # Used by ResidualOp when `mgt.cpu_kernel` is on and the input is fp32 on an AVX2 CPU; anything else
 # (GPU, bf16, no compiler) takes the torch-op path, with one warning if the build fails.
 from __future__ import annotations
