@@ -4,8 +4,9 @@
 #   2. mgt (full, and efficient forms) vs preln: measured step-time ratio next to the FLOP ratio
 #   3. activation checkpointing on vs off: time and peak-RSS ratios
 #   4. depth 12 -> 200 at fixed width: time per layer and its slope
-# Every measurement runs in a fresh subprocess (so peak RSS is its own); the residual-kind rows put all
-# their models in one process and step each in turn, so that they share the machine's state. Usage:
+# Every measurement runs in a fresh subprocess (so peak RSS is its own); the residual-kind rows and the
+# checkpointing step times put all their models in one process and step each in turn, so that they share
+# the machine's state (checkpointing memory is measured in one process per model). Usage:
 #   python bench/throughput.py [--quick] [--device cpu|cuda] [--precision fp32|bf16] [--width 128]
 #                              [--depth 48] [--sections engines,kinds,ckpt,depth] [--rounds 3]
 #                              [--ckpt-depths 50,100,200]
@@ -252,16 +253,23 @@ def kinds_table(args, base, out) -> None:
 
 
 def ckpt_table(args, base, steps, out) -> None:
+    """Step times from one process with the three models' steps interleaved (separate processes, one pass
+    each, gave 1.24x and 1.47x for the same code: bench/RESULTS.md); peak memory from one process per
+    model, since a shared process would mix the peaks."""
     rows = []
     for depth in (int(d) for d in args.ckpt_depths.split(",")):
-        off = run_plain(dict(base, layers=depth))
+        specs = {"off": dict(base, layers=depth), "full": dict(base, layers=depth, ckpt="full"),
+                 "selective": dict(base, layers=depth, ckpt="selective")}
+        times = run_plain(specs, mode="interleaved")
+        mem = {name: run_plain(spec) for name, spec in specs.items()}
+        off_t, off_m = times["off"]["step_time"], mem["off"]
         for policy in ("full", "selective"):
-            on = run_plain(dict(base, layers=depth, ckpt=policy))
-            rows.append([depth, policy, off["step_time"], on["step_time"], on["step_time"] / off["step_time"],
-                         off["train_peak_mb"], on["train_peak_mb"], on["train_peak_mb"] / off["train_peak_mb"],
-                         on["peak_rss_mb"] / off["peak_rss_mb"]])
-    out.append(table("Activation checkpointing (mgt, plain loop; training peak = peak RSS over the RSS before "
-                     "the first step, i.e. activations + gradients + Adam moments)",
+            on_t, on_m = times[policy]["step_time"], mem[policy]
+            rows.append([depth, policy, off_t, on_t, on_t / off_t, off_m["train_peak_mb"], on_m["train_peak_mb"],
+                         on_m["train_peak_mb"] / off_m["train_peak_mb"], on_m["peak_rss_mb"] / off_m["peak_rss_mb"]])
+    out.append(table("Activation checkpointing (mgt, plain loop; times: the models' steps interleaved in one "
+                     "process; training peak = peak RSS over the RSS before the first step, one process per model, "
+                     "i.e. activations + gradients + Adam moments)",
                      ["depth", "policy", "off s", "on s", "time ratio", "off MB", "on MB", "training-peak ratio",
                       "whole-process RSS ratio"], rows))
     print(out[-1], flush=True)
