@@ -91,6 +91,11 @@ def _rows(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _gate_and_beta(gz: torch.Tensor, gate_rows: int):
+    """Column ranges of the projection output [g | z]: the gate pre-activation and z (None where absent)."""
+    return (gz[:, :gate_rows] if gate_rows else None), (gz[:, gate_rows:] if gz.shape[1] > gate_rows else None)
+
+
 class _FusedUpdate(torch.autograd.Function):
     """The sublayer's MGT update from its projections on: gz = [X W_gate^T | X W_beta^T] (through the rank-r
     factor h = X W_down^T when low rank) as one matmul, then the kernel on column ranges of gz. Written as
@@ -105,8 +110,7 @@ class _FusedUpdate(torch.autograd.Function):
         x2, f2 = _rows(x), _rows(f)
         h = x2 if w_down is None else torch.mm(x2, w_down.t())
         gz = torch.mm(h, w_proj.t())
-        g = gz[:, :gate_rows] if gate_rows else None
-        z = gz[:, gate_rows:] if gz.shape[1] > gate_rows else None
+        g, z = _gate_and_beta(gz, gate_rows)
         out, mean, rstd, gate, e = ext.forward(x2, f2, g, ln_w, ln_b, ln_eps, z, z_bias, alpha, lam, eps)
         ctx.save_for_backward(x2, f2, h, gz, w_down, w_proj, ln_w, ln_b, z_bias, alpha, mean, rstd, gate, e)
         ctx.consts = (gate_rows, ln_eps, lam, eps)
@@ -117,9 +121,8 @@ class _FusedUpdate(torch.autograd.Function):
     def backward(ctx, grad_out):
         x2, f2, h, gz, w_down, w_proj, ln_w, ln_b, z_bias, alpha, mean, rstd, gate, e = ctx.saved_tensors
         gate_rows, ln_eps, lam, eps = ctx.consts
-        g = gz[:, :gate_rows] if gate_rows else None
-        z = gz[:, gate_rows:] if gz.shape[1] > gate_rows else None
-        dx, df, _, dw, db, _, dzb, dal, dgz = _state["module"].backward(
+        g, z = _gate_and_beta(gz, gate_rows)
+        dx, df, dgz, dw, db, dzb, dal = _state["module"].backward(
             _rows(grad_out), x2, f2, g, ln_w, ln_b, ln_eps, z, z_bias, alpha, lam, eps, mean, rstd, gate, e)
         d_proj = torch.mm(dgz.t(), h)
         if w_down is None:

@@ -218,10 +218,10 @@ std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor f, c10::option
   return {out, mean, rstd, gate_out, e_out};
 }
 
-// Returns (dx, df, dg, dw, db, dz, dzb, dalpha, dgz); dg, dw, db are empty without a gate, dz, dzb, dalpha
-// without beta. dg and dz are column ranges of one buffer, dgz = [dg | dz]: the gradient of the gate and beta
-// projection's output, which the caller multiplies into the projection's weight and input gradients in one
-// matmul each.
+// Returns (dx, df, dgz, dw, db, dzb, dalpha). dgz = [dg | dz] is the gradient of the gate and beta
+// projection's output in one buffer (gate columns first, then beta's 1 or d), which the caller multiplies
+// into the projection's weight and input gradients in one matmul each. dw, db are empty without a gate,
+// dzb, dalpha without beta.
 std::vector<torch::Tensor> backward(torch::Tensor go, torch::Tensor x, torch::Tensor f, c10::optional<torch::Tensor> g,
                                     c10::optional<torch::Tensor> w, c10::optional<torch::Tensor> b, double ln_eps,
                                     c10::optional<torch::Tensor> z, c10::optional<torch::Tensor> zb,
@@ -237,7 +237,6 @@ std::vector<torch::Tensor> backward(torch::Tensor go, torch::Tensor x, torch::Te
   const int64_t zcols = p.beta == 1 ? 1 : d, gcols = p.gate ? d : 0;
   auto dgz = torch::empty({p.M, gcols + (p.beta ? zcols : 0)}, opts);
   const int64_t sdgz = dgz.size(1);
-  auto dg = dgz.narrow(1, 0, gcols), dz = dgz.narrow(1, gcols, p.beta ? zcols : 0);
   // per chunk of rows: [dw | db | dzb | dalpha], d floats each (dzb, dalpha use one when scalar)
   const int64_t chunks = (p.M + kRowsPerChunk - 1) / kRowsPerChunk;
   auto part = torch::zeros({chunks, 4, d}, opts);
@@ -330,10 +329,10 @@ std::vector<torch::Tensor> backward(torch::Tensor go, torch::Tensor x, torch::Te
   auto total = part.to(torch::kFloat64).sum(0).to(torch::kFloat32);  // [4, d]
   const int64_t ncol = p.beta == 1 ? 1 : d, acol = p.alpha_channel ? d : 1;
   auto empty = torch::empty({0}, opts);
-  return {dx, df, dg,
+  return {dx, df, dgz,
           p.gate ? total[0].clone() : empty, p.gate ? total[1].clone() : empty,
-          dz, p.beta ? total[2].narrow(0, 0, ncol).clone() : empty,
-          p.beta ? total[3].narrow(0, 0, acol).clone() : empty, dgz};
+          p.beta ? total[2].narrow(0, 0, ncol).clone() : empty,
+          p.beta ? total[3].narrow(0, 0, acol).clone() : empty};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
