@@ -140,14 +140,12 @@ class _FusedUpdate(torch.autograd.Function):
 
 
 def fused_update(x: torch.Tensor, f: torch.Tensor, w_down: Optional[torch.Tensor], w_proj: torch.Tensor,
-                 ln: Optional[torch.nn.LayerNorm], z_bias: Optional[torch.Tensor], alpha: Optional[torch.Tensor],
-                 gate_rows: int, lam: float, eps: float) -> torch.Tensor:
+                 ln_w: Optional[torch.Tensor], ln_b: Optional[torch.Tensor], ln_eps: float,
+                 z_bias: Optional[torch.Tensor], alpha: Optional[torch.Tensor], gate_rows: int, lam: float,
+                 eps: float) -> torch.Tensor:
     """X + beta (V - alpha X) with V = F * sigmoid(LN(g)) (F without a gate) and beta = lam tanh(z + z_bias) + eps
     (no beta: X + V), where [g | z] = X W_proj^T, or (X W_down^T) W_proj^T with `w_down`: rows [0, gate_rows)
-    of W_proj give the gate, the rest (1 per token or d per channel, or none) beta. Call only when `usable(x)`."""
-    ln_w = ln_b = None
-    ln_eps = 1e-5
-    if gate_rows:
-        ln_w, ln_b, ln_eps = ln.weight, ln.bias, ln.eps
+    of W_proj give the gate, the rest (1 per token or d per channel, or none) beta; LN(g) has weight `ln_w`,
+    bias `ln_b` and epsilon `ln_eps` (ignored without a gate). Call only when `usable(x)`."""
     return _FusedUpdate.apply(x, f, w_down, w_proj, ln_w, ln_b, z_bias, alpha, int(gate_rows), float(ln_eps),
                               float(lam), float(eps))

@@ -16,6 +16,10 @@ from mgt_scale.model import cpu_kernel
 
 Sublayer = Callable[[torch.Tensor], torch.Tensor]
 
+# state-dict key of each packed vector before they were packed into `ResidualOp.vectors`
+LEGACY_VECTOR_KEYS = {"norm_weight": "norm.weight", "norm_bias": "norm.bias", "gate_norm_weight": "gate_norm.weight",
+                      "gate_norm_bias": "gate_norm.bias", "beta_bias": "beta_bias", "alpha": "alpha"}
+
 
 def deepnorm_constants(num_layers: int) -> tuple[float, float]:
     """DeepNet (Wang et al. 2022), decoder-only: residual scale a = (2N)^(1/4), init gain b = (8N)^(-1/4),
@@ -49,8 +53,12 @@ class ResidualOp(nn.Module):
     - ddl:      X + beta * (F(LN(X)) - alpha * X),   beta = lam * tanh(X @ W_beta + b_beta) + eps
     - mgt:      X + beta * (V - alpha * X)
 
-    Gate and beta projections read the raw stream X (not LN(X)), as the paper writes them. Their weights
-    live in one matrix `gate_beta` (rows [0, d) for the gate, the rest for beta) so the fused path is a
+    The operator's small vectors (LN weight and bias; with a gate, the gate LN's; with beta, b_beta and
+    alpha) live in one 1-D parameter `vectors`, read through views (`norm_weight`, ..., `alpha`): DeepSpeed
+    ZeRO-3 pays a fixed Python cost per parameter tensor and step (fetch, release, gradient hooks,
+    re-partitioning, norm), and MGT's six vectors per operator were two thirds of its tensors
+    (bench/RESULTS.md). Gate and beta projections read the raw stream X (not LN(X)), as the paper writes
+    them. Their weights live in one matrix `gate_beta` (rows [0, d) for the gate, the rest for beta) so the fused path is a
     single matmul; with `mgt.proj_rank = r > 0` it is factored as up(r -> rows) @ down(d -> r).
     `mgt.fused` (default) picks `_fused_update`, or on an AVX2 CPU in fp32 with `mgt.cpu_kernel` (default)
     `_kernel_update`; `mgt.fused: false` picks `_reference_update`, the formulas above op by op, which
@@ -68,7 +76,7 @@ class ResidualOp(nn.Module):
         self.lam, self.eps = m.lam, m.eps
         self.fused = m.fused
         self.cpu_kernel = m.fused and m.cpu_kernel
-        self.norm = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.norm_eps = cfg.norm_eps
         self.use_gate = self.kind in ("mgt", "mhc_gate")
         self.use_beta = self.kind in ("mgt", "ddl")
         self.gate_rows = d if self.use_gate else 0
@@ -81,55 +89,88 @@ class ResidualOp(nn.Module):
                 self.gate_beta_up = nn.Parameter(torch.empty(rows, m.proj_rank))
             else:
                 self.gate_beta = nn.Parameter(torch.empty(rows, d))
+        layout = [("norm_weight", d), ("norm_bias", d)]
         if self.use_gate:
-            self.gate_norm = nn.LayerNorm(d, eps=cfg.norm_eps)
+            layout += [("gate_norm_weight", d), ("gate_norm_bias", d)]
         if self.use_beta:
-            self.beta_bias = nn.Parameter(torch.empty(self.beta_rows))
-            self.alpha = nn.Parameter(torch.empty(1 if m.alpha_shape == "scalar" else d))
+            layout += [("beta_bias", self.beta_rows), ("alpha", 1 if m.alpha_shape == "scalar" else d)]
+        self.vector_names = tuple(name for name, _ in layout)
+        self.vector_sizes = tuple(n for _, n in layout)
+        self.vectors = nn.Parameter(torch.empty(sum(self.vector_sizes)))
         self.deepnorm_alpha = deepnorm_constants(cfg.num_layers)[0] if self.kind == "deepnorm" else 1.0
         self.stats_sink: Optional[Callable[["ResidualOp", dict], None]] = None
 
     # ------------------------------------------------------------------------------------------
+    def vector(self, name: str) -> torch.Tensor:
+        """One of the packed vectors (a view of `vectors`, so gradients and in-place edits reach it)."""
+        i = self.vector_names.index(name)
+        start = sum(self.vector_sizes[:i])
+        return self.vectors[start: start + self.vector_sizes[i]]
+
+    def _views(self) -> dict[str, torch.Tensor]:
+        """All packed vectors by name, from one split (one autograd node, whose backward is one concat)."""
+        return dict(zip(self.vector_names, torch.split(self.vectors, self.vector_sizes)))
+
+    norm_weight = property(lambda self: self.vector("norm_weight"))
+    norm_bias = property(lambda self: self.vector("norm_bias"))
+    gate_norm_weight = property(lambda self: self.vector("gate_norm_weight"))
+    gate_norm_bias = property(lambda self: self.vector("gate_norm_bias"))
+    beta_bias = property(lambda self: self.vector("beta_bias"))
+    alpha = property(lambda self: self.vector("alpha"))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """State dicts written before the vectors were packed (one key per vector: `norm.weight`, ...,
+        `alpha`; exports and consolidated checkpoints of older versions) load too: their keys are packed
+        into `vectors` here. (`load_state_dict` hands each module its own copy of the dict.)"""
+        old = [prefix + LEGACY_VECTOR_KEYS[n] for n in self.vector_names]
+        if prefix + "vectors" not in state_dict and all(k in state_dict for k in old):
+            state_dict[prefix + "vectors"] = torch.cat([state_dict.pop(k).reshape(-1) for k in old])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _norm(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), w, b, self.norm_eps)
+
     def forward(self, x: torch.Tensor, sublayer: Sublayer) -> torch.Tensor:
         kind = self.kind
+        v = self._views()
         if kind == "preln":
-            return x + sublayer(self.norm(x))
+            return x + sublayer(self._norm(x, v["norm_weight"], v["norm_bias"]))
         if kind == "postln":
-            return self.norm(x + sublayer(x))
+            return self._norm(x + sublayer(x), v["norm_weight"], v["norm_bias"])
         if kind == "deepnorm":
-            return self.norm(self.deepnorm_alpha * x + sublayer(x))
-        f = sublayer(self.norm(x))
+            return self._norm(self.deepnorm_alpha * x + sublayer(x), v["norm_weight"], v["norm_bias"])
+        f = sublayer(self._norm(x, v["norm_weight"], v["norm_bias"]))
         if self.cpu_kernel and self.stats_sink is None and cpu_kernel.usable(x):
-            return self._kernel_update(x, f)
-        out, gate, beta = self._fused_update(x, f) if self.fused else self._reference_update(x, f)
+            return self._kernel_update(x, f, v)
+        out, gate, beta = self._fused_update(x, f, v) if self.fused else self._reference_update(x, f, v)
         if self.stats_sink is not None:
             with torch.no_grad():
                 self.stats_sink(self, {
                     "x": x.detach(), "update": (out - x).detach(),
                     "beta": None if beta is None else beta.detach(),
                     "gate": None if gate is None else gate.detach(),
-                    "alpha": self.alpha.detach() if self.use_beta else None,
+                    "alpha": v["alpha"].detach() if self.use_beta else None,
                 })
         return out
 
-    def _gated(self, f: torch.Tensor, g_pre: Optional[torch.Tensor]):
+    def _gated(self, f: torch.Tensor, g_pre: Optional[torch.Tensor], v: dict):
         """(gate, V): gate = sigmoid(LN_g(X W_gate)) and V = F * gate, or (None, F) without a gate."""
         if g_pre is None:
             return None, f
-        gate = torch.sigmoid(self.gate_norm(g_pre))
+        gate = torch.sigmoid(self._norm(g_pre, v["gate_norm_weight"], v["gate_norm_bias"]))
         return gate, f * gate
 
-    def _reference_update(self, x: torch.Tensor, f: torch.Tensor):
+    def _reference_update(self, x: torch.Tensor, f: torch.Tensor, v: dict):
         """The paper's formulas op by op, with separate gate and beta matmuls: the reference that the
         fused path is tested against (`mgt.fused: false`)."""
         h, up = (F.linear(x, self.gate_beta_down), self.gate_beta_up) if self.proj_rank else (x, self.gate_beta)
-        gate, v = self._gated(f, F.linear(h, up[: self.gate_rows]) if self.use_gate else None)
+        gate, val = self._gated(f, F.linear(h, up[: self.gate_rows]) if self.use_gate else None, v)
         if not self.use_beta:
-            return x + v, gate, None
-        beta = mgt_beta(F.linear(h, up[self.gate_rows:]) + self.beta_bias, self.lam, self.eps)
-        return mgt_update(x, v, beta, self.alpha), gate, beta
+            return x + val, gate, None
+        beta = mgt_beta(F.linear(h, up[self.gate_rows:]) + v["beta_bias"], self.lam, self.eps)
+        return mgt_update(x, val, beta, v["alpha"]), gate, beta
 
-    def _fused_update(self, x: torch.Tensor, f: torch.Tensor):
+    def _fused_update(self, x: torch.Tensor, f: torch.Tensor, v: dict):
         """Same values as `_reference_update` (fp32 to rounding), fewer and cheaper kernels; each choice
         below was measured on CPU (bench/RESULTS.md):
         - projections: full form, one matmul for gate and beta rows, split (not sliced: a split's backward is
@@ -146,32 +187,33 @@ class ResidualOp(nn.Module):
         if self.proj_rank:
             h = F.linear(x, self.gate_beta_down)
             g_pre = F.linear(h, self.gate_beta_up[:gr]) if self.use_gate else None
-            z2 = _twice_affine(h, self.gate_beta_up[gr:], self.beta_bias) if self.use_beta else None
+            z2 = _twice_affine(h, self.gate_beta_up[gr:], v["beta_bias"]) if self.use_beta else None
         elif self.use_gate and self.use_beta:
             g_pre, b_pre = torch.split(F.linear(x, self.gate_beta), (gr, self.beta_rows), dim=-1)
-            z2 = torch.add(2.0 * self.beta_bias, b_pre, alpha=2.0)
+            z2 = torch.add(2.0 * v["beta_bias"], b_pre, alpha=2.0)
         else:
             g_pre = F.linear(x, self.gate_beta) if self.use_gate else None
-            z2 = _twice_affine(x, self.gate_beta, self.beta_bias) if self.use_beta else None
-        gate, v = self._gated(f, g_pre)
+            z2 = _twice_affine(x, self.gate_beta, v["beta_bias"]) if self.use_beta else None
+        gate, val = self._gated(f, g_pre, v)
         if not self.use_beta:
-            return x + v, gate, None
+            return x + val, gate, None
         s = torch.sigmoid(z2)
         beta = torch.addcmul(s.new_full((), self.eps - self.lam), s, s.new_full((), 2.0 * self.lam))
+        alpha = v["alpha"]
         if self.beta_rows == 1:
-            keep = 1.0 - self.alpha * beta  # per token
-            return torch.addcmul(x * keep, beta, v), gate, beta
-        return torch.addcmul(x, beta, torch.addcmul(v, self.alpha, x, value=-1.0)), gate, beta
+            keep = 1.0 - alpha * beta  # per token
+            return torch.addcmul(x * keep, beta, val), gate, beta
+        return torch.addcmul(x, beta, torch.addcmul(val, alpha, x, value=-1.0)), gate, beta
 
-    def _kernel_update(self, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    def _kernel_update(self, x: torch.Tensor, f: torch.Tensor, v: dict) -> torch.Tensor:
         """The projections and the update in one autograd Function of cpu_kernel.py: the gate and beta
         projection as one matmul (without b_beta or the factor 2), then the gate LN, sigmoid, beta and
         update in the C++ kernel, one pass over each row forward and one backward, instead of about 15
         full-size torch kernels. The monitor's probe takes `_fused_update`."""
         w_down, w_proj = (self.gate_beta_down, self.gate_beta_up) if self.proj_rank else (None, self.gate_beta)
-        return cpu_kernel.fused_update(x, f, w_down, w_proj, self.gate_norm if self.use_gate else None,
-                                       self.beta_bias if self.use_beta else None,
-                                       self.alpha if self.use_beta else None, self.gate_rows, self.lam, self.eps)
+        return cpu_kernel.fused_update(x, f, w_down, w_proj, v.get("gate_norm_weight"), v.get("gate_norm_bias"),
+                                       self.norm_eps, v.get("beta_bias"), v.get("alpha"), self.gate_rows,
+                                       self.lam, self.eps)
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -180,9 +222,10 @@ class ResidualOp(nn.Module):
         low-rank factors: down ~ N(0, d^-1/2), up rows ~ N(0, std * r^-1/2 * d^1/2) so that the product has
         the same per-entry scale as the full form; b_beta = beta_bias_init; alpha = alpha_init."""
         m = cfg.mgt
-        self.norm.reset_parameters()
-        if self.use_gate:
-            self.gate_norm.reset_parameters()
+        fill = {"norm_weight": 1.0, "norm_bias": 0.0, "gate_norm_weight": 1.0, "gate_norm_bias": 0.0,
+                "beta_bias": m.beta_bias_init, "alpha": m.alpha_init}
+        for name, part in self._views().items():
+            part.fill_(fill[name])
         rows = self.gate_rows + self.beta_rows
         if not rows:
             return
@@ -196,6 +239,3 @@ class ResidualOp(nn.Module):
         else:
             self.gate_beta.normal_(0.0, 1.0, generator=gen)
             self.gate_beta.mul_(stds.to(self.gate_beta))
-        if self.use_beta:
-            self.beta_bias.fill_(m.beta_bias_init)
-            self.alpha.fill_(m.alpha_init)

@@ -1,5 +1,6 @@
 # Residual operators against independent hand-written fp64 references, and the properties the MGT
 # update must have (beta -> 0 is the identity, negative beta erases, the gate lies in (0, 1)).
+import dataclasses
 import math
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 from mgt_scale.config import MGTConfig, ModelConfig
 from mgt_scale.model import ResidualOp, build_model, deepnorm_constants, mgt_update
+from mgt_scale.model.residual import LEGACY_VECTOR_KEYS
 
 D = 16
 
@@ -39,13 +41,13 @@ def x():
 
 def test_preln(x):
     _, op = make_op("preln")
-    ref = x + sublayer(ln_ref(x, op.norm.weight, op.norm.bias))
+    ref = x + sublayer(ln_ref(x, op.norm_weight, op.norm_bias))
     torch.testing.assert_close(op(x, sublayer), ref, rtol=1e-12, atol=1e-12)
 
 
 def test_postln_matches_published_formula(x):
     _, op = make_op("postln")
-    ref = ln_ref(x + sublayer(x), op.norm.weight, op.norm.bias)
+    ref = ln_ref(x + sublayer(x), op.norm_weight, op.norm_bias)
     torch.testing.assert_close(op(x, sublayer), ref, rtol=1e-12, atol=1e-12)
 
 
@@ -53,13 +55,13 @@ def test_deepnorm_matches_published_formula(x):
     cfg, op = make_op("deepnorm")
     a = (2 * cfg.num_layers) ** 0.25
     assert deepnorm_constants(cfg.num_layers) == pytest.approx((a, (8 * cfg.num_layers) ** -0.25))
-    ref = ln_ref(a * x + sublayer(x), op.norm.weight, op.norm.bias)
+    ref = ln_ref(a * x + sublayer(x), op.norm_weight, op.norm_bias)
     torch.testing.assert_close(op(x, sublayer), ref, rtol=1e-12, atol=1e-12)
 
 
 def _gate_beta_ref(op, x, cfg):
     W = op.gate_beta
-    g = torch.sigmoid(ln_ref(x @ W[:D].T, op.gate_norm.weight, op.gate_norm.bias)) if op.use_gate else None
+    g = torch.sigmoid(ln_ref(x @ W[:D].T, op.gate_norm_weight, op.gate_norm_bias)) if op.use_gate else None
     rows = W[op.gate_rows:]
     beta = (cfg.mgt.lam * torch.tanh(x @ rows.T + op.beta_bias) + cfg.mgt.eps) if op.use_beta else None
     return g, beta
@@ -71,7 +73,7 @@ def _gate_beta_ref(op, x, cfg):
 def test_mgt_full(x, beta_shape, alpha_shape, fused):
     cfg, op = make_op("mgt", beta_shape=beta_shape, alpha_shape=alpha_shape, fused=fused, lam=0.8, eps=0.1)
     g, beta = _gate_beta_ref(op, x, cfg)
-    v = sublayer(ln_ref(x, op.norm.weight, op.norm.bias)) * g
+    v = sublayer(ln_ref(x, op.norm_weight, op.norm_bias)) * g
     ref = x + beta * (v - op.alpha * x)
     assert beta.shape[-1] == (D if beta_shape == "channel" else 1)
     torch.testing.assert_close(op(x, sublayer), ref, rtol=1e-12, atol=1e-12)
@@ -80,7 +82,7 @@ def test_mgt_full(x, beta_shape, alpha_shape, fused):
 def test_mhc_gate(x):
     cfg, op = make_op("mhc_gate")
     g, _ = _gate_beta_ref(op, x, cfg)
-    ref = x + sublayer(ln_ref(x, op.norm.weight, op.norm.bias)) * g
+    ref = x + sublayer(ln_ref(x, op.norm_weight, op.norm_bias)) * g
     torch.testing.assert_close(op(x, sublayer), ref, rtol=1e-12, atol=1e-12)
     assert ((g > 0) & (g < 1)).all()
 
@@ -88,7 +90,7 @@ def test_mhc_gate(x):
 def test_ddl(x):
     cfg, op = make_op("ddl")
     _, beta = _gate_beta_ref(op, x, cfg)
-    ref = x + beta * (sublayer(ln_ref(x, op.norm.weight, op.norm.bias)) - op.alpha * x)
+    ref = x + beta * (sublayer(ln_ref(x, op.norm_weight, op.norm_bias)) - op.alpha * x)
     torch.testing.assert_close(op(x, sublayer), ref, rtol=1e-12, atol=1e-12)
 
 
@@ -122,9 +124,9 @@ def test_negative_beta_erases_component_along_x(x):
 def test_low_rank_projection_shapes_and_matches_product(x):
     cfg, op = make_op("mgt", proj_rank=4)
     W = op.gate_beta_up @ op.gate_beta_down
-    g = torch.sigmoid(ln_ref(x @ W[:D].T, op.gate_norm.weight, op.gate_norm.bias))
+    g = torch.sigmoid(ln_ref(x @ W[:D].T, op.gate_norm_weight, op.gate_norm_bias))
     beta = torch.tanh(x @ W[D:].T + op.beta_bias)
-    ref = x + beta * (sublayer(ln_ref(x, op.norm.weight, op.norm.bias)) * g - op.alpha * x)
+    ref = x + beta * (sublayer(ln_ref(x, op.norm_weight, op.norm_bias)) * g - op.alpha * x)
     torch.testing.assert_close(op(x, sublayer), ref, rtol=1e-12, atol=1e-12)
 
 
@@ -162,10 +164,11 @@ def test_fused_path_matches_reference_in_fp32(residual, mgt, path):
         cfg = ModelConfig(num_layers=2, d_model=D, num_heads=2, d_ff=32, vocab_size=50, residual=residual,
                           mgt=MGTConfig(fused=fused, **mgt, **extra))
         model = build_model(cfg, seed=3)
+        ops = [m for m in model.modules() if isinstance(m, ResidualOp) and m.use_beta]
+        assert len(ops) == (4 if residual != "mhc_gate" else 0)
         with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("alpha"):
-                    p.copy_(torch.linspace(-0.4, 0.6, p.numel()))
+            for op in ops:
+                op.alpha.copy_(torch.linspace(-0.4, 0.6, op.alpha.numel()))
         tokens = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(5))
         out = model(tokens)
         out.square().mean().backward()
@@ -173,3 +176,59 @@ def test_fused_path_matches_reference_in_fp32(residual, mgt, path):
     torch.testing.assert_close(grads[True][0], grads[False][0], rtol=1e-6, atol=1e-6)
     for n, g in grads[True][1].items():
         torch.testing.assert_close(g, grads[False][1][n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("residual,mgt,layout", [
+    ("preln", {}, [("norm_weight", D, 1.0), ("norm_bias", D, 0.0)]),
+    ("mgt", {}, [("norm_weight", D, 1.0), ("norm_bias", D, 0.0), ("gate_norm_weight", D, 1.0),
+                 ("gate_norm_bias", D, 0.0), ("beta_bias", D, 0.5), ("alpha", 1, 0.0)]),
+    ("mgt", {"beta_shape": "token", "alpha_shape": "channel", "beta_bias_init": 0.25, "alpha_init": 0.1},
+     [("norm_weight", D, 1.0), ("norm_bias", D, 0.0), ("gate_norm_weight", D, 1.0), ("gate_norm_bias", D, 0.0),
+      ("beta_bias", 1, 0.25), ("alpha", D, 0.1)]),
+    ("ddl", {}, [("norm_weight", D, 1.0), ("norm_bias", D, 0.0), ("beta_bias", D, 0.5), ("alpha", 1, 0.0)]),
+])
+def test_small_vectors_are_packed_in_one_parameter_in_documented_order(residual, mgt, layout):
+    """LN weights and biases, b_beta and alpha sit at fixed offsets of `vectors` (written out here, not
+    derived from the operator), the named views share its storage, and a block has 4 matmul weights plus
+    2 parameters per operator (`vectors`, `gate_beta`): ZeRO-3's per-tensor cost is why."""
+    cfg, op = make_op(residual, **mgt)
+    op.init_weights(cfg, torch.Generator().manual_seed(0))
+    assert [n for n, _ in op.named_parameters()] == (["gate_beta"] if residual != "preln" else []) + ["vectors"]
+    start = 0
+    for name, size, value in layout:
+        part = op.vectors[start: start + size]
+        assert torch.all(part == value), name
+        assert getattr(op, name).data_ptr() == part.data_ptr() and getattr(op, name).numel() == size, name
+        start += size
+    assert start == op.vectors.numel()
+    model = build_model(ModelConfig(num_layers=2, d_model=D, num_heads=2, d_ff=32, vocab_size=50,
+                                    residual=residual, mgt=MGTConfig(**mgt)))
+    assert len(list(model.blocks[0].parameters())) == 4 + 2 * (2 if residual != "preln" else 1)
+
+
+@pytest.mark.parametrize("residual", ["mgt", "preln"])
+def test_state_dict_with_one_key_per_vector_still_loads(residual):
+    """A state dict of the layout before packing (`attn_res.norm.weight`, ..., `attn_res.alpha`) loads
+    strictly into the packed model, with every value where it was."""
+    cfg = ModelConfig(num_layers=2, d_model=D, num_heads=2, d_ff=32, vocab_size=50, residual=residual,
+                      mgt=MGTConfig(beta_shape="token"))
+    src = build_model(cfg, seed=1)
+    with torch.no_grad():
+        for p in src.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    legacy = {}
+    for key, value in src.state_dict().items():
+        if not key.endswith(".vectors"):
+            legacy[key] = value
+            continue
+        op = src.get_submodule(key[: -len(".vectors")])
+        for name in op.vector_names:
+            legacy[key[: -len("vectors")] + LEGACY_VECTOR_KEYS[name]] = op.vector(name).detach().clone()
+    assert any(k.endswith("gate_norm.weight") for k in legacy) == (residual == "mgt")
+    dst = build_model(cfg, seed=2)
+    dst.load_state_dict(legacy, strict=True)
+    for (n, a), (_, b) in zip(src.state_dict().items(), dst.state_dict().items()):
+        assert torch.equal(a, b), n
+    if residual == "mgt":  # a legacy dict of another shape (d values of b_beta, not 1) names the key
+        with pytest.raises(RuntimeError, match="vectors"):
+            build_model(dataclasses.replace(cfg, mgt=MGTConfig()), seed=2).load_state_dict(legacy)
