@@ -1,6 +1,6 @@
 # Checkpoint manager on DeepSpeed's sharded save_checkpoint: our client state (step, data position,
 # RNG, monitor, config + hash, library versions) in every checkpoint, a manifest (files, sizes,
-# sha256, world layout) written last, a `latest` pointer moved by atomic rename only after every rank
+# sha256, world layout) written last, each rank's parameter layout checked before anything loads, a `latest` pointer moved by atomic rename only after every rank
 # has finished, retention (last K plus every M-th), and selection of the newest *good* checkpoint.
 # DeepSpeed's own `latest` file is never written or read.
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from mgt_scale.config import Config, config_hash, to_dict
+from mgt_scale.train.optim import param_layout
 
 MANIFEST = "mgt_manifest.json"
 LATEST = "latest_good"
@@ -82,6 +83,40 @@ def _fault_step(var: str) -> int | None:
 def library_versions() -> dict:
     import deepspeed
     return {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "numpy": np.__version__}
+
+
+def rank_file(tag_dir: Path, rank: int) -> Path:
+    """Our per-rank file in a checkpoint: that rank's RNG state and parameter layout."""
+    return tag_dir / f"rng_rank{rank:05d}.pt"
+
+
+def layout_problem(tag_dir: Path, saved: Optional[list], current: list) -> Optional[str]:
+    """Why the parameters recorded in a checkpoint (`optim.param_layout`) are not the model's, or None.
+    DeepSpeed checks none of this: ZeRO's flat partitions of the same total size load into renamed or
+    reordered parameters without an error."""
+    if saved is None:
+        return (f"{tag_dir}: records no parameter layout: it was written by mgt-scale 0.1, whose residual "
+                "operators kept one parameter per LayerNorm weight and bias, b_beta and alpha (0.2 packs them "
+                "into `vectors`), so its flat optimizer state would load into the wrong parameters. Resume it "
+                "with mgt-scale 0.1, or export its weights with `mgt export` (which reads both layouts)")
+    if saved == current:
+        return None
+    show = lambda e: "none" if e is None else f"{e[1]} {e[2]} (group {e[0]})"  # noqa: E731
+    i = next(i for i in range(max(len(saved), len(current)))
+             if i >= len(saved) or i >= len(current) or saved[i] != current[i])
+    at = lambda seq: seq[i] if i < len(seq) else None  # noqa: E731
+    return (f"{tag_dir}: its parameters are not this model's ({len(saved)} tensors saved, {len(current)} in the "
+            f"model); first difference at #{i}: checkpoint {show(at(saved))}, model {show(at(current))}. Resume "
+            "with the model config and mgt-scale version that wrote it")
+
+
+def _first_problem(problem: Optional[str]) -> Optional[str]:
+    """Collective: the first rank's problem, on every rank (so that all ranks raise, or none)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, problem)
+        return next((p for p in every if p), None)
+    return problem
 
 
 def write_manifest(tag_dir: Path, meta: dict) -> None:
@@ -158,7 +193,7 @@ class CheckpointManager:
                       "world_size": self.world_size})
         # per-rank RNG: DeepSpeed stores client_state from rank 0 only, so every rank keeps its own file
         engine.save(str(self.dir), tag, state)
-        torch.save({"rng": rng_state()}, tag_dir / f"rng_rank{self.rank:05d}.pt")
+        torch.save({"rng": rng_state(), "param_layout": param_layout(engine.module)}, rank_file(tag_dir, self.rank))
         _barrier()  # every rank has finished writing its shards
         if self.rank == 0 and _fault_step("MGT_FAULT_KILL_DURING_SAVE") == step:
             print(f"fault injection: killing rank 0 while saving {tag} (DeepSpeed files written, no manifest)",
@@ -198,15 +233,22 @@ class CheckpointManager:
         (once, by rank 0, under checkpoints/universal/) and loaded from there."""
         tag_dir = Path(tag_dir)
         manifest = json.loads((tag_dir / MANIFEST).read_text())
-        if self.same_layout(manifest):
+        same = self.same_layout(manifest)
+        where = (f"{tag_dir}: saved with world size {manifest['world_size']} ({manifest['mode']}, "
+                 f"{manifest.get('pipeline_stages', 1)} stages), resuming with {self.world_size} "
+                 f"({self.cfg.parallel.mode}, {self.cfg.parallel.pipeline_stages} stages)")
+        if not same and (manifest["mode"] != "zero3" or self.cfg.parallel.mode != "zero3"):
+            raise CheckpointError(f"{where}: automatic resharding covers zero3 -> zero3 only; resume with the "
+                                  "saved layout, or export the weights (`mgt export`)")
+        # under ZeRO-3 every rank records the whole model, so rank 0's record serves any world size
+        saved_file = rank_file(tag_dir, self.rank if same else 0)
+        saved = torch.load(saved_file, weights_only=True).get("param_layout") if saved_file.is_file() else None
+        problem = _first_problem(layout_problem(tag_dir, saved, param_layout(engine.module)))
+        if problem:
+            raise CheckpointError(problem)
+        if same:
             state = engine.load(str(tag_dir.parent), tag_dir.name)
         else:
-            where = (f"{tag_dir}: saved with world size {manifest['world_size']} ({manifest['mode']}, "
-                     f"{manifest.get('pipeline_stages', 1)} stages), resuming with {self.world_size} "
-                     f"({self.cfg.parallel.mode}, {self.cfg.parallel.pipeline_stages} stages)")
-            if manifest["mode"] != "zero3" or self.cfg.parallel.mode != "zero3":
-                raise CheckpointError(f"{where}: automatic resharding covers zero3 -> zero3 only; export the "
-                                      "weights (`mgt export`) and start a new run from them")
             if self.rank == 0:
                 log(f"{where}: resharding through a universal checkpoint")
             err = None
@@ -223,8 +265,8 @@ class CheckpointManager:
             state = engine.load(str(uni.parent), uni.name, universal=True)
         if state is None:
             raise CheckpointError(f"{tag_dir}: DeepSpeed could not load it")
-        rank_file = tag_dir / f"rng_rank{self.rank:05d}.pt"
-        rng = torch.load(rank_file, weights_only=True)["rng"] if rank_file.is_file() else state["rng"]
+        own = rank_file(tag_dir, self.rank)
+        rng = torch.load(own, weights_only=True)["rng"] if own.is_file() else state["rng"]
         set_rng_state(rng)
         return state
 

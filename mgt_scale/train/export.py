@@ -70,14 +70,19 @@ def export(src: str | Path, output: str | Path, dtype: str = "fp32", log=print) 
     cfg, _ = checkpoint_config(tag_dir)
     sd = consolidated_from_checkpoint(tag_dir, cfg)
     model = build_model(cfg.model, seed=0)
-    expected = dict(model.state_dict())
+    # loading through the model also converts the older layout (one key per residual vector, mgt-scale
+    # 0.1) to today's, so exports are always in the current layout
+    try:
+        result = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # a shape mismatch
+        raise ExportError(f"{tag_dir}: weights do not match the model of its config: {e}") from None
+    missing = [k for k in result.missing_keys if not (cfg.model.tie_embeddings and k == "head.proj.weight")]
+    if missing or result.unexpected_keys:
+        raise ExportError(f"{tag_dir}: weights do not match the model of its config: missing {missing[:5]}, "
+                          f"unknown {result.unexpected_keys[:5]}")
+    sd = dict(model.state_dict())
     if cfg.model.tie_embeddings:
         sd.pop("head.proj.weight", None)
-        expected.pop("head.proj.weight", None)
-    missing, unknown = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
-    if missing or unknown:
-        raise ExportError(f"{tag_dir}: weights do not match the model of its config: missing {missing[:5]}, "
-                          f"unknown {unknown[:5]}")
     target = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     sd = {k: v.to(target).contiguous() for k, v in sd.items()}
     out = Path(output)

@@ -2,7 +2,8 @@
 # a deleted shard or a flipped byte is rejected with the file named (`mgt ckpt verify` exits 1,
 # `mgt ckpt list` shows it damaged, find_resume falls back to the older good one); the RNG file loads
 # with weights_only=True; and `mgt export` gives a model.safetensors that plain torch loads with the
-# training model's logits (1e-5), then `mgt generate` samples from it.
+# training model's logits (1e-5), then `mgt generate` samples from it; a checkpoint whose recorded parameter
+# layout is not the model's (another layout, or none: mgt-scale 0.1) is refused before anything loads.
 import os
 import shutil
 import subprocess
@@ -122,3 +123,34 @@ def test_damaged_checkpoint_rejected_naming_file(saved, tmp_path, damage):
     m2 = CheckpointManager(str(copy), mgr.cfg, 0, 1)
     assert m2.find_resume(log=logs.append) == copy / "checkpoints" / "step_00000001"
     assert any(shard.name in l for l in logs)
+
+
+def test_checkpoint_of_another_parameter_layout_is_refused_before_loading(saved, tmp_path):
+    """ZeRO's flat state of the same total size would load into renamed or reordered parameters without
+    an error (mgt-scale 0.1 checkpoints resumed with 0.2's packed `vectors` did so, with other losses):
+    the recorded layout is compared first, and a mismatch or a missing record names the parameter."""
+    from mgt_scale.parallel.topology import plan_batch
+    from mgt_scale.train.checkpoint import CheckpointError, CheckpointManager
+    from mgt_scale.train.engines import Zero3Engine
+    from mgt_scale.train.optim import param_layout
+    run_dir, mgr, _, _ = saved
+    tag = run_dir / "checkpoints" / "step_00000002"
+    recorded = torch.load(tag / "rng_rank00000.pt", weights_only=True)["param_layout"]
+    by_name = {n: (g, s) for g, n, s in recorded}
+    assert by_name["blocks.0.attn_res.vectors"] == (1, [5 * 32 + 1])  # 2 LNs (4 d), b_beta (d), scalar alpha
+    assert by_name["blocks.0.attn_res.gate_beta"] == (0, [2 * 32, 32])
+
+    cfg = load_config(None, OVR + [f"run.dir={tmp_path}", "model.mgt.alpha_shape=channel"])
+    other = Zero3Engine(cfg, plan_batch(cfg, 1), "fp32")
+    with pytest.raises(CheckpointError) as e:
+        CheckpointManager(str(run_dir), cfg, 0, 1).load(other, tag)
+    msg = str(e.value)
+    assert str(tag) in msg and "blocks.0.attn_res.vectors [161] (group 1)" in msg and "[192]" in msg, msg
+    assert len(param_layout(other.module)) == len(recorded)
+
+    copy = tmp_path / "old"  # as written by mgt-scale 0.1: the rank file holds the RNG state only
+    shutil.copytree(tag, copy)
+    rng_file = copy / "rng_rank00000.pt"
+    torch.save({"rng": torch.load(rng_file, weights_only=True)["rng"]}, rng_file)
+    with pytest.raises(CheckpointError, match="records no parameter layout.*mgt export"):
+        mgr.load(other, copy)
