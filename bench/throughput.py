@@ -49,8 +49,8 @@ def build_plain(spec: dict):
     return model, opt, x
 
 
-def timed_step(model, opt, x) -> float:
-    """One forward, backward and optimizer step; seconds."""
+def timed_step(model, opt, x, clip: float = 0.0) -> float:
+    """One forward, backward and optimizer step (gradients clipped to norm `clip` first if > 0); seconds."""
     import torch
     from mgt_scale.model import lm_loss
 
@@ -60,6 +60,8 @@ def timed_step(model, opt, x) -> float:
     tic = time.perf_counter()
     loss = lm_loss(model(x), x)
     loss.backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
     if cuda:
@@ -73,7 +75,8 @@ def plain_worker(spec: dict) -> dict:
     model, opt, x = build_plain(spec)
     with open("/proc/self/statm") as f:  # libraries + weights, before any activation, gradient or Adam moment
         base_rss_mb = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-    times = [timed_step(model, opt, x) for _ in range(spec["warmup"] + spec["steps"])][spec["warmup"]:]
+    clip = spec.get("clip", 0.0)
+    times = [timed_step(model, opt, x, clip) for _ in range(spec["warmup"] + spec["steps"])][spec["warmup"]:]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = {"step_time": statistics.median(times), "peak_rss_mb": peak, "train_peak_mb": peak - base_rss_mb}
     if x.device.type == "cuda":
@@ -207,7 +210,9 @@ def best_of_rounds(rounds: int, measure: dict) -> dict:
 
 def engines_table(args, base, out) -> None:
     tok = args.batch * args.seq
-    runs = {("plain PyTorch loop", 1): lambda: run_plain(base)}  # (row name, ranks) -> measurement
+    # the plain loop does the trainer's work: it clips the gradient norm to train.grad_clip (1.0), as
+    # DeepSpeed does for the trainer
+    runs = {("plain PyTorch loop", 1): lambda: run_plain(dict(base, clip=1.0))}  # (row name, ranks) -> measurement
     with tempfile.TemporaryDirectory() as tmp:
         for mode, ranks, extra, label in (("zero3", 1, {}, ""),
                                           ("zero3", 1, {"parallel.zero3_fetch": "module"},
