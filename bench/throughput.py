@@ -1,6 +1,7 @@
 # Throughput benchmark, one run, one table per question, ratios side by side on the same machine:
 #   1. engine overhead: a plain PyTorch loop vs our trainer in zero3 (1 rank; block and per-module
-#      parameter fetch), zero3 (2 ranks), pipeline (2 stages)
+#      parameter fetch), zero3 (2 ranks), pipeline (2 stages); then the plain loop and the zero3
+#      engine's training step in one process, steps interleaved (section engine1)
 #   2. mgt (full, and efficient forms) vs preln: measured step-time ratio next to the FLOP ratio
 #   3. activation checkpointing on vs off: time and peak-RSS ratios
 #   4. depth 12 -> 200 at fixed width: time per layer and its slope
@@ -8,7 +9,7 @@
 # checkpointing step times put all their models in one process and step each in turn, so that they share
 # the machine's state (checkpointing memory is measured in one process per model). Usage:
 #   python bench/throughput.py [--quick] [--device cpu|cuda] [--precision fp32|bf16] [--width 128]
-#                              [--depth 48] [--sections engines,kinds,ckpt,depth] [--rounds 3]
+#                              [--depth 48] [--sections engines,engine1,kinds,ckpt,depth] [--rounds 3]
 #                              [--ckpt-depths 50,100,200]
 from __future__ import annotations
 
@@ -98,8 +99,11 @@ def interleaved_worker(specs: dict) -> dict:
     return {name: {"step_time": statistics.median(t)} for name, t in times.items()}
 
 
+WORKERS = {"one": "plain_worker", "interleaved": "interleaved_worker", "zero3-interleaved": "zero3_interleaved_worker"}
+
+
 def run_plain(spec: dict, mode: str = "one") -> dict:
-    """`plain_worker(spec)` (mode "one") or `interleaved_worker(spec)` ("interleaved") in a fresh process."""
+    """The worker of `mode` (WORKERS: `plain_worker(spec)` for "one", ...) in a fresh process."""
     r = subprocess.run([sys.executable, __file__, f"--_worker={mode}", json.dumps(spec)], capture_output=True,
                        text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     if r.returncode:
@@ -110,8 +114,8 @@ def run_plain(spec: dict, mode: str = "one") -> dict:
 # ------------------------------------------------------------------------------------------------
 # our trainer through `mgt train` (reads the median step_time from metrics.jsonl)
 
-def run_trainer(spec: dict, mode: str, ranks: int, tmp: Path, extra_sets: dict | None = None) -> dict:
-    run_dir = tmp / f"{mode}-{ranks}-{spec['layers']}-{len(list(tmp.iterdir()))}"
+def trainer_sets(spec: dict, mode: str, ranks: int, run_dir: Path) -> dict:
+    """`--set` overrides (on configs/tiny_synthetic.yaml) for our trainer on the model and batch of `spec`."""
     sets = {"run.dir": str(run_dir), "model.num_layers": spec["layers"], "model.d_model": spec["width"],
             "model.num_heads": spec["heads"], "model.d_ff": 4 * spec["width"], "model.vocab_size": spec["vocab"],
             "model.max_seq_len": spec["seq"], "model.residual": spec["residual"], "data.synthetic": "random",
@@ -120,10 +124,52 @@ def run_trainer(spec: dict, mode: str, ranks: int, tmp: Path, extra_sets: dict |
             "train.max_steps": spec["warmup"] + spec["steps"], "train.warmup_steps": 0, "train.log_interval": 1,
             "checkpoint.save_at_end": False, "monitor.interval": 0, "parallel.mode": mode,
             "parallel.precision": spec["precision"], "data.valid_fraction_batches": 0}
-    sets.update(extra_sets or {})
     if mode == "pipeline":
         sets.update({"parallel.pipeline_stages": ranks, "parallel.zero_stage": 0,
                      "train.micro_batch_size": max(1, spec["batch"] // 4)})
+    return sets
+
+
+def zero3_interleaved_worker(spec: dict) -> dict:
+    """The plain loop (clipping, as the trainer does) and `Zero3Engine.train_step` on 1 rank, the step the
+    trainer times, in one process, one step of each in turn: the engine's overhead without the scatter
+    of separate processes. DeepSpeed's ZeRO-3 replaces `torch.nn.functional.linear` process-wide with its
+    own autograd Function; the plain steps run torch's own, as a plain process would."""
+    import torch.nn.functional as F
+    from mgt_scale.cluster.dist_env import free_port
+    from mgt_scale.config import load_config
+    from mgt_scale.parallel.ds_runtime import import_deepspeed
+    from mgt_scale.parallel.topology import plan_batch
+    from mgt_scale.train.engines import Zero3Engine
+
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+    import_deepspeed().init_distributed(verbose=False)
+    native_linear = F.linear
+    model, opt, x = build_plain(spec)
+    with tempfile.TemporaryDirectory() as tmp:
+        sets = trainer_sets(spec, "zero3", 1, Path(tmp) / "run")
+        cfg = load_config(REPO / "configs/tiny_synthetic.yaml", [f"{k}={v}" for k, v in sets.items()])
+        engine = Zero3Engine(cfg, plan_batch(cfg, 1), spec["precision"])
+    engine_linear = F.linear
+    times: dict = {"plain": [], "zero3": []}
+    for i in range(spec["warmup"] + spec["steps"]):
+        F.linear = native_linear
+        t_plain = timed_step(model, opt, x, clip=1.0)
+        F.linear = engine_linear
+        tic = time.perf_counter()
+        engine.train_step([(x, x)])
+        t_engine = time.perf_counter() - tic
+        if i >= spec["warmup"]:
+            times["plain"].append(t_plain)
+            times["zero3"].append(t_engine)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def run_trainer(spec: dict, mode: str, ranks: int, tmp: Path, extra_sets: dict | None = None) -> dict:
+    run_dir = tmp / f"{mode}-{ranks}-{spec['layers']}-{len(list(tmp.iterdir()))}"
+    sets = trainer_sets(spec, mode, ranks, run_dir)
+    sets.update(extra_sets or {})
     cmd = [sys.executable, "-m", "mgt_scale.cli", "train", "--config", str(REPO / "configs/tiny_synthetic.yaml"),
            "--num-ranks", str(ranks)] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
@@ -150,23 +196,23 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=48, help="depth of the engine / mgt-vs-preln comparisons")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--sections", default="engines,kinds,ckpt,depth",
-                    help="comma-separated subset of the tables to run: engines,kinds,ckpt,depth")
+    ap.add_argument("--sections", default="engines,engine1,kinds,ckpt,depth",
+                    help="comma-separated subset of the tables to run: engines,engine1 (the zero3 engine in one "
+                         "process with the plain loop),kinds,ckpt,depth")
     ap.add_argument("--rounds", type=int, default=0,
                     help="engine rows: interleaved repetitions (best kept); residual-kind rows: steps x rounds "
                          "(default 3, --quick 1)")
     ap.add_argument("--ckpt-depths", default="", help="depths of the checkpointing table (default 50,100,200; "
                                                         "--quick 50,200)")
-    ap.add_argument("--_worker", default="", choices=["", "one", "interleaved"])
+    ap.add_argument("--_worker", default="", choices=["", *WORKERS])
     ap.add_argument("_spec", nargs="?", default="")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
-    unknown = sections - {"engines", "kinds", "ckpt", "depth"}
+    unknown = sections - {"engines", "engine1", "kinds", "ckpt", "depth"}
     if unknown:
-        ap.error(f"--sections: unknown {sorted(unknown)}; choose from engines,kinds,ckpt,depth")
+        ap.error(f"--sections: unknown {sorted(unknown)}; choose from engines,engine1,kinds,ckpt,depth")
     if args._worker:
-        worker = plain_worker if args._worker == "one" else interleaved_worker
-        print(json.dumps(worker(json.loads(args._spec))))
+        print(json.dumps(globals()[WORKERS[args._worker]](json.loads(args._spec))))
         return
     steps, warm = (4, 2) if args.quick else (8, 3)
     args.rounds = args.rounds or (1 if args.quick else 3)
@@ -178,6 +224,8 @@ def main() -> None:
     out: list[str] = []
     if "engines" in sections:
         engines_table(args, base, out)
+    if "engine1" in sections:
+        engine_inprocess_table(args, base, out)
     if "kinds" in sections:
         kinds_table(args, base, out)
     if "ckpt" in sections:
@@ -229,6 +277,17 @@ def engines_table(args, base, out) -> None:
                     [name, ranks, r["step_time"], tok / r["step_time"], r["step_time"] / ref])
     out.append(table(f"Engine overhead (same model and global batch; best of {args.rounds} interleaved rounds)",
                      ["engine", "ranks", "step s", "tokens/s", "x plain"], rows))
+    print(out[-1], flush=True)
+
+
+def engine_inprocess_table(args, base, out) -> None:
+    tok = args.batch * args.seq
+    steps = base["steps"] * args.rounds
+    r = run_plain(dict(base, steps=steps), mode="zero3-interleaved")
+    out.append(table(f"Engine overhead in one process (1 rank; plain loop and Zero3Engine.train_step, one step of "
+                     f"each in turn, median of {steps} each)", ["engine", "step s", "tokens/s", "x plain"],
+                     [["plain PyTorch loop", r["plain"], tok / r["plain"], 1.0],
+                      ["zero3 train_step", r["zero3"], tok / r["zero3"], r["zero3"] / r["plain"]]]))
     print(out[-1], flush=True)
 
 
