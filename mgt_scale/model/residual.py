@@ -57,8 +57,10 @@ class ResidualOp(nn.Module):
     alpha) live in one 1-D parameter `vectors`, read through views (`norm_weight`, ..., `alpha`): DeepSpeed
     ZeRO-3 pays a fixed Python cost per parameter tensor and step (fetch, release, gradient hooks,
     re-partitioning, norm), and MGT's six vectors per operator were two thirds of its tensors
-    (bench/RESULTS.md). Gate and beta projections read the raw stream X (not LN(X)), as the paper writes
-    them. Their weights live in one matrix `gate_beta` (rows [0, d) for the gate, the rest for beta) so the fused path is a
+    (bench/RESULTS.md).
+
+    Gate and beta projections read the raw stream X (not LN(X)), as the paper writes them. Their weights
+    live in one matrix `gate_beta` (rows [0, d) for the gate, the rest for beta) so the fused path is a
     single matmul; with `mgt.proj_rank = r > 0` it is factored as up(r -> rows) @ down(d -> r).
     `mgt.fused` (default) picks `_fused_update`, or on an AVX2 CPU in fp32 with `mgt.cpu_kernel` (default)
     `_kernel_update`; `mgt.fused: false` picks `_reference_update`, the formulas above op by op, which

@@ -1,7 +1,8 @@
 # Checkpoint manager on DeepSpeed's sharded save_checkpoint: our client state (step, data position,
 # RNG, monitor, config + hash, library versions) in every checkpoint, a manifest (files, sizes,
-# sha256, world layout) written last, each rank's parameter layout checked before anything loads, a `latest` pointer moved by atomic rename only after every rank
-# has finished, retention (last K plus every M-th), and selection of the newest *good* checkpoint.
+# sha256, world layout) written last, a `latest` pointer moved by atomic rename only after every rank
+# has finished, retention (last K plus every M-th), selection of the newest *good* checkpoint, and
+# each rank's parameter layout recorded and checked before anything loads.
 # DeepSpeed's own `latest` file is never written or read.
 from __future__ import annotations
 

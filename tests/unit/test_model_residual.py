@@ -8,7 +8,6 @@ import torch
 
 from mgt_scale.config import MGTConfig, ModelConfig
 from mgt_scale.model import ResidualOp, build_model, deepnorm_constants, mgt_update
-from mgt_scale.model.residual import LEGACY_VECTOR_KEYS
 
 D = 16
 
@@ -208,14 +207,17 @@ def test_small_vectors_are_packed_in_one_parameter_in_documented_order(residual,
 
 @pytest.mark.parametrize("residual", ["mgt", "preln"])
 def test_state_dict_with_one_key_per_vector_still_loads(residual):
-    """A state dict of the layout before packing (`attn_res.norm.weight`, ..., `attn_res.alpha`) loads
-    strictly into the packed model, with every value where it was."""
+    """A state dict of the layout before packing (`attn_res.norm.weight`, ..., `attn_res.alpha`, the keys
+    of mgt-scale 0.1, written out here) loads strictly into the packed model, every value where it was."""
+    old_keys = {"norm_weight": "norm.weight", "norm_bias": "norm.bias", "gate_norm_weight": "gate_norm.weight",
+                "gate_norm_bias": "gate_norm.bias", "beta_bias": "beta_bias", "alpha": "alpha"}
     cfg = ModelConfig(num_layers=2, d_model=D, num_heads=2, d_ff=32, vocab_size=50, residual=residual,
                       mgt=MGTConfig(beta_shape="token"))
     src = build_model(cfg, seed=1)
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for p in src.parameters():
-            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        for p in src.parameters():  # every value distinct, so a vector loaded into another place shows
+            p.copy_(torch.randn(p.shape, generator=gen))
     legacy = {}
     for key, value in src.state_dict().items():
         if not key.endswith(".vectors"):
@@ -223,7 +225,7 @@ def test_state_dict_with_one_key_per_vector_still_loads(residual):
             continue
         op = src.get_submodule(key[: -len(".vectors")])
         for name in op.vector_names:
-            legacy[key[: -len("vectors")] + LEGACY_VECTOR_KEYS[name]] = op.vector(name).detach().clone()
+            legacy[key[: -len("vectors")] + old_keys[name]] = op.vector(name).detach().clone()
     assert any(k.endswith("gate_norm.weight") for k in legacy) == (residual == "mgt")
     dst = build_model(cfg, seed=2)
     dst.load_state_dict(legacy, strict=True)
