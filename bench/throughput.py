@@ -99,11 +99,8 @@ def interleaved_worker(specs: dict) -> dict:
     return {name: {"step_time": statistics.median(t)} for name, t in times.items()}
 
 
-WORKERS = {"one": "plain_worker", "interleaved": "interleaved_worker", "zero3-interleaved": "zero3_interleaved_worker"}
-
-
 def run_plain(spec: dict, mode: str = "one") -> dict:
-    """The worker of `mode` (WORKERS: `plain_worker(spec)` for "one", ...) in a fresh process."""
+    """The worker of `mode` (WORKERS: `plain_worker` for "one", ...) run on `spec` in a fresh process."""
     r = subprocess.run([sys.executable, __file__, f"--_worker={mode}", json.dumps(spec)], capture_output=True,
                        text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     if r.returncode:
@@ -136,14 +133,13 @@ def zero3_interleaved_worker(spec: dict) -> dict:
     of separate processes. DeepSpeed's ZeRO-3 replaces `torch.nn.functional.linear` process-wide with its
     own autograd Function; the plain steps run torch's own, as a plain process would."""
     import torch.nn.functional as F
-    from mgt_scale.cluster.dist_env import free_port
+    from mgt_scale.cluster import dist_env
     from mgt_scale.config import load_config
     from mgt_scale.parallel.ds_runtime import import_deepspeed
     from mgt_scale.parallel.topology import plan_batch
     from mgt_scale.train.engines import Zero3Engine
 
-    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+    dist_env.apply(dist_env.derive_dist_env())  # a single process: rank 0 of 1, as `mgt train` sets it up
     import_deepspeed().init_distributed(verbose=False)
     native_linear = F.linear
     model, opt, x = build_plain(spec)
@@ -155,7 +151,7 @@ def zero3_interleaved_worker(spec: dict) -> dict:
     times: dict = {"plain": [], "zero3": []}
     for i in range(spec["warmup"] + spec["steps"]):
         F.linear = native_linear
-        t_plain = timed_step(model, opt, x, clip=1.0)
+        t_plain = timed_step(model, opt, x, clip=cfg.train.grad_clip)
         F.linear = engine_linear
         tic = time.perf_counter()
         engine.train_step([(x, x)])
@@ -164,6 +160,10 @@ def zero3_interleaved_worker(spec: dict) -> dict:
             times["plain"].append(t_plain)
             times["zero3"].append(t_engine)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+WORKERS = {"one": plain_worker, "interleaved": interleaved_worker, "zero3-interleaved": zero3_interleaved_worker}
+SECTIONS = ("engines", "engine1", "kinds", "ckpt", "depth")
 
 
 def run_trainer(spec: dict, mode: str, ranks: int, tmp: Path, extra_sets: dict | None = None) -> dict:
@@ -196,9 +196,9 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=48, help="depth of the engine / mgt-vs-preln comparisons")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--sections", default="engines,engine1,kinds,ckpt,depth",
-                    help="comma-separated subset of the tables to run: engines,engine1 (the zero3 engine in one "
-                         "process with the plain loop),kinds,ckpt,depth")
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help=f"comma-separated subset of the tables to run: {','.join(SECTIONS)} (engine1: the zero3 "
+                         "engine in one process with the plain loop)")
     ap.add_argument("--rounds", type=int, default=0,
                     help="engine rows: interleaved repetitions (best kept); residual-kind rows: steps x rounds "
                          "(default 3, --quick 1)")
@@ -208,11 +208,11 @@ def main() -> None:
     ap.add_argument("_spec", nargs="?", default="")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
-    unknown = sections - {"engines", "engine1", "kinds", "ckpt", "depth"}
+    unknown = sections - set(SECTIONS)
     if unknown:
-        ap.error(f"--sections: unknown {sorted(unknown)}; choose from engines,engine1,kinds,ckpt,depth")
+        ap.error(f"--sections: unknown {sorted(unknown)}; choose from {','.join(SECTIONS)}")
     if args._worker:
-        print(json.dumps(globals()[WORKERS[args._worker]](json.loads(args._spec))))
+        print(json.dumps(WORKERS[args._worker](json.loads(args._spec))))
         return
     steps, warm = (4, 2) if args.quick else (8, 3)
     args.rounds = args.rounds or (1 if args.quick else 3)
@@ -257,10 +257,12 @@ def best_of_rounds(rounds: int, measure: dict) -> dict:
 
 
 def engines_table(args, base, out) -> None:
+    from mgt_scale.config import TrainConfig
     tok = args.batch * args.seq
-    # the plain loop does the trainer's work: it clips the gradient norm to train.grad_clip (1.0), as
-    # DeepSpeed does for the trainer
-    runs = {("plain PyTorch loop", 1): lambda: run_plain(dict(base, clip=1.0))}  # (row name, ranks) -> measurement
+    # the plain loop does the trainer's work: it clips the gradient norm to train.grad_clip (the trainer
+    # runs the default), as DeepSpeed does for the trainer
+    clip = TrainConfig().grad_clip
+    runs = {("plain PyTorch loop", 1): lambda: run_plain(dict(base, clip=clip))}  # (row name, ranks) -> measurement
     with tempfile.TemporaryDirectory() as tmp:
         for mode, ranks, extra, label in (("zero3", 1, {}, ""),
                                           ("zero3", 1, {"parallel.zero3_fetch": "module"},

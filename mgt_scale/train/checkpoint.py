@@ -102,12 +102,14 @@ def layout_problem(tag_dir: Path, saved: Optional[list], current: list) -> Optio
                 "with mgt-scale 0.1, or export its weights with `mgt export` (which reads both layouts)")
     if saved == current:
         return None
-    show = lambda e: "none" if e is None else f"{e[1]} {e[2]} (group {e[0]})"  # noqa: E731
-    i = next(i for i in range(max(len(saved), len(current)))
-             if i >= len(saved) or i >= len(current) or saved[i] != current[i])
-    at = lambda seq: seq[i] if i < len(seq) else None  # noqa: E731
+    # the first entry that differs, or where the shorter list ends
+    i = next((i for i, (a, b) in enumerate(zip(saved, current)) if a != b), min(len(saved), len(current)))
+
+    def entry(seq: list) -> str:
+        return f"{seq[i][1]} {seq[i][2]} (group {seq[i][0]})" if i < len(seq) else "none"
+
     return (f"{tag_dir}: its parameters are not this model's ({len(saved)} tensors saved, {len(current)} in the "
-            f"model); first difference at #{i}: checkpoint {show(at(saved))}, model {show(at(current))}. Resume "
+            f"model); first difference at #{i}: checkpoint {entry(saved)}, model {entry(current)}. Resume "
             "with the model config and mgt-scale version that wrote it")
 
 
