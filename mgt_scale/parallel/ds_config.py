@@ -39,6 +39,12 @@ def deepspeed_config(cfg: Config, plan: BatchPlan, precision: str) -> dict:
                 "contiguous_gradients": True,
                 "overlap_comm": False,
                 "stage3_gather_16bit_weights_on_model_save": False,
+                # One rank: ZeRO's reduce-scatter only copies the whole gradient (an interleaving `cat`,
+                # then the collective) before the copy into the partition; its all-reduce path works in
+                # place on the contiguous gradient buffer, and an all-reduce over one rank moves
+                # nothing. Same values (tests/unit/test_zero3_fetch.py). On more ranks reduce-scatter
+                # moves half the bytes of an all-reduce, so it stays.
+                "reduce_scatter": plan.data_parallel > 1,
             })
         if p.offload_optimizer == "cpu":
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}

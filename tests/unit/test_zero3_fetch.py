@@ -1,8 +1,12 @@
-# ZeRO-3 fetch granularity (`parallel.zero3_fetch`): with "block", each transformer block is a
-# DeepSpeed leaf module (its parameters gathered in one fetch, no hooks on its submodules); training
-# must give the same losses, gradient norms and weights as DeepSpeed's per-module default, with and
-# without activation checkpointing (full or selective recomputation). One in-process rank, fp32 CPU;
-# the 2-rank tests in tests/distributed run the default ("block") on 2 ranks against 1 rank.
+# ZeRO-3 engine settings that must not change the numbers.
+# - Fetch granularity (`parallel.zero3_fetch`): with "block", each transformer block is a DeepSpeed leaf
+#   module (its parameters gathered in one fetch, no hooks on its submodules); training must give the
+#   same losses, gradient norms and weights as DeepSpeed's per-module default, with and without
+#   activation checkpointing (full or selective recomputation).
+# - Gradient reduction on one rank: the all-reduce path over the contiguous buffer instead of ZeRO's
+#   reduce-scatter (mgt_scale/parallel/ds_config.py), with the same results.
+# One in-process rank, fp32 CPU; the 2-rank tests in tests/distributed run the defaults on 2 ranks
+# against 1 rank.
 
 import pytest
 import torch
@@ -66,3 +70,26 @@ def test_selective_checkpointing_under_zero3_trains_exactly_like_no_checkpointin
 def test_unknown_fetch_mode_is_an_error_naming_the_key():
     with pytest.raises(Exception, match="parallel.zero3_fetch"):
         load_config(None, ["parallel.zero3_fetch=layer"])
+
+
+def test_one_rank_reduces_gradients_in_place_with_the_same_numbers(inprocess_dist, monkeypatch):
+    import mgt_scale.train.engines as engines
+    from mgt_scale.parallel.ds_config import deepspeed_config
+    from mgt_scale.parallel.topology import plan_batch
+    e_ours, r_ours, w_ours = run("block")
+    assert e_ours.ds_config["zero_optimization"]["reduce_scatter"] is False
+    assert e_ours.engine.optimizer.reduce_scatter is False  # DeepSpeed took the all-reduce path
+
+    def with_reduce_scatter(*args, **kwargs):
+        ds = deepspeed_config(*args, **kwargs)
+        ds["zero_optimization"]["reduce_scatter"] = True
+        return ds
+    monkeypatch.setattr(engines, "deepspeed_config", with_reduce_scatter)
+    e_rs, r_rs, w_rs = run("block")
+    assert e_rs.engine.optimizer.reduce_scatter is True
+    assert r_ours == r_rs  # bit-identical losses and gradient norms
+    for k in w_ours:
+        assert torch.equal(w_ours[k], w_rs[k]), k
+    # more than one rank keeps the reduce-scatter (half the bytes of an all-reduce)
+    cfg = load_config(None, BASE)
+    assert deepspeed_config(cfg, plan_batch(cfg, 2), "fp32")["zero_optimization"]["reduce_scatter"] is True
