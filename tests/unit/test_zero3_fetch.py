@@ -4,7 +4,7 @@
 #   same losses, gradient norms and weights as DeepSpeed's per-module default, with and without
 #   activation checkpointing (full or selective recomputation).
 # - Gradient reduction on one rank: the all-reduce path over the contiguous buffer instead of ZeRO's
-#   reduce-scatter (mgt_scale/parallel/ds_config.py), with the same results.
+#   reduce-scatter (mgt_scale/parallel/ds_config.py), with the same results, also with CPU offload.
 # One in-process rank, fp32 CPU; the 2-rank tests in tests/distributed run the defaults on 2 ranks
 # against 1 rank.
 
@@ -72,11 +72,14 @@ def test_unknown_fetch_mode_is_an_error_naming_the_key():
         load_config(None, ["parallel.zero3_fetch=layer"])
 
 
-def test_one_rank_reduces_gradients_in_place_with_the_same_numbers(inprocess_dist, monkeypatch):
+@pytest.mark.parametrize("extra", [(), ("parallel.offload_optimizer=cpu",),
+                                   ("parallel.offload_optimizer=cpu", "parallel.offload_params=cpu")],
+                         ids=["no-offload", "offload-optimizer", "offload-both"])
+def test_one_rank_reduces_gradients_in_place_with_the_same_numbers(inprocess_dist, monkeypatch, extra):
     import mgt_scale.train.engines as engines
     from mgt_scale.parallel.ds_config import deepspeed_config
     from mgt_scale.parallel.topology import plan_batch
-    e_ours, r_ours, w_ours = run("block")
+    e_ours, r_ours, w_ours = run("block", extra)
     assert e_ours.ds_config["zero_optimization"]["reduce_scatter"] is False
     assert e_ours.engine.optimizer.reduce_scatter is False  # DeepSpeed took the all-reduce path
 
@@ -85,7 +88,7 @@ def test_one_rank_reduces_gradients_in_place_with_the_same_numbers(inprocess_dis
         ds["zero_optimization"]["reduce_scatter"] = True
         return ds
     monkeypatch.setattr(engines, "deepspeed_config", with_reduce_scatter)
-    e_rs, r_rs, w_rs = run("block")
+    e_rs, r_rs, w_rs = run("block", extra)
     assert e_rs.engine.optimizer.reduce_scatter is True
     assert r_ours == r_rs  # bit-identical losses and gradient norms
     for k in w_ours:
