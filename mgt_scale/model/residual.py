@@ -54,10 +54,11 @@ class ResidualOp(nn.Module):
     - mgt:      X + beta * (V - alpha * X)
 
     The operator's small vectors (LN weight and bias; with a gate, the gate LN's; with beta, b_beta and
-    alpha) live in one 1-D parameter `vectors`, read through views (`norm_weight`, ..., `alpha`): DeepSpeed
-    ZeRO-3 pays a fixed Python cost per parameter tensor and step (fetch, release, gradient hooks,
-    re-partitioning, norm), and MGT's six vectors per operator were two thirds of its tensors
-    (bench/RESULTS.md).
+    alpha) live in one 1-D parameter `vectors`, read through views (`norm_weight`, ..., `alpha`): part of
+    DeepSpeed ZeRO-3's cost is Python work per parameter tensor and step (fetch, release, gradient hooks,
+    re-partitioning, norm), and MGT's six vectors per operator were two thirds of its tensors. Packing
+    took about a third off ZeRO-3's extra time at depth 24; most of what remains follows the parameter
+    bytes, not the tensor count (bench/RESULTS.md).
 
     Gate and beta projections read the raw stream X (not LN(X)), as the paper writes them. Their weights
     live in one matrix `gate_beta` (rows [0, d) for the gate, the rest for beta) so the fused path is a
