@@ -10,7 +10,7 @@
 # the machine's state (checkpointing memory is measured in one process per model). Usage:
 #   python bench/throughput.py [--quick] [--device cpu|cuda] [--precision fp32|bf16] [--width 128]
 #                              [--depth 48] [--sections engines,engine1,kinds,ckpt,depth] [--rounds 3]
-#                              [--ckpt-depths 50,100,200]
+#                              [--ckpt-depths 50,100,200] [--malloc retain|glibc-default]
 from __future__ import annotations
 
 import argparse
@@ -25,6 +25,15 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+# glibc's malloc by default hands large freed blocks back to the kernel (trim, and mmap above a moving
+# threshold), so memory freed by one step is faulted in and zeroed again by the next. In a process that
+# steps several models in turn, how much of that each model pays depends on what the others freed
+# before it: at depth 200 the un-checkpointed model measured 12.4 s a step interleaved against 5.5 s
+# alone, and 5.9 s interleaved with these settings (bench/RESULTS.md). `--malloc retain` (the default)
+# gives every worker process these settings (mallopt(3)'s environment variables), so freed memory stays
+# in the process, as a GPU's caching allocator keeps it; `--malloc glibc-default` runs without them.
+RETAIN_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(16 << 30)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -204,6 +213,8 @@ def main() -> None:
                          "(default 3, --quick 1)")
     ap.add_argument("--ckpt-depths", default="", help="depths of the checkpointing table (default 50,100,200; "
                                                         "--quick 50,200)")
+    ap.add_argument("--malloc", default="retain", choices=["retain", "glibc-default"],
+                    help="glibc malloc settings of the worker processes (see RETAIN_MALLOC_ENV)")
     ap.add_argument("--_worker", default="", choices=["", *WORKERS])
     ap.add_argument("_spec", nargs="?", default="")
     args = ap.parse_args()
@@ -214,13 +225,16 @@ def main() -> None:
     if args._worker:
         print(json.dumps(WORKERS[args._worker](json.loads(args._spec))))
         return
+    if args.malloc == "retain":  # inherited by every worker and trainer process started from here on
+        os.environ.update(RETAIN_MALLOC_ENV)
     steps, warm = (4, 2) if args.quick else (8, 3)
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.ckpt_depths = args.ckpt_depths or ("50,200" if args.quick else "50,100,200")
     base = dict(layers=args.depth, width=args.width, heads=max(1, args.width // 32), vocab=2048, seq=args.seq,
                 batch=args.batch, residual="mgt", device=args.device, precision=args.precision, steps=steps, warmup=warm)
     print(f"# throughput bench: {args.device} {args.precision}, width {args.width}, depth {args.depth}, "
-          f"seq {args.seq}, batch {args.batch}, median of {steps} steps after {warm} warm-up; cores {os.cpu_count()}")
+          f"seq {args.seq}, batch {args.batch}, median of {steps} steps after {warm} warm-up; cores {os.cpu_count()}; "
+          f"malloc {args.malloc}")
     out: list[str] = []
     if "engines" in sections:
         engines_table(args, base, out)
