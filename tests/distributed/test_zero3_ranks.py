@@ -1,6 +1,7 @@
 # ZeRO-3 on 2 CPU ranks (deepspeed launcher, gloo) against 1 rank on the same global batch: per-step
-# losses must agree to 1e-5 over 12 steps; the run directory holds what a finished run must; and the
-# launch leaves no DeepSpeed shared-memory buffers behind in /dev/shm (see parallel/ds_runtime.py).
+# losses must agree to 1e-5 over 12 steps; the run directory holds what a finished run must; MFU in
+# metrics.jsonl counts every rank's peak; and the launch leaves no DeepSpeed shared-memory buffers
+# behind in /dev/shm (see parallel/ds_runtime.py).
 import json
 import subprocess
 import sys
@@ -8,18 +9,28 @@ from pathlib import Path
 
 import pytest
 
+from mgt_scale.config import load_config
+from mgt_scale.train.flops import flops_per_token
+
 pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parents[2]
+PEAK = 1e9  # train.peak_flops: a CPU has no known peak, so MFU is only logged when one is configured
 
 
 def train(tmp_path, name, ranks, *extra):
     run_dir = tmp_path / name
     cmd = [sys.executable, "-m", "mgt_scale.cli", "train", "--config", str(REPO / "configs/tiny_synthetic.yaml"),
            "--set", f"run.dir={run_dir}", "--set", "train.max_steps=12", "--set", "data.synthetic=random",
-           "--num-ranks", str(ranks), *extra]
+           "--set", f"train.peak_flops={PEAK}", "--num-ranks", str(ranks), *extra]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    cfg = load_config(REPO / "configs/tiny_synthetic.yaml")
+    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+    tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+    for l in lines:  # tokens_per_s counts the global batch: MFU divides by the peak of all `ranks` devices
+        assert l["tokens_per_s"] == pytest.approx(tokens_per_step / l["step_time"], rel=1e-9), l
+        assert l["mfu"] == pytest.approx(l["tokens_per_s"] * fpt / (PEAK * ranks), rel=1e-9), l
     return run_dir, {l["step"]: l["loss"] for l in lines if "loss" in l}
 
 

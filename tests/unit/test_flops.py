@@ -1,0 +1,109 @@
+# FLOP accounting (mgt_scale.train.flops) against an independent count: torch's FlopCounterMode over a
+# real forward and backward of the model, for every residual kind and MGT form. The counter sees the
+# matmuls the model actually runs, so a projection the formula forgets (or counts twice) shows up here.
+# Also: the MFU formula of the metrics callback, and the peak FLOP/s lookup.
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from mgt_scale.config import MGTConfig, ModelConfig
+from mgt_scale.model import build_model, lm_loss
+from mgt_scale.train import flops
+from mgt_scale.train.callbacks import MetricsCallback
+
+B, T = 2, 16
+FORMS = [("preln", {}), ("postln", {}), ("deepnorm", {}), ("mgt", {}), ("mgt", {"fused": False}),
+         ("mgt", {"beta_shape": "token"}), ("mgt", {"proj_rank": 4}), ("mgt", {"proj_rank": 4, "beta_shape": "token"}),
+         ("mhc_gate", {}), ("mhc_gate", {"proj_rank": 4}), ("ddl", {}), ("ddl", {"beta_shape": "token"}),
+         ("ddl", {"proj_rank": 4})]
+
+
+def _inplace_addmm_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+def counted_flops_per_token(cfg: ModelConfig) -> float:
+    """FLOPs of one training forward + backward, counted by torch, per token.
+
+    Two additions make the counter see every matmul: attention through SDPA's math backend (the counter
+    has no formula for the CPU flash kernel and counts it as 0), and a formula for the in-place `addmm_`
+    that the C++ kernel's backward uses to add its input gradient (the counter knows only `addmm`)."""
+    model = build_model(cfg)
+    x = torch.randint(0, cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _inplace_addmm_flops})
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        lm_loss(model(x), x).backward()
+    return counter.get_total_flops() / (B * T)
+
+
+def tiny(residual: str, tied: bool = False, **mgt) -> ModelConfig:
+    return ModelConfig(num_layers=3, d_model=32, num_heads=4, d_ff=64, vocab_size=50, max_seq_len=T,
+                       residual=residual, tie_embeddings=tied, mgt=MGTConfig(**mgt))
+
+
+@pytest.mark.parametrize("residual,mgt", FORMS, ids=[f"{r}-{'-'.join(f'{k}={v}' for k, v in m.items())}"
+                                                      for r, m in FORMS])
+@pytest.mark.parametrize("cpu_kernel", [True, False], ids=["kernel", "torch-ops"])
+def test_flops_per_token_matches_torch_count(residual, mgt, cpu_kernel):
+    cfg = tiny(residual, **mgt, cpu_kernel=cpu_kernel)
+    assert flops.flops_per_token(cfg, T) == counted_flops_per_token(cfg)
+
+
+@pytest.mark.parametrize("residual", ["preln", "mgt"])
+def test_flops_per_token_tied_embeddings(residual):
+    """A tied head still runs its d x V matmul, so it stays in the count."""
+    cfg = tiny(residual, tied=True)
+    assert flops.flops_per_token(cfg, T) == counted_flops_per_token(cfg) == flops.flops_per_token(tiny(residual), T)
+
+
+def test_flops_terms_by_hand():
+    """The full-form MGT block at d=32, d_ff=64: 4 d^2 + 2 d d_ff attention/FFN weights plus, per sublayer,
+    a d x d gate and a d x d beta projection; head d x V; attention 12 L d T (PaLM/Megatron convention)."""
+    d, L, V, ff = 32, 3, 50, 64
+    cfg = ModelConfig(num_layers=L, d_model=d, num_heads=4, d_ff=ff, vocab_size=V, max_seq_len=T)
+    n = L * (4 * d * d + 2 * d * ff + 2 * 2 * d * d) + d * V
+    assert flops.matmul_params(cfg) == n
+    assert flops.flops_per_token(cfg, T) == 6 * n + 12 * L * d * T
+    pre = ModelConfig(num_layers=L, d_model=d, num_heads=4, d_ff=ff, vocab_size=V, max_seq_len=T, residual="preln")
+    assert flops.matmul_params(pre) == L * (4 * d * d + 2 * d * ff) + d * V
+
+
+class _Logger:
+    def __init__(self):
+        self.records = []
+
+    def log(self, record, step):
+        self.records.append(dict(record))
+
+
+class _Trainer:
+    is_main, start_time = True, 0.0
+
+
+@pytest.mark.parametrize("world_size", [1, 4])
+def test_mfu_is_global_tokens_over_world_peak(world_size, capsys):
+    """tokens_per_s in a record counts the global batch, so MFU divides by the peak of every device."""
+    logger = _Logger()
+    cb = MetricsCallback(logger, log_interval=1, flops_per_token=6e6, peak_flops=1e12, world_size=world_size)
+    cb._log(_Trainer(), {"step": 1, "loss": 2.0, "lr": 1e-3, "tokens_per_s": 50_000.0, "grad_norm": 1.0})
+    assert logger.records[0]["mfu"] == pytest.approx(50_000 * 6e6 / (1e12 * world_size))
+    assert f"mfu {100 * 0.3 / world_size:.1f}%" in capsys.readouterr().out
+
+
+def test_no_mfu_without_a_peak():
+    logger = _Logger()
+    MetricsCallback(logger, 1, flops_per_token=6e6, peak_flops=0.0)._log(
+        _Trainer(), {"step": 1, "loss": 2.0, "lr": 1e-3, "tokens_per_s": 5.0, "grad_norm": 1.0})
+    assert "mfu" not in logger.records[0]
+
+
+def test_peak_flops_configured_wins_and_cpu_has_none(monkeypatch):
+    assert flops.peak_flops_per_device(123e12) == 123e12
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert flops.peak_flops_per_device(0.0) == 0.0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    assert flops.peak_flops_per_device(0.0) == 989e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some Unknown Accelerator")
+    assert flops.peak_flops_per_device(0.0) == 0.0
