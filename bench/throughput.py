@@ -5,12 +5,16 @@
 #   2. mgt (full, and efficient forms) vs preln: measured step-time ratio next to the FLOP ratio
 #   3. activation checkpointing on vs off: time and peak-RSS ratios
 #   4. depth 12 -> 200 at fixed width: time per layer and its slope
+#   5. tokens/s, model TFLOP/s, MFU and peak memory of preln and the full and efficient MGT (section mfu,
+#      not in the default set; it is the GPU table: --device cuda --precision bf16, see bench/RESULTS.md)
 # Every measurement runs in a fresh subprocess (so peak RSS is its own); the residual-kind rows and the
 # checkpointing step times put all their models in one process and step each in turn, so that they share
 # the machine's state (checkpointing memory is measured in one process per model). Usage:
 #   python bench/throughput.py [--quick] [--device cpu|cuda] [--precision fp32|bf16] [--width 128]
 #                              [--depth 48] [--sections engines,engine1,kinds,ckpt,depth] [--rounds 3]
 #                              [--ckpt-depths 50,100,200] [--malloc retain|glibc-default]
+#                              [--heads H] [--vocab V] [--peak-flops F] [--mfu-ckpt off|full|selective]
+#                              [--mfu-compile]
 from __future__ import annotations
 
 import argparse
@@ -172,7 +176,8 @@ def zero3_interleaved_worker(spec: dict) -> dict:
 
 
 WORKERS = {"one": plain_worker, "interleaved": interleaved_worker, "zero3-interleaved": zero3_interleaved_worker}
-SECTIONS = ("engines", "engine1", "kinds", "ckpt", "depth")
+SECTIONS = ("engines", "engine1", "kinds", "ckpt", "depth", "mfu")
+DEFAULT_SECTIONS = SECTIONS[:-1]  # mfu is the GPU table; on this CPU the kinds table answers its question
 
 
 def run_trainer(spec: dict, mode: str, ranks: int, tmp: Path, extra_sets: dict | None = None) -> dict:
@@ -205,7 +210,16 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=48, help="depth of the engine / mgt-vs-preln comparisons")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--sections", default=",".join(SECTIONS),
+    ap.add_argument("--heads", type=int, default=0, help="attention heads (default width / 32)")
+    ap.add_argument("--vocab", type=int, default=2048)
+    ap.add_argument("--peak-flops", type=float, default=0.0,
+                    help="mfu: the device's peak FLOP/s (default: a known GPU's dense bf16 peak when running bf16 "
+                         "on CUDA, else the FLOP/s of one large matmul measured here)")
+    ap.add_argument("--mfu-ckpt", default="off", choices=["off", "full", "selective"],
+                    help="mfu: activation checkpointing, one block per segment (a 200-layer model at GPU shapes "
+                         "needs it)")
+    ap.add_argument("--mfu-compile", action="store_true", help="mfu: torch.compile the models")
+    ap.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
                     help=f"comma-separated subset of the tables to run: {','.join(SECTIONS)} (engine1: the zero3 "
                          "engine in one process with the plain loop)")
     ap.add_argument("--rounds", type=int, default=0,
@@ -230,7 +244,8 @@ def main() -> None:
     steps, warm = (4, 2) if args.quick else (8, 3)
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.ckpt_depths = args.ckpt_depths or ("50,200" if args.quick else "50,100,200")
-    base = dict(layers=args.depth, width=args.width, heads=max(1, args.width // 32), vocab=2048, seq=args.seq,
+    base = dict(layers=args.depth, width=args.width, heads=args.heads or max(1, args.width // 32), vocab=args.vocab,
+                seq=args.seq,
                 batch=args.batch, residual="mgt", device=args.device, precision=args.precision, steps=steps, warmup=warm)
     print(f"# throughput bench: {args.device} {args.precision}, width {args.width}, depth {args.depth}, "
           f"seq {args.seq}, batch {args.batch}, median of {steps} steps after {warm} warm-up; cores {os.cpu_count()}; "
@@ -246,6 +261,8 @@ def main() -> None:
         ckpt_table(args, base, steps, out)
     if "depth" in sections:
         depth_table(args, base, steps, out)
+    if "mfu" in sections:
+        mfu_table(args, base, out)
 
 
 def cfg_of(spec: dict):
@@ -375,6 +392,71 @@ def depth_table(args, base, steps, out) -> None:
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
     out.append(table(f"Depth scaling (mgt, width {args.width}; best of {args.rounds} rounds); linear fit: {1000 * slope:.2f} ms per layer, "
                      f"intercept {1000 * (my - slope * mx):.1f} ms", ["depth", "step s", "ms per layer"], rows))
+    print(out[-1], flush=True)
+
+
+def matmul_rate(device: str, precision: str) -> float:
+    """FLOP/s of one large square matmul here, best of 6: MFU's denominator when no peak is given or known
+    (CPUs), so that MFU then reads as a fraction of what this device's matmul reaches."""
+    import torch
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    n = 4096 if dev.type == "cuda" else (1024 if dtype == torch.float32 else 128)  # bf16 on AVX2: 0.3 GFLOP/s
+    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
+    best = float("inf")
+    for _ in range(6):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        tic = time.perf_counter()
+        a @ b
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - tic)
+    return 2.0 * n ** 3 / best
+
+
+def mfu_peak(args) -> tuple[float, str]:
+    """The peak FLOP/s MFU is taken against, and where it came from."""
+    if args.peak_flops:
+        return args.peak_flops, "--peak-flops"
+    if args.device.startswith("cuda") and args.precision == "bf16":
+        import torch
+        from mgt_scale.train.flops import peak_flops_per_device
+        peak = peak_flops_per_device(0.0)
+        if peak:
+            return peak, f"dense bf16 peak of {torch.cuda.get_device_name()}"
+    return matmul_rate(args.device, args.precision), f"measured {args.precision} matmul rate of this device"
+
+
+def mfu_table(args, base, out) -> None:
+    """Plain loop, each model in its own process (peak memory is its own), best of `args.rounds`. MFU counts
+    the model's FLOPs (mgt_scale.train.flops, the PaLM/Megatron convention): recomputation under
+    checkpointing is not counted, so checkpointing lowers MFU. The models train in `--precision` throughout
+    (bf16: parameters and AdamW states in bf16, no fp32 master copy)."""
+    from mgt_scale.train.flops import flops_per_token
+    extra = {"ckpt": None if args.mfu_ckpt == "off" else args.mfu_ckpt, "compile": args.mfu_compile}
+    variants = {"preln": dict(base, residual="preln", **extra), "mgt full": dict(base, **extra),
+                "mgt low-rank r=16, token beta": dict(base, mgt={"proj_rank": 16, "beta_shape": "token"}, **extra)}
+    peak, source = mfu_peak(args)
+    best = best_of_rounds(args.rounds, {name: lambda s=spec: run_plain(s) for name, spec in variants.items()})
+    tok = args.batch * args.seq
+    f_pre = flops_per_token(cfg_of(variants["preln"]), args.seq)
+    t_pre = best["preln"].get("step_time")
+    rows = []
+    for name, spec in variants.items():
+        r, fpt = best[name], flops_per_token(cfg_of(spec), args.seq)
+        if "error" in r:
+            rows.append([name, "failed", r["error"], "", "", "", "", ""])
+            continue
+        rate = tok / r["step_time"]
+        rows.append([name, r["step_time"], rate, rate * fpt / 1e12, rate * fpt / peak,
+                     r.get("peak_gpu_mb", r["train_peak_mb"]), r["step_time"] / t_pre if t_pre else "", fpt / f_pre])
+    out.append(table(f"MFU at depth {args.depth}, width {args.width}, {base['heads']} heads, seq {args.seq}, batch "
+                     f"{args.batch}, {args.precision}, checkpointing {args.mfu_ckpt}"
+                     f"{', torch.compile' if args.mfu_compile else ''} (plain loop, one process per row, best of "
+                     f"{args.rounds}); peak {peak / 1e12:.3f} TFLOP/s ({source})",
+                     ["residual", "step s", "tokens/s", "model TFLOP/s", "MFU",
+                      "peak MB (GPU allocated; CPU training RSS)", "time / preln", "FLOPs / preln"], rows))
     print(out[-1], flush=True)
 
 
