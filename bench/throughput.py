@@ -11,7 +11,7 @@
 # checkpointing step times put all their models in one process and step each in turn, so that they share
 # the machine's state (checkpointing memory is measured in one process per model). Usage:
 #   python bench/throughput.py [--quick] [--device cpu|cuda] [--precision fp32|bf16] [--width 128]
-#                              [--depth 48] [--sections engines,engine1,kinds,ckpt,depth] [--rounds 3]
+#                              [--depth 48] [--sections engines,engine1,kinds,ckpt,depth(,mfu)] [--rounds 3]
 #                              [--ckpt-depths 50,100,200] [--malloc retain|glibc-default]
 #                              [--heads H] [--vocab V] [--peak-flops F] [--mfu-ckpt off|full|selective]
 #                              [--mfu-compile]
@@ -223,8 +223,8 @@ def main() -> None:
                     help=f"comma-separated subset of the tables to run: {','.join(SECTIONS)} (engine1: the zero3 "
                          "engine in one process with the plain loop)")
     ap.add_argument("--rounds", type=int, default=0,
-                    help="engine and depth rows: interleaved repetitions (best kept); residual-kind rows: steps x rounds "
-                         "(default 3, --quick 1)")
+                    help="engine, depth and mfu rows: interleaved repetitions (best kept); residual-kind rows: "
+                         "steps x rounds (default 3, --quick 1)")
     ap.add_argument("--ckpt-depths", default="", help="depths of the checkpointing table (default 50,100,200; "
                                                         "--quick 50,200)")
     ap.add_argument("--malloc", default="retain", choices=["retain", "glibc-default"],
@@ -245,8 +245,8 @@ def main() -> None:
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.ckpt_depths = args.ckpt_depths or ("50,200" if args.quick else "50,100,200")
     base = dict(layers=args.depth, width=args.width, heads=args.heads or max(1, args.width // 32), vocab=args.vocab,
-                seq=args.seq,
-                batch=args.batch, residual="mgt", device=args.device, precision=args.precision, steps=steps, warmup=warm)
+                seq=args.seq, batch=args.batch, residual="mgt", device=args.device, precision=args.precision,
+                steps=steps, warmup=warm)
     print(f"# throughput bench: {args.device} {args.precision}, width {args.width}, depth {args.depth}, "
           f"seq {args.seq}, batch {args.batch}, median of {steps} steps after {warm} warm-up; cores {os.cpu_count()}; "
           f"malloc {args.malloc}")
@@ -280,8 +280,9 @@ def best_of_rounds(rounds: int, measure: dict) -> dict:
         for name, fn in measure.items():
             try:
                 r = fn()
-            except RuntimeError as e:
-                r = {"error": str(e)[:80].replace("\n", " ")}
+            except RuntimeError as e:  # its last line: the exception (a worker's traceback ends with it)
+                lines = [l for l in str(e).splitlines() if l.strip()] or ["(no message)"]
+                r = {"error": lines[-1].strip()[:160]}
             if name not in best or "error" in best[name] or r.get("step_time", 1e9) < best[name]["step_time"]:
                 best[name] = r
     return best
@@ -390,8 +391,9 @@ def depth_table(args, base, steps, out) -> None:
     n = len(xs)
     mx, my = sum(xs) / n, sum(ys) / n
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    out.append(table(f"Depth scaling (mgt, width {args.width}; best of {args.rounds} rounds); linear fit: {1000 * slope:.2f} ms per layer, "
-                     f"intercept {1000 * (my - slope * mx):.1f} ms", ["depth", "step s", "ms per layer"], rows))
+    out.append(table(f"Depth scaling (mgt, width {args.width}; best of {args.rounds} rounds); linear fit: "
+                     f"{1000 * slope:.2f} ms per layer, intercept {1000 * (my - slope * mx):.1f} ms",
+                     ["depth", "step s", "ms per layer"], rows))
     print(out[-1], flush=True)
 
 
@@ -401,7 +403,7 @@ def matmul_rate(device: str, precision: str) -> float:
     import torch
     dev = torch.device(device)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    n = 4096 if dev.type == "cuda" else (1024 if dtype == torch.float32 else 128)  # bf16 on AVX2: 0.3 GFLOP/s
+    n = 4096 if dev.type == "cuda" else 1024
     a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
     best = float("inf")
     for _ in range(6):
