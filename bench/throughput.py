@@ -63,14 +63,19 @@ def build_plain(spec: dict):
     return model, opt, x
 
 
+def sync(device) -> None:
+    """Wait for the device's queued work, so a timer around it measures the work (a no-op on CPU)."""
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def timed_step(model, opt, x, clip: float = 0.0) -> float:
     """One forward, backward and optimizer step (gradients clipped to norm `clip` first if > 0); seconds."""
     import torch
     from mgt_scale.model import lm_loss
 
-    cuda = x.device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
+    sync(x.device)
     tic = time.perf_counter()
     loss = lm_loss(model(x), x)
     loss.backward()
@@ -78,8 +83,7 @@ def timed_step(model, opt, x, clip: float = 0.0) -> float:
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    if cuda:
-        torch.cuda.synchronize()
+    sync(x.device)
     return time.perf_counter() - tic
 
 
@@ -407,12 +411,10 @@ def matmul_rate(device: str, precision: str) -> float:
     a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
     best = float("inf")
     for _ in range(6):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+        sync(dev)
         tic = time.perf_counter()
         a @ b
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+        sync(dev)
         best = min(best, time.perf_counter() - tic)
     return 2.0 * n ** 3 / best
 
