@@ -45,6 +45,15 @@ def deepspeed_config(cfg: Config, plan: BatchPlan, precision: str) -> dict:
                 # nothing. Same values (tests/unit/test_zero3_fetch.py). On more ranks reduce-scatter
                 # moves half the bytes of an all-reduce, so it stays.
                 "reduce_scatter": plan.data_parallel > 1,
+                # DeepSpeed puts `zero3_linear_wrap` in place of F.linear: a Python autograd Function
+                # that saves the weight Parameter itself, where torch's linear saves a transposed view
+                # that would hold the gathered storage from forward to backward (DeepSpeed PR #8189).
+                # On one rank with the parameters on the device, the "gathered" weight is a view of the
+                # partition (NoGatherHandle in deepspeed/runtime/zero/partition_parameters.py), alive
+                # anyway, so torch's linear holds nothing extra and skips the Python Function (a few
+                # per cent of a step here, bench/RESULTS.md). Same numbers to float rounding
+                # (tests/unit/test_zero3_fetch.py).
+                "memory_efficient_linear": not (plan.data_parallel == 1 and p.offload_params != "cpu"),
             })
         if p.offload_optimizer == "cpu":
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}

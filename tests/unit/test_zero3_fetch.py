@@ -5,6 +5,7 @@
 #   activation checkpointing (full or selective recomputation).
 # - Gradient reduction on one rank: the all-reduce path over the contiguous buffer instead of ZeRO's
 #   reduce-scatter (mgt_scale/parallel/ds_config.py), with the same results, also with CPU offload.
+# - torch's own linear on one rank instead of DeepSpeed's `zero3_linear_wrap`: equal to float rounding.
 # One in-process rank, fp32 CPU; the 2-rank tests in tests/distributed run the defaults on 2 ranks
 # against 1 rank.
 
@@ -96,3 +97,43 @@ def test_one_rank_reduces_gradients_in_place_with_the_same_numbers(inprocess_dis
     # more than one rank keeps the reduce-scatter (half the bytes of an all-reduce)
     cfg = load_config(None, BASE)
     assert deepspeed_config(cfg, plan_batch(cfg, 2), "fp32")["zero_optimization"]["reduce_scatter"] is True
+
+
+
+@pytest.mark.parametrize("extra", [(), ("parallel.offload_optimizer=cpu",)], ids=["no-offload", "offload-optimizer"])
+def test_one_rank_uses_torchs_linear_with_the_same_numbers(inprocess_dist, monkeypatch, extra):
+    import torch.nn.functional as F
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+    import mgt_scale.train.engines as engines
+    from mgt_scale.parallel.ds_config import deepspeed_config
+    linear_before = F.linear  # DeepSpeed swaps F.linear process-wide and never swaps it back
+    try:
+        F.linear = torch._C._nn.linear
+        e_ours, r_ours, w_ours = run("block", extra)
+        assert e_ours.ds_config["zero_optimization"]["memory_efficient_linear"] is False
+        assert F.linear is torch._C._nn.linear  # DeepSpeed left torch's linear in place
+
+        def with_wrapped_linear(*args, **kwargs):
+            ds = deepspeed_config(*args, **kwargs)
+            ds["zero_optimization"]["memory_efficient_linear"] = True
+            return ds
+        monkeypatch.setattr(engines, "deepspeed_config", with_wrapped_linear)
+        e_wrap, r_wrap, w_wrap = run("block", extra)
+        assert F.linear is zero3_linear_wrap
+    finally:
+        F.linear = linear_before
+    # DeepSpeed's Function adds the bias after the matmul, torch's addmm before it: equal to rounding
+    for (loss, norm), (loss_w, norm_w) in zip(r_ours, r_wrap):
+        assert loss == pytest.approx(loss_w, rel=1e-6) and norm == pytest.approx(norm_w, rel=1e-5)
+    for k in w_ours:
+        torch.testing.assert_close(w_ours[k], w_wrap[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_more_ranks_or_parameter_offload_keep_deepspeeds_memory_efficient_linear():
+    from mgt_scale.parallel.ds_config import deepspeed_config
+    from mgt_scale.parallel.topology import plan_batch
+    cfg = load_config(None, BASE)
+    offload = load_config(None, BASE + ["parallel.offload_params=cpu"])
+    for c, ranks in ((cfg, 2), (offload, 1)):
+        assert deepspeed_config(c, plan_batch(c, ranks), "fp32")["zero_optimization"]["memory_efficient_linear"] is True
