@@ -8,6 +8,7 @@ bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 STDLIB=$(python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
 if [ ! -f data/stdlib/manifest.json ]; then
+  mkdir -p data  # ignored by git, so absent from a fresh clone; mgt prep wants the parent of --output
   mgt prep --input "$STDLIB" --output data/stdlib --vocab-size 2048 --num-proc 2
 fi
 RESUME=()
