@@ -36,6 +36,19 @@ def run(fetch: str, extra=(), steps=3):
     return e, results, consolidated_state_dict(e)
 
 
+def deepspeed_defaults_for(monkeypatch, **zero_keys) -> None:
+    """Make the engine's DeepSpeed config use these `zero_optimization` values (DeepSpeed's defaults for
+    what ds_config.py changes on one rank), so a test can compare the two paths."""
+    import mgt_scale.train.engines as engines
+    from mgt_scale.parallel.ds_config import deepspeed_config
+
+    def config(*args, **kwargs):
+        ds = deepspeed_config(*args, **kwargs)
+        ds["zero_optimization"].update(zero_keys)
+        return ds
+    monkeypatch.setattr(engines, "deepspeed_config", config)
+
+
 def ds_hooked(module) -> bool:
     """Whether DeepSpeed's ZeRO-3 fetch hooks sit on this module (it registers forward pre-hooks)."""
     return len(module._forward_pre_hooks) > 0
@@ -77,18 +90,13 @@ def test_unknown_fetch_mode_is_an_error_naming_the_key():
                                    ("parallel.offload_optimizer=cpu", "parallel.offload_params=cpu")],
                          ids=["no-offload", "offload-optimizer", "offload-both"])
 def test_one_rank_reduces_gradients_in_place_with_the_same_numbers(inprocess_dist, monkeypatch, extra):
-    import mgt_scale.train.engines as engines
     from mgt_scale.parallel.ds_config import deepspeed_config
     from mgt_scale.parallel.topology import plan_batch
     e_ours, r_ours, w_ours = run("block", extra)
     assert e_ours.ds_config["zero_optimization"]["reduce_scatter"] is False
     assert e_ours.engine.optimizer.reduce_scatter is False  # DeepSpeed took the all-reduce path
 
-    def with_reduce_scatter(*args, **kwargs):
-        ds = deepspeed_config(*args, **kwargs)
-        ds["zero_optimization"]["reduce_scatter"] = True
-        return ds
-    monkeypatch.setattr(engines, "deepspeed_config", with_reduce_scatter)
+    deepspeed_defaults_for(monkeypatch, reduce_scatter=True)
     e_rs, r_rs, w_rs = run("block", extra)
     assert e_rs.engine.optimizer.reduce_scatter is True
     assert r_ours == r_rs  # bit-identical losses and gradient norms
@@ -104,20 +112,13 @@ def test_one_rank_uses_torchs_linear_with_the_same_numbers(inprocess_dist, monke
     import torch.nn.functional as F
     from deepspeed.runtime.zero.linear import zero3_linear_wrap
 
-    import mgt_scale.train.engines as engines
-    from mgt_scale.parallel.ds_config import deepspeed_config
     linear_before = F.linear  # DeepSpeed swaps F.linear process-wide and never swaps it back
     try:
         F.linear = torch._C._nn.linear
         e_ours, r_ours, w_ours = run("block", extra)
         assert e_ours.ds_config["zero_optimization"]["memory_efficient_linear"] is False
         assert F.linear is torch._C._nn.linear  # DeepSpeed left torch's linear in place
-
-        def with_wrapped_linear(*args, **kwargs):
-            ds = deepspeed_config(*args, **kwargs)
-            ds["zero_optimization"]["memory_efficient_linear"] = True
-            return ds
-        monkeypatch.setattr(engines, "deepspeed_config", with_wrapped_linear)
+        deepspeed_defaults_for(monkeypatch, memory_efficient_linear=True)
         e_wrap, r_wrap, w_wrap = run("block", extra)
         assert F.linear is zero3_linear_wrap
     finally:
