@@ -156,6 +156,7 @@ def run(cfg: Config, args, denv, plan, precision: str) -> int:
 
     manager = CheckpointManager(str(run_dir), cfg, rank, plan.world_size)
     trainer = Trainer(cfg, plan, engine, loader, str(run_dir), rank, valid_batches=valid)
+    resumed_from = None
     if args.resume:
         log = print if rank == 0 else (lambda *a, **k: None)
         tag_dir = manager.find_resume(log=log) if args.resume == "auto" else Path(args.resume)
@@ -175,6 +176,7 @@ def run(cfg: Config, args, denv, plan, precision: str) -> int:
             trainer.state.nonfinite_total = int(ts.get("nonfinite_total", 0))
             trainer.state.nonfinite_consecutive = int(ts.get("nonfinite_consecutive", 0))
             trainer.restored_client_state = state
+            resumed_from = tag_dir
             if rank == 0:
                 print(f"resumed from {tag_dir} at step {state['step']}", flush=True)
         elif rank == 0:
@@ -185,6 +187,11 @@ def run(cfg: Config, args, denv, plan, precision: str) -> int:
     restored = getattr(trainer, "restored_client_state", None) or {}
     logger = build_loggers(cfg, run_dir, rank=rank, resume_step=restored.get("step"))
     ckpt_cb = CheckpointCallback(manager)
+    if resumed_from is not None and resumed_from.resolve().parent == manager.dir.resolve():
+        # This state is already this run's checkpoint. Saving it again (a finished run started again, a
+        # requeued job stopped before its first step) would delete that directory and rewrite it: a
+        # kill in between would leave no checkpoint at that step, and with keep_last 1 none at all.
+        ckpt_cb.last_saved = trainer.state.step
     monitor_cb = MonitorCallback(cfg, logger, ckpt_cb, manager, restored.get("monitor"))
     from mgt_scale.train.nonfinite import NonFiniteGuard
     guard = NonFiniteGuard(manager, restored.get("nonfinite_guard"))
