@@ -189,6 +189,7 @@ class CheckpointManager:
             self.dir.mkdir(parents=True, exist_ok=True)
             if tag_dir.exists():  # a leftover from an interrupted save of the same step
                 shutil.rmtree(tag_dir)
+            shutil.rmtree(universal_dir(tag_dir), ignore_errors=True)  # a conversion of other contents
         _barrier()
         state = dict(client_state)
         state.update({"step": step, "rng": rng_state(), "config": to_dict(self.cfg),
@@ -208,12 +209,44 @@ class CheckpointManager:
             write_manifest(tag_dir, {"step": step, "world_size": self.world_size, "mode": self.cfg.parallel.mode,
                                      "pipeline_stages": self.cfg.parallel.pipeline_stages,
                                      "config_hash": config_hash(self.cfg)})
-            tmp = self.dir / f".{LATEST}.tmp"
-            tmp.write_text(tag + "\n")
-            os.replace(tmp, self.dir / LATEST)
+            self._point_latest(tag)
             self._prune(step)
         _barrier()
         return tag_dir
+
+    def _point_latest(self, tag: str) -> None:
+        tmp = self.dir / f".{LATEST}.tmp"
+        tmp.write_text(tag + "\n")
+        os.replace(tmp, self.dir / LATEST)
+
+    def set_aside_newer(self, step: int, log=print) -> Optional[Path]:
+        """Collective. A run resumed from its own checkpoint at `step` while completed newer ones exist
+        (`--resume PATH` to an older step: a deliberate rollback) starts a new branch, and those
+        checkpoints belong to the one it left. Left in place, the next `--resume auto` (any requeue)
+        would pick the newest of them and silently continue the abandoned branch, and retention, which
+        keeps the highest step numbers, would delete the new branch's checkpoints first. Rank 0 moves
+        them untouched to checkpoints/abandoned/<time>-from-step_S/, which nothing resumes from or
+        prunes, and drops their universal conversions. Newer saves without a manifest (interrupted)
+        stay: the next save of that step replaces them. Returns the folder (rank 0), else None."""
+        dest = None
+        if self.rank == 0:
+            newer = [s for s in self.steps() if s > step and (self.dir / tag_for(s) / MANIFEST).is_file()]
+            if newer:
+                base = self.dir / "abandoned" / f"{time.strftime('%Y%m%d-%H%M%S')}-from-{tag_for(step)}"
+                dest, n = base, 1
+                while dest.exists():
+                    n += 1
+                    dest = base.with_name(f"{base.name}-{n}")
+                dest.mkdir(parents=True)
+                for s in newer:
+                    os.replace(self.dir / tag_for(s), dest / tag_for(s))
+                    shutil.rmtree(universal_dir(self.dir / tag_for(s)), ignore_errors=True)
+                self._point_latest(tag_for(step))
+                log(f"resumed from {tag_for(step)} with newer checkpoints of this run: moved "
+                    f"{', '.join(tag_for(s) for s in newer)} to {dest} (the branch this run leaves; "
+                    "not resumed from, not pruned: delete it when no longer needed)")
+        _barrier()
+        return dest
 
     def _prune(self, newest: int) -> None:
         steps = self.steps()
@@ -290,13 +323,19 @@ def universal_dir(tag_dir: Path) -> Path:
 
 def make_universal(tag_dir: Path, log=print, force: bool = False) -> Path:
     """Convert a verified sharded zero3 checkpoint with DeepSpeed's ds_to_universal (single process).
-    The output gets its own manifest; an existing verified conversion is reused."""
+    The output gets its own manifest, which records the sha256 of the source's manifest (itself a list
+    of every file's sha256). An existing verified conversion is reused only if it was made from these
+    very files: a step directory can be written again with other contents (a run resumed from an
+    older checkpoint reaches that step anew), and the stale conversion would load the old weights."""
     import subprocess
     import sys
     tag_dir = Path(tag_dir)
     out = universal_dir(tag_dir)
+    source = sha256_file(tag_dir / MANIFEST) if (tag_dir / MANIFEST).is_file() else None
     if not force and out.is_dir() and not verify_checkpoint(out):
-        return out
+        if json.loads((out / MANIFEST).read_text()).get("source_manifest_sha256") == source:
+            return out
+        log(f"{out}: converted from other contents of {tag_dir.name}: converting again")
     problems = verify_checkpoint(tag_dir)
     if problems:
         raise CheckpointError(f"{tag_dir}: cannot reshard a damaged checkpoint: " + "; ".join(problems))
@@ -318,7 +357,7 @@ def make_universal(tag_dir: Path, log=print, force: bool = False) -> Path:
     (out.parent / "latest_universal").unlink(missing_ok=True)
     manifest = json.loads((tag_dir / MANIFEST).read_text())
     write_manifest(tmp, {k: v for k, v in manifest.items() if k not in ("files", "written_at")}
-                   | {"universal_of": tag_dir.name})
+                   | {"universal_of": tag_dir.name, "source_manifest_sha256": source})
     os.replace(tmp, out)
     return out
 

@@ -1,11 +1,15 @@
-# Resuming must never put the checkpoint it resumed from at risk. A finished run started again with
-# `--resume auto` (a re-run of the README demo, a SLURM job requeued after it finished) used to save its
-# final step again: CheckpointManager.save deletes the existing step directory and rewrites it, so a
-# kill in that window left no usable checkpoint at all when keep_last is 1. One rank, `mgt train`
+# Resuming must never put checkpoints at risk or follow the wrong history. One rank, `mgt train`
 # subprocesses, ZeRO-3 on CPU.
+# - A finished run started again with `--resume auto` (a re-run of the README demo, a SLURM job requeued
+#   after it finished) used to save its final step again: CheckpointManager.save deletes the existing
+#   step directory and rewrites it, so a kill in that window left no checkpoint at all (keep_last 1).
+# - `--resume PATH` to an older checkpoint of the same run (a deliberate rollback) left the newer ones in
+#   place, and the next `--resume auto` (any requeue) went back to the abandoned branch's newest.
+# - A universal conversion is reused only for the very files it was converted from.
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,16 +20,17 @@ pytestmark = pytest.mark.slow
 STEPS = 4
 
 
-def write_config(tmp_path: Path, name: str) -> tuple[Path, Path]:
+def write_config(tmp_path: Path, name: str, max_steps: int = STEPS, keep_last: int = 1,
+                 seed: int = 0) -> tuple[Path, Path]:
     run_dir = tmp_path / name
     cfg = {"run": {"dir": str(run_dir), "name": name},
            "model": {"num_layers": 2, "d_model": 32, "num_heads": 4, "d_ff": 64, "vocab_size": 64,
                      "max_seq_len": 32},
            "data": {"synthetic": "copy", "seq_len": 16, "prefetch": 0},
-           "train": {"max_steps": STEPS, "global_batch_size": 4, "micro_batch_size": 2, "warmup_steps": 1,
-                     "log_interval": 1},
+           "train": {"max_steps": max_steps, "global_batch_size": 4, "micro_batch_size": 2, "warmup_steps": 1,
+                     "log_interval": 1, "seed": seed},
            "parallel": {"precision": "fp32"},
-           "checkpoint": {"interval": 2, "keep_last": 1},
+           "checkpoint": {"interval": 2, "keep_last": keep_last},
            "monitor": {"interval": 0}}
     path = tmp_path / f"{name}.yaml"
     path.write_text(json.dumps(cfg))
@@ -81,3 +86,57 @@ def test_resuming_from_another_runs_checkpoint_still_saves_into_this_run(tmp_pat
     own = run_b / "checkpoints" / f"step_{STEPS:08d}"
     assert (own / "mgt_manifest.json").is_file()
     assert (run_b / "checkpoints" / "latest_good").read_text().strip() == own.name
+
+
+def test_resuming_an_older_checkpoint_sets_the_abandoned_branch_aside(tmp_path):
+    config, run_dir = write_config(tmp_path, "branch", max_steps=6, keep_last=3)
+    assert train(config).returncode == 0
+    ck = run_dir / "checkpoints"
+    assert sorted(p.name for p in ck.glob("step_*")) == ["step_00000002", "step_00000004", "step_00000006"]
+    old = {tag: fingerprint(ck / tag) for tag in ("step_00000004", "step_00000006")}
+
+    # roll back to step 2 on purpose; the new branch saves step 4 and dies at step 5
+    r = train(config, "--resume", str(ck / "step_00000002"), env={"MGT_FAULT_SIGKILL_AT_STEP": "5"})
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and "fault injection: SIGKILL at step 5" in out, out[-3000:]
+    aside = [p for p in (ck / "abandoned").iterdir()]
+    assert len(aside) == 1 and aside[0].name.endswith("-from-step_00000002"), aside
+    assert f"moved step_00000004, step_00000006 to {aside[0]}" in out
+    assert {tag: fingerprint(aside[0] / tag) for tag in old} == old  # moved untouched
+    assert sorted(p.name for p in ck.glob("step_*")) == ["step_00000002", "step_00000004"]
+    assert (ck / "step_00000004" / "mgt_manifest.json").is_file()  # the new branch's own
+    assert (ck / "latest_good").read_text().strip() == "step_00000004"
+
+    # the requeue: before, this resumed the abandoned step 6 and "finished" without training
+    r = train(config, "--resume", "auto")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert f"resumed from {ck / 'step_00000004'} at step 4" in out
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(steps) == list(range(1, 7)), steps  # each step once: 5 and 6 trained on the new branch
+    assert {tag: fingerprint(aside[0] / tag) for tag in old} == old
+
+
+def test_universal_conversion_is_redone_when_the_step_holds_other_files(tmp_path):
+    from mgt_scale.train.checkpoint import MANIFEST, make_universal, sha256_file, universal_dir
+    config_a, run_a = write_config(tmp_path, "a", seed=1)
+    config_b, run_b = write_config(tmp_path, "b", seed=2)
+    assert train(config_a).returncode == 0 and train(config_b).returncode == 0
+    tag_a = run_a / "checkpoints" / f"step_{STEPS:08d}"
+    tag_b = run_b / "checkpoints" / f"step_{STEPS:08d}"
+    messages = []
+    out = make_universal(tag_a, log=messages.append)
+    assert any(m.startswith("converting:") for m in messages)
+    uni = json.loads((out / MANIFEST).read_text())
+    assert uni["source_manifest_sha256"] == sha256_file(tag_a / MANIFEST)
+    messages.clear()
+    assert make_universal(tag_a, log=messages.append) == out and messages == []  # same files: reused
+
+    # the step directory now holds other contents (another seed's weights) under the same name
+    shutil.rmtree(tag_a)
+    shutil.copytree(tag_b, tag_a)
+    messages.clear()
+    assert make_universal(tag_a, log=messages.append) == universal_dir(tag_a)
+    assert any("converted from other contents" in m for m in messages), messages
+    assert any(m.startswith("converting:") for m in messages), messages
+    assert json.loads((out / MANIFEST).read_text())["source_manifest_sha256"] == sha256_file(tag_b / MANIFEST)
