@@ -333,7 +333,8 @@ def make_universal(tag_dir: Path, log=print, force: bool = False) -> Path:
     out = universal_dir(tag_dir)
     source = sha256_file(tag_dir / MANIFEST) if (tag_dir / MANIFEST).is_file() else None
     if not force and out.is_dir() and not verify_checkpoint(out):
-        if json.loads((out / MANIFEST).read_text()).get("source_manifest_sha256") == source:
+        made_from = json.loads((out / MANIFEST).read_text()).get("source_manifest_sha256")
+        if source is not None and made_from == source:
             return out
         log(f"{out}: converted from other contents of {tag_dir.name}: converting again")
     problems = verify_checkpoint(tag_dir)
