@@ -219,18 +219,23 @@ class CheckpointManager:
         tmp.write_text(tag + "\n")
         os.replace(tmp, self.dir / LATEST)
 
-    def set_aside_newer(self, step: int, log=print) -> Optional[Path]:
-        """Collective. A run resumed from its own checkpoint at `step` while completed newer ones exist
-        (`--resume PATH` to an older step: a deliberate rollback) starts a new branch, and those
-        checkpoints belong to the one it left. Left in place, the next `--resume auto` (any requeue)
-        would pick the newest of them and silently continue the abandoned branch, and retention, which
-        keeps the highest step numbers, would delete the new branch's checkpoints first. Rank 0 moves
-        them untouched to checkpoints/abandoned/<time>-from-step_S/, which nothing resumes from or
-        prunes, and drops their universal conversions. Newer saves without a manifest (interrupted)
-        stay: the next save of that step replaces them. Returns the folder (rank 0), else None."""
+    def set_aside_newer(self, step: int, resumed_from: Path, log=print) -> Optional[Path]:
+        """Collective. A run resumed with `--resume PATH` at `step` while this run has completed
+        checkpoints at later steps (PATH is an older one of its own: a deliberate rollback) starts a new
+        branch, and those checkpoints belong to the one it left. Left in place, the next `--resume auto`
+        (any requeue) would pick the newest of them and silently continue the abandoned branch, and
+        retention, which keeps the highest step numbers, would delete the new branch's checkpoints
+        first. When PATH is another run's checkpoint, this run's own one at `step` is set aside too:
+        it holds other weights, and a save at that step would delete it. Rank 0 moves them untouched
+        to checkpoints/abandoned/<time>-from-step_S/, which nothing resumes from or prunes, and drops
+        their universal conversions. Saves without a manifest (interrupted) stay: the next save of
+        that step replaces them. Returns the folder (rank 0), else None."""
         dest = None
         if self.rank == 0:
-            newer = [s for s in self.steps() if s > step and (self.dir / tag_for(s) / MANIFEST).is_file()]
+            mine = self.dir / tag_for(step)
+            own = Path(resumed_from).resolve() in (mine.resolve(), universal_dir(mine).resolve())
+            newer = [s for s in self.steps() if (s > step or (s == step and not own))
+                     and (self.dir / tag_for(s) / MANIFEST).is_file()]
             if newer:
                 base = self.dir / "abandoned" / f"{time.strftime('%Y%m%d-%H%M%S')}-from-{tag_for(step)}"
                 dest, n = base, 1
@@ -242,7 +247,7 @@ class CheckpointManager:
                     os.replace(self.dir / tag_for(s), dest / tag_for(s))
                     shutil.rmtree(universal_dir(self.dir / tag_for(s)), ignore_errors=True)
                 self._point_latest(tag_for(step))
-                log(f"resumed from {tag_for(step)} with newer checkpoints of this run: moved "
+                log(f"resumed from {resumed_from} with later checkpoints in this run: moved "
                     f"{', '.join(tag_for(s) for s in newer)} to {dest} (the branch this run leaves; "
                     "not resumed from, not pruned: delete it when no longer needed)")
         _barrier()

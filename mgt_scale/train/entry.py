@@ -192,8 +192,9 @@ def run(cfg: Config, args, denv, plan, precision: str) -> int:
         # requeued job stopped before its first step) would delete that directory and rewrite it: a
         # kill in between would leave no checkpoint at that step, and with keep_last 1 none at all.
         ckpt_cb.last_saved = trainer.state.step
-        if args.resume != "auto":  # auto took the newest good one: anything newer is incomplete or damaged
-            manager.set_aside_newer(trainer.state.step, log=log)
+    if resumed_from is not None and args.resume != "auto":
+        # auto took the newest good one: anything later is incomplete or damaged, handled as before
+        manager.set_aside_newer(trainer.state.step, resumed_from, log=log)
     monitor_cb = MonitorCallback(cfg, logger, ckpt_cb, manager, restored.get("monitor"))
     from mgt_scale.train.nonfinite import NonFiniteGuard
     guard = NonFiniteGuard(manager, restored.get("nonfinite_guard"))

@@ -74,17 +74,22 @@ def test_resuming_a_finished_run_leaves_its_checkpoint_untouched_even_if_killed(
 
 def test_resuming_from_another_runs_checkpoint_still_saves_into_this_run(tmp_path):
     """The skip holds only for a checkpoint of this run's own directory: a run started from a
-    checkpoint elsewhere must end with its final state in its own checkpoints."""
-    config_a, run_a = write_config(tmp_path, "a")
-    assert train(config_a).returncode == 0
+    checkpoint elsewhere must end with its final state in its own checkpoints. Its own checkpoint of
+    that step (other weights) is set aside first, not deleted and rewritten."""
+    config_a, run_a = write_config(tmp_path, "a", seed=1)
+    config_b, run_b = write_config(tmp_path, "b", seed=2)
+    assert train(config_a).returncode == 0 and train(config_b).returncode == 0
     source = run_a / "checkpoints" / f"step_{STEPS:08d}"
-    config_b, run_b = write_config(tmp_path, "b")
+    own = run_b / "checkpoints" / f"step_{STEPS:08d}"
+    before = fingerprint(own)
     r = train(config_b, "--resume", str(source))
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-3000:]
     assert f"resumed from {source} at step {STEPS}" in out and "checkpoint saved" in out
-    own = run_b / "checkpoints" / f"step_{STEPS:08d}"
-    assert (own / "mgt_manifest.json").is_file()
+    aside = list((run_b / "checkpoints" / "abandoned").iterdir())
+    assert len(aside) == 1 and fingerprint(aside[0] / own.name) == before
+    assert f"moved {own.name} to {aside[0]}" in out
+    assert (own / "mgt_manifest.json").is_file() and fingerprint(own) != before
     assert (run_b / "checkpoints" / "latest_good").read_text().strip() == own.name
 
 
