@@ -246,7 +246,11 @@ class CheckpointManager:
                 for s in newer:
                     os.replace(self.dir / tag_for(s), dest / tag_for(s))
                     shutil.rmtree(universal_dir(self.dir / tag_for(s)), ignore_errors=True)
-                self._point_latest(tag_for(step))
+                kept = [s for s in self.steps() if (self.dir / tag_for(s) / MANIFEST).is_file()]
+                if kept:
+                    self._point_latest(tag_for(kept[-1]))
+                else:
+                    (self.dir / LATEST).unlink(missing_ok=True)
                 log(f"resumed from {resumed_from} with later checkpoints in this run: moved "
                     f"{', '.join(tag_for(s) for s in newer)} to {dest} (the branch this run leaves; "
                     "not resumed from, not pruned: delete it when no longer needed)")

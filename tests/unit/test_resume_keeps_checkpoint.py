@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
 STEPS = 4
+slow = pytest.mark.slow
 
 
 def write_config(tmp_path: Path, name: str, max_steps: int = STEPS, keep_last: int = 1,
@@ -48,6 +48,7 @@ def fingerprint(tag_dir: Path) -> dict:
             for p in sorted(tag_dir.rglob("*")) if p.is_file()}
 
 
+@slow
 def test_resuming_a_finished_run_leaves_its_checkpoint_untouched_even_if_killed(tmp_path):
     config, run_dir = write_config(tmp_path, "done")
     first = train(config)
@@ -72,6 +73,7 @@ def test_resuming_a_finished_run_leaves_its_checkpoint_untouched_even_if_killed(
     assert third.returncode == 0 and f"resumed from {final} at step {STEPS}" in third.stdout, third.stdout[-3000:]
 
 
+@slow
 def test_resuming_from_another_runs_checkpoint_still_saves_into_this_run(tmp_path):
     """The skip holds only for a checkpoint of this run's own directory: a run started from a
     checkpoint elsewhere must end with its final state in its own checkpoints. Its own checkpoint of
@@ -93,6 +95,7 @@ def test_resuming_from_another_runs_checkpoint_still_saves_into_this_run(tmp_pat
     assert (run_b / "checkpoints" / "latest_good").read_text().strip() == own.name
 
 
+@slow
 def test_resuming_an_older_checkpoint_sets_the_abandoned_branch_aside(tmp_path):
     config, run_dir = write_config(tmp_path, "branch", max_steps=6, keep_last=3)
     assert train(config).returncode == 0
@@ -122,6 +125,7 @@ def test_resuming_an_older_checkpoint_sets_the_abandoned_branch_aside(tmp_path):
     assert {tag: fingerprint(aside[0] / tag) for tag in old} == old
 
 
+@slow
 def test_universal_conversion_is_redone_when_the_step_holds_other_files(tmp_path):
     from mgt_scale.train.checkpoint import MANIFEST, make_universal, sha256_file, universal_dir
     config_a, run_a = write_config(tmp_path, "a", seed=1)
@@ -145,3 +149,30 @@ def test_universal_conversion_is_redone_when_the_step_holds_other_files(tmp_path
     assert any("converted from other contents" in m for m in messages), messages
     assert any(m.startswith("converting:") for m in messages), messages
     assert json.loads((out / MANIFEST).read_text())["source_manifest_sha256"] == sha256_file(tag_b / MANIFEST)
+
+
+def test_set_aside_moves_only_completed_checkpoints_and_keeps_latest_good_on_one_that_exists(tmp_path):
+    """No training: checkpoint folders with or without a manifest, as CheckpointManager sees them."""
+    from mgt_scale.config import load_config
+    from mgt_scale.train.checkpoint import LATEST, MANIFEST, CheckpointManager, tag_for
+    manager = CheckpointManager(str(tmp_path / "run"), load_config(None, ["data.synthetic=copy"]), 0, 1)
+    for step, complete in ((2, True), (4, True), (6, False), (8, True)):
+        (manager.dir / tag_for(step)).mkdir(parents=True)
+        (manager.dir / tag_for(step) / "shard.pt").write_text(str(step))
+        if complete:
+            (manager.dir / tag_for(step) / MANIFEST).write_text("{}")
+    (manager.dir / LATEST).write_text(tag_for(8) + "\n")
+
+    # another run's step 4: this run's own 4 holds other weights, 8 is later; 6 never completed
+    moved = manager.set_aside_newer(4, tmp_path / "other" / "checkpoints" / tag_for(4), log=lambda m: None)
+    assert sorted(p.name for p in moved.iterdir()) == [tag_for(4), tag_for(8)]
+    assert (moved / tag_for(8) / "shard.pt").read_text() == "8"
+    assert manager.steps() == [2, 6]
+    assert (manager.dir / LATEST).read_text().strip() == tag_for(2)  # never a folder that moved away
+
+    # this run's own step 2: nothing later is complete, so nothing moves
+    assert manager.set_aside_newer(2, manager.dir / tag_for(2), log=lambda m: None) is None
+    # another run's step 2 when 2 is the only complete one left: no pointer rather than a dangling one
+    second = manager.set_aside_newer(2, tmp_path / "other" / tag_for(2), log=lambda m: None)
+    assert second != moved and [p.name for p in second.iterdir()] == [tag_for(2)]
+    assert manager.steps() == [6] and not (manager.dir / LATEST).exists()
