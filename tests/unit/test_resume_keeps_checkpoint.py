@@ -1,10 +1,11 @@
 # Resuming must never put checkpoints at risk or follow the wrong history. One rank, `mgt train`
-# subprocesses, ZeRO-3 on CPU.
+# subprocesses, ZeRO-3 on CPU (the last test: CheckpointManager's folder rules, without training).
 # - A finished run started again with `--resume auto` (a re-run of the README demo, a SLURM job requeued
 #   after it finished) used to save its final step again: CheckpointManager.save deletes the existing
 #   step directory and rewrites it, so a kill in that window left no checkpoint at all (keep_last 1).
 # - `--resume PATH` to an older checkpoint of the same run (a deliberate rollback) left the newer ones in
-#   place, and the next `--resume auto` (any requeue) went back to the abandoned branch's newest.
+#   place, and the next `--resume auto` (any requeue) went back to the abandoned branch's newest. From
+#   another run's checkpoint, this run's own checkpoint of that step was deleted and rewritten.
 # - A universal conversion is reused only for the very files it was converted from.
 import hashlib
 import json
