@@ -169,6 +169,15 @@ class CheckpointManager:
             return []
         return sorted(int(m.group(1)) for p in self.dir.iterdir() if (m := TAG_RE.match(p.name)) and p.is_dir())
 
+    def completed_steps(self) -> list[int]:
+        """Steps whose save finished (manifest written); not verified."""
+        return [s for s in self.steps() if (self.dir / tag_for(s) / MANIFEST).is_file()]
+
+    def holds(self, tag_dir: Path, step: int) -> bool:
+        """Whether `tag_dir` is this run's own checkpoint of `step` (or its universal conversion)."""
+        mine = self.dir / tag_for(step)
+        return Path(tag_dir).resolve() in (mine.resolve(), universal_dir(mine).resolve())
+
     def find_resume(self, log=print) -> Optional[Path]:
         """Newest checkpoint whose manifest verifies; damaged or incomplete newer ones are reported."""
         for step in reversed(self.steps()):
@@ -232,10 +241,8 @@ class CheckpointManager:
         that step replaces them. Returns the folder (rank 0), else None."""
         dest = None
         if self.rank == 0:
-            mine = self.dir / tag_for(step)
-            own = Path(resumed_from).resolve() in (mine.resolve(), universal_dir(mine).resolve())
-            newer = [s for s in self.steps() if (s > step or (s == step and not own))
-                     and (self.dir / tag_for(s) / MANIFEST).is_file()]
+            own = self.holds(resumed_from, step)
+            newer = [s for s in self.completed_steps() if s > step or (s == step and not own)]
             if newer:
                 base = self.dir / "abandoned" / f"{time.strftime('%Y%m%d-%H%M%S')}-from-{tag_for(step)}"
                 dest, n = base, 1
@@ -246,7 +253,7 @@ class CheckpointManager:
                 for s in newer:
                     os.replace(self.dir / tag_for(s), dest / tag_for(s))
                     shutil.rmtree(universal_dir(self.dir / tag_for(s)), ignore_errors=True)
-                kept = [s for s in self.steps() if (self.dir / tag_for(s) / MANIFEST).is_file()]
+                kept = self.completed_steps()
                 if kept:
                     self._point_latest(tag_for(kept[-1]))
                 else:

@@ -186,15 +186,13 @@ def run(cfg: Config, args, denv, plan, precision: str) -> int:
     from mgt_scale.train.monitor_callback import MonitorCallback
     restored = getattr(trainer, "restored_client_state", None) or {}
     logger = build_loggers(cfg, run_dir, rank=rank, resume_step=restored.get("step"))
-    ckpt_cb = CheckpointCallback(manager)
-    if resumed_from is not None and resumed_from.resolve().parent == manager.dir.resolve():
-        # This state is already this run's checkpoint. Saving it again (a finished run started again, a
-        # requeued job stopped before its first step) would delete that directory and rewrite it: a
-        # kill in between would leave no checkpoint at that step, and with keep_last 1 none at all.
-        ckpt_cb.last_saved = trainer.state.step
+    at = trainer.state.step
+    on_disk = resumed_from is not None and manager.holds(resumed_from, at)
+    # a finished run started again, or a requeued job stopped before its first step, must not re-save
+    ckpt_cb = CheckpointCallback(manager, saved_step=at if on_disk else -1)
     if resumed_from is not None and args.resume != "auto":
         # auto took the newest good one: anything later is incomplete or damaged, handled as before
-        manager.set_aside_newer(trainer.state.step, resumed_from, log=log)
+        manager.set_aside_newer(at, resumed_from, log=log)
     monitor_cb = MonitorCallback(cfg, logger, ckpt_cb, manager, restored.get("monitor"))
     from mgt_scale.train.nonfinite import NonFiniteGuard
     guard = NonFiniteGuard(manager, restored.get("nonfinite_guard"))

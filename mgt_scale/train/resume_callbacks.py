@@ -14,9 +14,12 @@ from mgt_scale.train.trainer import Callback, StopTraining, Trainer
 
 
 class CheckpointCallback(Callback):
-    def __init__(self, manager: CheckpointManager):
+    def __init__(self, manager: CheckpointManager, saved_step: int = -1):
+        """`saved_step`: a step whose state this run's checkpoints already hold (the one it resumed
+        from). Saving it again would delete that directory and rewrite it: a kill in between would
+        leave no checkpoint at that step, and with keep_last 1 none at all."""
         self.manager = manager
-        self.last_saved = -1
+        self.last_saved = saved_step
         self.last_save_time = 0.0
 
     def client_state(self, trainer: Trainer) -> dict:
