@@ -1,5 +1,5 @@
 # How mgt-scale imports DeepSpeed at run time: one place for the process-wide adjustments that must
-# happen before DeepSpeed's communication backend is first created.
+# happen before DeepSpeed's communication backend or its ZeRO-3 optimizer is first created.
 from __future__ import annotations
 
 _PATCHED = False
@@ -15,16 +15,21 @@ def import_deepspeed():
     launch on that machine waits on it forever; and two 66 MB /dev/shm buffers per launch that are
     never unlinked. GPU accelerators do not build it, so this changes nothing there.
     Set MGT_DS_SHM_COMM=1 to keep DeepSpeed's default.
+
+    It also installs the two copy-saving fixes of mgt_scale.parallel.ds_zero3_fixes in ZeRO-3's
+    optimizer (MGT_DS_ZERO3_FIXES=0 keeps DeepSpeed's own code paths).
     """
     global _PATCHED
     import importlib
     import os
 
     import deepspeed
-    if _PATCHED or os.environ.get("MGT_DS_SHM_COMM", "") == "1":
+    if _PATCHED:
         return deepspeed
+    from mgt_scale.parallel import ds_zero3_fixes
+    ds_zero3_fixes.install()
     from deepspeed.accelerator import get_accelerator
-    if get_accelerator().device_name() == "cpu":
+    if get_accelerator().device_name() == "cpu" and os.environ.get("MGT_DS_SHM_COMM", "") != "1":
         # importlib, not `import deepspeed.comm.torch as m`: deepspeed.comm re-exports the real torch
         # package under the name `torch`, which that statement would return instead.
         ds_torch_comm = importlib.import_module("deepspeed.comm.torch")

@@ -137,6 +137,9 @@ def run(cfg: Config, args, denv, plan, precision: str) -> int:
     deepspeed.init_distributed(verbose=False)
     if rank == 0:
         print(describe_env(denv, plan, precision), flush=True)
+        if cfg.parallel.mode == "zero3" and cfg.parallel.zero_stage == 3:
+            from mgt_scale.parallel import ds_zero3_fixes
+            print(ds_zero3_fixes.describe(), flush=True)
     from mgt_scale.train.engines import build_engine
     engine = build_engine(cfg, plan, precision)
     dp_rank, dp_size = engine_dp(engine, plan, rank)
