@@ -37,6 +37,28 @@ def test_the_installed_deepspeed_gets_both_fixes(inprocess_dist):
     assert ds_zero3_fixes.applied_fixes() == ["fp32-master-reuse", "gradient-view"]
 
 
+def test_a_rewritten_deepspeed_method_gets_no_fix():
+    class Rewritten:  # stands in for a later DeepSpeed whose methods differ from the ones checked
+        def _create_fp32_partitions(self):
+            return "upstream"
+
+        def _prepare_fp32_grad_for_sub_group(self, sub_group_id):
+            return "upstream"
+    create, prepare = Rewritten._create_fp32_partitions, Rewritten._prepare_fp32_grad_for_sub_group
+    assert not ds_zero3_fixes._install_master_reuse(Rewritten)
+    assert not ds_zero3_fixes._install_gradient_view(Rewritten)
+    assert Rewritten._create_fp32_partitions is create and Rewritten._prepare_fp32_grad_for_sub_group is prepare
+
+
+def test_the_startup_line_says_which_fixes_run(inprocess_dist):
+    assert ds_zero3_fixes.describe() == "ZeRO-3 optimizer fixes: fp32-master-reuse, gradient-view"
+    ds_zero3_fixes.set_enabled(False)
+    try:
+        assert ds_zero3_fixes.describe() == "ZeRO-3 optimizer fixes: off (MGT_DS_ZERO3_FIXES=0)"
+    finally:
+        ds_zero3_fixes.set_enabled(True)
+
+
 def build(fixes: bool):
     from mgt_scale.parallel.topology import plan_batch
     from mgt_scale.train.engines import Zero3Engine
