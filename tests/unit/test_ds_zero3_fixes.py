@@ -49,6 +49,12 @@ def test_a_rewritten_deepspeed_method_gets_no_fix():
     assert not ds_zero3_fixes._install_gradient_view(Rewritten)
     assert Rewritten._create_fp32_partitions is create and Rewritten._prepare_fp32_grad_for_sub_group is prepare
 
+    class NoSource:  # an install without readable source (inspect.getsource fails): no fix, no crash
+        _create_fp32_partitions = _prepare_fp32_grad_for_sub_group = len
+    assert not ds_zero3_fixes._install_master_reuse(NoSource)
+    assert not ds_zero3_fixes._install_gradient_view(NoSource)
+    assert NoSource._create_fp32_partitions is len
+
 
 def test_the_startup_line_says_which_fixes_run(inprocess_dist):
     assert ds_zero3_fixes.describe() == "ZeRO-3 optimizer fixes: fp32-master-reuse, gradient-view"
