@@ -14,9 +14,10 @@
 #    (`grad_partitions_flat_buffer`), so when they are (checked each call) and the dtype already matches,
 #    the slice of the buffer that covers them is the same tensor without the copy.
 #
-# Each fix is installed only when the method's source is one this file was checked against (a later
-# DeepSpeed that rewrites it gets no fix rather than a wrong one), and `applied_fixes()` says which are
-# in place. MGT_DS_ZERO3_FIXES=0 keeps DeepSpeed's own behaviour (to rule the fixes out when debugging).
+# Each fix is installed only while it fits the installed DeepSpeed: fix 1 while the method still holds
+# the defective comparison, fix 2 when the method's source is exactly one this file was checked against.
+# A later DeepSpeed that rewrites them gets no fix rather than a wrong one; `applied_fixes()` says which
+# are in place. MGT_DS_ZERO3_FIXES=0 keeps DeepSpeed's own behaviour (to rule the fixes out when debugging).
 from __future__ import annotations
 
 import functools

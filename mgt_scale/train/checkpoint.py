@@ -2,7 +2,8 @@
 # RNG, monitor, config + hash, library versions) in every checkpoint, a manifest (files, sizes,
 # sha256, world layout) written last, a `latest` pointer moved by atomic rename only after every rank
 # has finished, retention (last K plus every M-th), selection of the newest *good* checkpoint, and
-# each rank's parameter layout recorded and checked before anything loads.
+# each rank's parameter layout recorded and checked before anything loads. A completed checkpoint is
+# never deleted before its replacement (a new save of the same step) is complete.
 # DeepSpeed's own `latest` file is never written or read.
 from __future__ import annotations
 
@@ -194,9 +195,16 @@ class CheckpointManager:
         """Collective: every rank calls it. Returns the checkpoint directory."""
         tag = tag_for(step)
         tag_dir = self.dir / tag
+        replaced = self._replaced_dir(tag)
         if self.rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
-            if tag_dir.exists():  # a leftover from an interrupted save of the same step
+            if (tag_dir / MANIFEST).is_file():
+                # a completed checkpoint of this step (a save after a rollback to it): keep it, out of
+                # sight of resume and retention, until the new one is complete. A kill in between leaves
+                # it there for recover_interrupted_saves() to put back.
+                shutil.rmtree(replaced, ignore_errors=True)
+                os.replace(tag_dir, replaced)
+            elif tag_dir.exists():  # a leftover from an interrupted save of the same step
                 shutil.rmtree(tag_dir)
             shutil.rmtree(universal_dir(tag_dir), ignore_errors=True)  # a conversion of other contents
         _barrier()
@@ -219,9 +227,36 @@ class CheckpointManager:
                                      "pipeline_stages": self.cfg.parallel.pipeline_stages,
                                      "config_hash": config_hash(self.cfg)})
             self._point_latest(tag)
+            shutil.rmtree(replaced, ignore_errors=True)
             self._prune(step)
         _barrier()
         return tag_dir
+
+    def _replaced_dir(self, tag: str) -> Path:
+        """Where save() keeps the completed checkpoint it is replacing (a dot name: no step folder)."""
+        return self.dir / f".{tag}.replaced"
+
+    def recover_interrupted_saves(self, log=print) -> list[str]:
+        """Collective; call before looking for a checkpoint. For each checkpoint whose replacement was
+        interrupted (see save()), rank 0 puts the completed one back in place of the incomplete new
+        one; if the new one did complete, only the kept copy is deleted. Returns the tags put back."""
+        restored = []
+        if self.rank == 0 and self.dir.is_dir():
+            for kept in sorted(self.dir.glob(".step_*.replaced")):
+                tag = kept.name[1:-len(".replaced")]
+                tag_dir = self.dir / tag
+                if not TAG_RE.match(tag) or not kept.is_dir():
+                    continue
+                if (tag_dir / MANIFEST).is_file():
+                    shutil.rmtree(kept)
+                    continue
+                if tag_dir.exists():
+                    shutil.rmtree(tag_dir)
+                os.replace(kept, tag_dir)
+                restored.append(tag)
+                log(f"checkpoint {tag}: its replacement was interrupted; put the completed one back")
+        _barrier()
+        return restored
 
     def _point_latest(self, tag: str) -> None:
         tmp = self.dir / f".{LATEST}.tmp"

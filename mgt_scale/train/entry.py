@@ -158,6 +158,7 @@ def run(cfg: Config, args, denv, plan, precision: str) -> int:
     from mgt_scale.train.trainer import Trainer
 
     manager = CheckpointManager(str(run_dir), cfg, rank, plan.world_size)
+    manager.recover_interrupted_saves(log=print if rank == 0 else (lambda *a, **k: None))
     trainer = Trainer(cfg, plan, engine, loader, str(run_dir), rank, valid_batches=valid)
     resumed_from = None
     if args.resume:

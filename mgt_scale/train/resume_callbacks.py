@@ -16,8 +16,8 @@ from mgt_scale.train.trainer import Callback, StopTraining, Trainer
 class CheckpointCallback(Callback):
     def __init__(self, manager: CheckpointManager, saved_step: int = -1):
         """`saved_step`: a step whose state this run's checkpoints already hold (the one it resumed
-        from). Saving it again would delete that directory and rewrite it: a kill in between would
-        leave no checkpoint at that step, and with keep_last 1 none at all."""
+        from). Saving it again would rewrite the same state for nothing (CheckpointManager.save keeps
+        the completed one until the new one is complete, so it would not be lost)."""
         self.manager = manager
         self.last_saved = saved_step
         self.last_save_time = 0.0

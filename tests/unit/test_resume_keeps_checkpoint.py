@@ -7,6 +7,8 @@
 #   place, and the next `--resume auto` (any requeue) went back to the abandoned branch's newest. From
 #   another run's checkpoint, this run's own checkpoint of that step was deleted and rewritten.
 # - A universal conversion is reused only for the very files it was converted from.
+# - A kill while a completed checkpoint was being replaced by a new save of the same step: the next
+#   start puts the completed one back and resumes from it (the folder rules: test_checkpoint_replace.py).
 import hashlib
 import json
 import os
@@ -72,6 +74,34 @@ def test_resuming_a_finished_run_leaves_its_checkpoint_untouched_even_if_killed(
 
     third = train(config, "--resume", "auto")
     assert third.returncode == 0 and f"resumed from {final} at step {STEPS}" in third.stdout, third.stdout[-3000:]
+
+
+@slow
+def test_a_start_after_an_interrupted_replacement_resumes_from_the_completed_checkpoint(tmp_path):
+    config, run_dir = write_config(tmp_path, "replaced", keep_last=2)
+    assert train(config).returncode == 0
+    ck = run_dir / "checkpoints"
+    final = ck / f"step_{STEPS:08d}"
+    before = fingerprint(final)
+    # what CheckpointManager.save leaves when killed while replacing it: the completed one kept aside,
+    # the new one with part of its files and no manifest
+    kept = ck / f".{final.name}.replaced"
+    os.replace(final, kept)
+    shard = next(p for p in sorted(kept.rglob("*.pt")))
+    partial = final / shard.relative_to(kept)
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+    r = train(config, "--resume", "auto", "--set", f"train.max_steps={STEPS + 2}")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert f"checkpoint {final.name}: its replacement was interrupted; put the completed one back" in out
+    assert f"resumed from {final} at step {STEPS}" in out
+    assert not kept.exists()
+    steps = [json.loads(l)["step"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-2:] == [STEPS + 1, STEPS + 2]
+    assert fingerprint(final) == before  # the completed checkpoint is back, untouched
+    assert sorted(p.name for p in ck.glob("step_*")) == [final.name, f"step_{STEPS + 2:08d}"]
 
 
 @slow
