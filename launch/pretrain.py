@@ -10,7 +10,7 @@ from mgt_scale.train.preemption import install_signal_handlers  # noqa: E402
 
 install_signal_handlers()
 
-from mgt_scale.train.entry import main  # noqa: E402
+from mgt_scale.train.entry import exit_rank, main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_rank(main())  # os._exit after flushing: no interpreter teardown, where ranks have aborted (-6)

@@ -255,12 +255,13 @@ def _fail(run_dir: Path, rank: int, msg: str) -> int:
     return _error(msg)
 
 
-def _exit_rank(code: int) -> None:
+def exit_rank(code: int) -> None:
     """End a launched rank with `code` once everything durable is written (checkpoints, status.json,
     metrics: the loggers are closed by then), skipping the interpreter's teardown. Even after
     `_leave_process_group`, a rank has aborted in a C++ destructor at exit ("terminate called without an
     active exception", -6) in pipeline mode (fresh-clone CI, test_pipeline_sigkill_then_resume_is_exact),
-    and the launcher then reports a finished run as failed."""
+    and the launcher then reports a finished run as failed. Both entry points end here: `python -m
+    mgt_scale.train.entry` (what `mgt train` launches) and launch/pretrain.py (SLURM, `deepspeed`)."""
     import logging
     logging.shutdown()
     sys.stdout.flush()
@@ -269,4 +270,4 @@ def _exit_rank(code: int) -> None:
 
 
 if __name__ == "__main__":
-    _exit_rank(main())
+    exit_rank(main())
