@@ -22,14 +22,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-
-
 def worker(spec: dict) -> dict:
     """One engine in this process (fixes as MGT_DS_ZERO3_FIXES says): memory and step times."""
     import torch
+    from memory_bench import _rss_mb
     from throughput import trainer_sets
 
     from mgt_scale.cluster import dist_env
