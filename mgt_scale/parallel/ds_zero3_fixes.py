@@ -1,5 +1,5 @@
-# Two narrow fixes to DeepSpeed's ZeRO-3 optimizer (DeepSpeedZeroOptimizer_Stage3), applied at import by
-# mgt_scale.parallel.ds_runtime. Neither changes a number: both remove a copy of data that DeepSpeed
+# Three narrow fixes to DeepSpeed's ZeRO-3 optimizer (DeepSpeedZeroOptimizer_Stage3), applied at import by
+# mgt_scale.parallel.ds_runtime. None changes a number: each removes a copy of data that DeepSpeed
 # already holds (tests/unit/test_ds_zero3_fixes.py compares losses, norms, weights and checkpoints).
 #
 # 1. The fp32 master copy. Since DeepSpeed PR #7651, `_create_fp32_partitions` reuses the model's own
@@ -13,9 +13,17 @@
 #    partitions into a new tensor every step. Those partitions are consecutive slices of one buffer
 #    (`grad_partitions_flat_buffer`), so when they are (checked each call) and the dtype already matches,
 #    the slice of the buffer that covers them is the same tensor without the copy.
+# 3. Single-rank gradients. Each gradient is copied into a reduce bucket; when the bucket is full it is
+#    divided by the world size, all-reduced, and copied into the gradient's partition buffer. In a job of
+#    one process the division is by 1.0 and the all-reduce moves nothing, so the result is the gradient
+#    itself: the fix copies (or, when accumulating micro-batches, adds) it straight into its partition,
+#    one pass over the gradients instead of three. Only where every step of the skipped path is an
+#    identity: world size 1, no optimizer offload, no predivide factor, no sequence parallelism, the
+#    gradient already in the communication dtype (otherwise the bucket would round it).
 #
 # Each fix is installed only while it fits the installed DeepSpeed: fix 1 while the method still holds
-# the defective comparison, fix 2 when the method's source is exactly one this file was checked against.
+# the defective comparison, fixes 2 and 3 when the sources of the methods they replace or skip are
+# exactly ones this file was checked against.
 # A later DeepSpeed that rewrites them gets no fix rather than a wrong one; `applied_fixes()` says which
 # are in place. MGT_DS_ZERO3_FIXES=0 keeps DeepSpeed's own behaviour (to rule the fixes out when debugging).
 from __future__ import annotations
@@ -29,6 +37,12 @@ from typing import Optional
 
 # sha256 of textwrap.dedent(inspect.getsource(method)) for the DeepSpeed versions checked (0.19.8).
 _KNOWN_PREPARE_SOURCES = {"44d0f71378ee31203be8a31ee00394efae995307a4abc8d512755c2aa6bfe1bd"}
+# Fix 3: the sha256 of the five methods' sources joined in _GRADIENT_PATH order (the hook it replaces and
+# the bucket path it skips, whose every step it reproduces).
+_GRADIENT_PATH = ("reduce_independent_p_g_buckets_and_remove_grads", "_DeepSpeedZeroOptimizer_Stage3__add_grad_to_ipg_bucket",
+                  "_DeepSpeedZeroOptimizer_Stage3__reduce_and_partition_ipg_grads",
+                  "_DeepSpeedZeroOptimizer_Stage3__avg_scatter_contiguous_grads", "partition_grads")
+_KNOWN_GRADIENT_PATH_SOURCES = {"c8ca44c690434761fc8ad914d8b4e6f04f36e993fc1a0273861878a389d2fb7b"}
 _DEVICE_TEST = "self.fp16_partitioned_groups_flat[i].device == self.device"
 
 _enabled = os.environ.get("MGT_DS_ZERO3_FIXES", "1") != "0"
@@ -119,6 +133,52 @@ def _install_gradient_view(cls) -> bool:
     return True
 
 
+def _gradient_path_sha256(cls) -> str:
+    sources = [_source(getattr(cls, name, None)) for name in _GRADIENT_PATH]
+    return "" if not all(sources) else hashlib.sha256("\n".join(sources).encode()).hexdigest()
+
+
+def _single_rank_job(opt) -> bool:
+    """Whether `opt` runs where the bucket path is an identity (see fix 3); decided once per optimizer."""
+    ok = getattr(opt, "_mgt_single_rank_gradients", None)
+    if ok is None:
+        from deepspeed import comm as dist
+        ok = (dist.get_world_size() == 1 and not opt.offload_optimizer and not getattr(opt, "zenflow", False)
+              and not getattr(opt, "use_muon", False) and opt.autoep_folding_tp_group is None
+              and opt.contiguous_gradients and not opt.reduce_scatter and opt.gradient_predivide_factor == 1.0
+              and opt.sequence_parallel_size == 1 and not opt.enable_sanity_checks)
+        opt._mgt_single_rank_gradients = ok
+    return ok
+
+
+def _install_single_rank_gradients(cls) -> bool:
+    original = cls.reduce_independent_p_g_buckets_and_remove_grads
+    if _gradient_path_sha256(cls) not in _KNOWN_GRADIENT_PATH_SOURCES:
+        return False
+
+    @functools.wraps(original)
+    def reduce_independent_p_g_buckets_and_remove_grads(self, param):
+        grad = param.grad
+        if not (_enabled and _single_rank_job(self) and grad is not None and getattr(param, "ds_grad_is_ready", True)
+                and grad.numel() == param.ds_numel == param.partition_numel() <= self.reduce_bucket_size
+                and grad.dtype == self.get_param_comm_dtype(param)):
+            return original(self, param)
+        # What the bucket path leaves in the partition (partition_grads), without the bucket.
+        import torch
+        with torch.no_grad():
+            grad_buffer = self._DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition[param.ds_id]
+            grad_buffer = grad_buffer.narrow(0, 0, grad.numel())
+            if self.micro_step_id == 0:
+                grad_buffer.copy_(grad.view(-1))
+            else:
+                grad_buffer.add_(grad.view(-1).to(self.gradient_accumulation_dtype))
+        self._offload_boundary_param_ids.add(param.ds_id)
+        param.grad = None
+
+    cls.reduce_independent_p_g_buckets_and_remove_grads = reduce_independent_p_g_buckets_and_remove_grads
+    return True
+
+
 def install() -> list[str]:
     """Install the fixes that fit the imported DeepSpeed (once per process); the names of those in place."""
     global _installed
@@ -130,6 +190,8 @@ def install() -> list[str]:
         _applied.append("fp32-master-reuse")
     if _install_gradient_view(Stage3):
         _applied.append("gradient-view")
+    if _install_single_rank_gradients(Stage3):
+        _applied.append("single-rank-gradients")
     return applied_fixes()
 
 

@@ -1,8 +1,9 @@
-# The two copy-saving fixes to DeepSpeed's ZeRO-3 optimizer (mgt_scale/parallel/ds_zero3_fixes.py) must
+# The three copy-saving fixes to DeepSpeed's ZeRO-3 optimizer (mgt_scale/parallel/ds_zero3_fixes.py) must
 # not change a number: training with them on and off gives bit-identical losses, gradient norms and
 # weights (gradient accumulation and clipping active), a checkpoint written either way resumes the
 # other way exactly, and each fix really does what it claims (one storage for the model's partition and
-# the fp32 master; no flatten of the gradient in step()). One in-process rank, fp32 CPU; the 2-rank
+# the fp32 master; no flatten of the gradient in step(); no reduce bucket on one rank). One in-process
+# rank, fp32 CPU (and one bf16 run of a tiny model); the 2-rank
 # on/off comparison is in tests/distributed/test_zero3_ranks.py.
 import pytest
 import torch
@@ -32,9 +33,12 @@ def test_contiguous_run_is_the_concatenation_without_a_copy():
     assert contiguous_run([]) is None
 
 
-def test_the_installed_deepspeed_gets_both_fixes(inprocess_dist):
+ALL_FIXES = ["fp32-master-reuse", "gradient-view", "single-rank-gradients"]
+
+
+def test_the_installed_deepspeed_gets_all_fixes(inprocess_dist):
     # Fails when a DeepSpeed upgrade rewrites a patched method: then check ds_zero3_fixes against it.
-    assert ds_zero3_fixes.applied_fixes() == ["fp32-master-reuse", "gradient-view"]
+    assert ds_zero3_fixes.applied_fixes() == ALL_FIXES
 
 
 def test_a_rewritten_deepspeed_method_gets_no_fix():
@@ -44,20 +48,38 @@ def test_a_rewritten_deepspeed_method_gets_no_fix():
 
         def _prepare_fp32_grad_for_sub_group(self, sub_group_id):
             return "upstream"
+
+        def reduce_independent_p_g_buckets_and_remove_grads(self, param):
+            return "upstream"
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
+    for name in ds_zero3_fixes._GRADIENT_PATH[1:]:  # fix 3 also checks the bucket path it skips
+        setattr(Rewritten, name, getattr(Stage3, name))
     create, prepare = Rewritten._create_fp32_partitions, Rewritten._prepare_fp32_grad_for_sub_group
+    reduce = Rewritten.reduce_independent_p_g_buckets_and_remove_grads
     assert not ds_zero3_fixes._install_master_reuse(Rewritten)
     assert not ds_zero3_fixes._install_gradient_view(Rewritten)
+    assert not ds_zero3_fixes._install_single_rank_gradients(Rewritten)
     assert Rewritten._create_fp32_partitions is create and Rewritten._prepare_fp32_grad_for_sub_group is prepare
+    assert Rewritten.reduce_independent_p_g_buckets_and_remove_grads is reduce
+
+    class RewrittenBucket:  # the hook as checked, but a bucket path that may no longer be an identity
+        reduce_independent_p_g_buckets_and_remove_grads = Stage3.reduce_independent_p_g_buckets_and_remove_grads
+        partition_grads = Rewritten.reduce_independent_p_g_buckets_and_remove_grads
+    for name in ds_zero3_fixes._GRADIENT_PATH[1:-1]:
+        setattr(RewrittenBucket, name, getattr(Stage3, name))
+    assert not ds_zero3_fixes._install_single_rank_gradients(RewrittenBucket)
 
     class NoSource:  # an install without readable source (inspect.getsource fails): no fix, no crash
         _create_fp32_partitions = _prepare_fp32_grad_for_sub_group = len
+        reduce_independent_p_g_buckets_and_remove_grads = len
     assert not ds_zero3_fixes._install_master_reuse(NoSource)
     assert not ds_zero3_fixes._install_gradient_view(NoSource)
+    assert not ds_zero3_fixes._install_single_rank_gradients(NoSource)
     assert NoSource._create_fp32_partitions is len
 
 
 def test_the_startup_line_says_which_fixes_run(inprocess_dist):
-    assert ds_zero3_fixes.describe() == "ZeRO-3 optimizer fixes: fp32-master-reuse, gradient-view"
+    assert ds_zero3_fixes.describe() == "ZeRO-3 optimizer fixes: " + ", ".join(ALL_FIXES)
     ds_zero3_fixes.set_enabled(False)
     try:
         assert ds_zero3_fixes.describe() == "ZeRO-3 optimizer fixes: off (MGT_DS_ZERO3_FIXES=0)"
@@ -65,13 +87,13 @@ def test_the_startup_line_says_which_fixes_run(inprocess_dist):
         ds_zero3_fixes.set_enabled(True)
 
 
-def build(fixes: bool):
+def build(fixes: bool, precision: str = "fp32"):
     from mgt_scale.parallel.topology import plan_batch
     from mgt_scale.train.engines import Zero3Engine
     ds_zero3_fixes.set_enabled(fixes)
     try:
-        cfg = load_config(None, BASE)
-        e = Zero3Engine(cfg, plan_batch(cfg, 1), "fp32")
+        cfg = load_config(None, BASE + [f"parallel.precision={precision}"])
+        e = Zero3Engine(cfg, plan_batch(cfg, 1), precision)
     finally:
         ds_zero3_fixes.set_enabled(True)
     e.set_lr(1e-2)
@@ -104,28 +126,52 @@ def assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
+BUCKET_ADD = "_DeepSpeedZeroOptimizer_Stage3__add_grad_to_ipg_bucket"
+
+
+def count_calls(engines: dict, attr: str) -> dict:
+    """Count calls of optimizer method `attr` per engine (name -> engine), through an instance attribute."""
+    calls = {name: 0 for name in engines}
+    for name, e in engines.items():
+        method = getattr(e.optimizer, attr)
+
+        def counting(*args, name=name, method=method):
+            calls[name] += 1
+            return method(*args)
+        setattr(e.optimizer, attr, counting)
+    return calls
+
+
 def test_fixes_train_bit_identically_and_remove_the_copies(inprocess_dist):
     on, off = build(True), build(False)
-    flattens = {"on": 0, "off": 0}
-    for name, e in (("on", on), ("off", off)):
-        flatten = e.optimizer.flatten
-
-        def counting(tensors, name=name, flatten=flatten):
-            flattens[name] += 1
-            return flatten(tensors)
-        e.optimizer.flatten = counting
+    flattens = count_calls({"on": on, "off": off}, "flatten")
+    bucket_adds = count_calls({"on": on, "off": off}, BUCKET_ADD)
     r_on, r_off = train(on, 4, True), train(off, 4, False)
     assert r_on == r_off  # losses and gradient norms, bit for bit
     assert all(norm > 0.05 for _, norm in r_on)  # clipping was active on every step
     assert_same_weights(weights(on), weights(off))
     groups = len(off.optimizer.fp16_groups)  # the optimizer's parameter groups (decay / no decay)
     assert groups == 2 and flattens == {"on": 0, "off": 4 * groups}  # without the fix: a flatten per group per step
+    # fix 3: every gradient of every micro-batch went through the reduce bucket without it, none with it
+    n_params = sum(1 for p in off.module.parameters() if p.requires_grad)
+    assert bucket_adds == {"on": 0, "off": 4 * 2 * n_params}
     # fix 1: the fp32 master is the model's own partition with the fix, a second copy without
     o_on, o_off = on.optimizer, off.optimizer
     for i in range(groups):
         assert o_on.fp32_partitioned_groups_flat[i].data_ptr() == o_on.fp16_partitioned_groups_flat[i].data_ptr()
         assert o_off.fp32_partitioned_groups_flat[i].data_ptr() != o_off.fp16_partitioned_groups_flat[i].data_ptr()
     assert isinstance(o_on.device, str)  # the wrapper put DeepSpeed's own value back
+
+
+def test_fixes_train_bit_identically_in_bf16(inprocess_dist):
+    # bf16 gradients, fp32 partitions: fix 3 copies and adds across dtypes where DeepSpeed's bucket path
+    # casts after the all-reduce (a tiny model: bf16 matmul is slow on this CPU)
+    on, off = build(True, "bf16"), build(False, "bf16")
+    bucket_adds = count_calls({"on": on, "off": off}, BUCKET_ADD)
+    r_on, r_off = train(on, 2, True), train(off, 2, False)
+    assert r_on == r_off and all(l == l for l, _ in r_on)  # bit for bit, and finite (NaN != NaN)
+    assert_same_weights(weights(on), weights(off))
+    assert bucket_adds["on"] == 0 < bucket_adds["off"]
 
 
 @pytest.mark.parametrize("save_fixes,load_fixes", [(False, True), (True, False)], ids=["off-to-on", "on-to-off"])
