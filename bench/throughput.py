@@ -1,7 +1,7 @@
 # Throughput benchmark, one run, one table per question, ratios side by side on the same machine:
 #   1. engine overhead: a plain PyTorch loop vs our trainer in zero3 (1 rank; block and per-module
 #      parameter fetch), zero3 (2 ranks), pipeline (2 stages); then the plain loop and the zero3
-#      engine's training step in one process, steps interleaved (section engine1)
+#      engine's training step in one process, steps interleaved, with our ZeRO-3 fixes and without (section engine1)
 #   2. mgt (full, and efficient forms) vs preln: measured step-time ratio next to the FLOP ratio
 #   3. activation checkpointing on vs off: time and peak-RSS ratios
 #   4. depth 12 -> 200 at fixed width: time per layer and its slope
@@ -147,11 +147,14 @@ def trainer_sets(spec: dict, mode: str, ranks: int, run_dir: Path) -> dict:
 def zero3_interleaved_worker(spec: dict) -> dict:
     """The plain loop (clipping, as the trainer does) and `Zero3Engine.train_step` on 1 rank, the step the
     trainer times, in one process, one step of each in turn: the engine's overhead without the scatter
-    of separate processes. DeepSpeed's ZeRO-3 replaces `torch.nn.functional.linear` process-wide with its
-    own autograd Function; the plain steps run torch's own, as a plain process would."""
+    of separate processes. A second engine runs DeepSpeed's own stage-3 code (our ds_zero3_fixes off,
+    as MGT_DS_ZERO3_FIXES=0 would), so the fixes' share shows in the same run. DeepSpeed's ZeRO-3 replaces
+    `torch.nn.functional.linear` process-wide with its own autograd Function; the plain steps run torch's
+    own, as a plain process would."""
     import torch.nn.functional as F
     from mgt_scale.cluster import dist_env
     from mgt_scale.config import load_config
+    from mgt_scale.parallel import ds_zero3_fixes
     from mgt_scale.parallel.ds_runtime import import_deepspeed
     from mgt_scale.parallel.topology import plan_batch
     from mgt_scale.train.engines import Zero3Engine
@@ -160,22 +163,28 @@ def zero3_interleaved_worker(spec: dict) -> dict:
     import_deepspeed().init_distributed(verbose=False)
     native_linear = F.linear
     model, opt, x = build_plain(spec)
+    engines = {}
     with tempfile.TemporaryDirectory() as tmp:
         sets = trainer_sets(spec, "zero3", 1, Path(tmp) / "run")
         cfg = load_config(REPO / "configs/tiny_synthetic.yaml", [f"{k}={v}" for k, v in sets.items()])
-        engine = Zero3Engine(cfg, plan_batch(cfg, 1), spec["precision"])
+        for name, fixes in (("zero3", True), ("zero3 unfixed", False)):
+            ds_zero3_fixes.set_enabled(fixes)  # fp32-master-reuse acts when the optimizer is built
+            engines[name] = (Zero3Engine(cfg, plan_batch(cfg, 1), spec["precision"]), fixes)
     engine_linear = F.linear
-    times: dict = {"plain": [], "zero3": []}
+    times: dict = {"plain": [], **{name: [] for name in engines}}
     for i in range(spec["warmup"] + spec["steps"]):
         F.linear = native_linear
         t_plain = timed_step(model, opt, x, clip=cfg.train.grad_clip)
         F.linear = engine_linear
-        tic = time.perf_counter()
-        engine.train_step([(x, x)])
-        t_engine = time.perf_counter() - tic
         if i >= spec["warmup"]:
             times["plain"].append(t_plain)
-            times["zero3"].append(t_engine)
+        for name, (engine, fixes) in engines.items():
+            ds_zero3_fixes.set_enabled(fixes)  # the other two fixes check it at every call
+            tic = time.perf_counter()
+            engine.train_step([(x, x)])
+            if i >= spec["warmup"]:
+                times[name].append(time.perf_counter() - tic)
+    ds_zero3_fixes.set_enabled(True)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -322,10 +331,12 @@ def engine_inprocess_table(args, base, out) -> None:
     tok = args.batch * args.seq
     steps = base["steps"] * args.rounds
     r = run_plain(dict(base, steps=steps), mode="zero3-interleaved")
+    rows = [["plain PyTorch loop", r["plain"], tok / r["plain"], 1.0],
+            ["zero3 train_step", r["zero3"], tok / r["zero3"], r["zero3"] / r["plain"]],
+            ["zero3 train_step, DeepSpeed's own code (our ZeRO-3 fixes off)", r["zero3 unfixed"],
+             tok / r["zero3 unfixed"], r["zero3 unfixed"] / r["plain"]]]
     out.append(table(f"Engine overhead in one process (1 rank; plain loop and Zero3Engine.train_step, one step of "
-                     f"each in turn, median of {steps} each)", ["engine", "step s", "tokens/s", "x plain"],
-                     [["plain PyTorch loop", r["plain"], tok / r["plain"], 1.0],
-                      ["zero3 train_step", r["zero3"], tok / r["zero3"], r["zero3"] / r["plain"]]]))
+                     f"each in turn, median of {steps} each)", ["engine", "step s", "tokens/s", "x plain"], rows))
     print(out[-1], flush=True)
 
 
