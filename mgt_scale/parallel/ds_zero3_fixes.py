@@ -39,7 +39,8 @@ from typing import Optional
 _KNOWN_PREPARE_SOURCES = {"44d0f71378ee31203be8a31ee00394efae995307a4abc8d512755c2aa6bfe1bd"}
 # Fix 3: the sha256 of the five methods' sources joined in _GRADIENT_PATH order (the hook it replaces and
 # the bucket path it skips, whose every step it reproduces).
-_GRADIENT_PATH = ("reduce_independent_p_g_buckets_and_remove_grads", "_DeepSpeedZeroOptimizer_Stage3__add_grad_to_ipg_bucket",
+_GRADIENT_PATH = ("reduce_independent_p_g_buckets_and_remove_grads",
+                  "_DeepSpeedZeroOptimizer_Stage3__add_grad_to_ipg_bucket",
                   "_DeepSpeedZeroOptimizer_Stage3__reduce_and_partition_ipg_grads",
                   "_DeepSpeedZeroOptimizer_Stage3__avg_scatter_contiguous_grads", "partition_grads")
 _KNOWN_GRADIENT_PATH_SOURCES = {"c8ca44c690434761fc8ad914d8b4e6f04f36e993fc1a0273861878a389d2fb7b"}
