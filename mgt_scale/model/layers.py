@@ -1,10 +1,21 @@
 # Sublayers of a block: causal self-attention with rotary position embeddings (through
-# scaled_dot_product_attention) and the GELU feed-forward network. Pure torch, no parallelism.
+# scaled_dot_product_attention) and the GELU feed-forward network; and the one random draw every
+# initialiser uses. Pure torch, no parallelism.
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+def normal_from_cpu_(t: torch.Tensor, std: float, gen: torch.Generator) -> None:
+    """t <- N(0, std^2), drawn in fp32 on the CPU from `gen`, then copied into t (any device or dtype).
+
+    Every initialiser draws this way, never with `t.normal_(generator=gen)`: the seeded generators are
+    CPU generators (`module_generator`), and torch refuses a CPU generator for a CUDA tensor. Under
+    ZeRO-3 on GPUs the gathered parameters live on the GPU. Drawing on the CPU also gives the same
+    weights on every device, and in fp32 on the CPU the same bits as an in-place draw."""
+    t.copy_(torch.empty(t.shape, dtype=torch.float32).normal_(0.0, std, generator=gen).to(t))
 
 
 def rotary_tables(seq_len: int, head_dim: int, base: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from mgt_scale.config import ModelConfig
 from mgt_scale.model import cpu_kernel
+from mgt_scale.model.layers import normal_from_cpu_
 
 Sublayer = Callable[[torch.Tensor], torch.Tensor]
 
@@ -236,9 +237,9 @@ class ResidualOp(nn.Module):
                           torch.full((self.beta_rows, 1), m.beta_init_std)])
         if self.proj_rank:
             d, r = cfg.d_model, self.proj_rank
-            self.gate_beta_down.normal_(0.0, d ** -0.5, generator=gen)
-            self.gate_beta_up.normal_(0.0, 1.0, generator=gen)
+            normal_from_cpu_(self.gate_beta_down, d ** -0.5, gen)
+            normal_from_cpu_(self.gate_beta_up, 1.0, gen)
             self.gate_beta_up.mul_(stds.to(self.gate_beta_up) * math.sqrt(d / r))
         else:
-            self.gate_beta.normal_(0.0, 1.0, generator=gen)
+            normal_from_cpu_(self.gate_beta, 1.0, gen)
             self.gate_beta.mul_(stds.to(self.gate_beta))

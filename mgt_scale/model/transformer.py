@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mgt_scale.config import ModelConfig
-from mgt_scale.model.layers import CausalSelfAttention, FeedForward
+from mgt_scale.model.layers import CausalSelfAttention, FeedForward, normal_from_cpu_
 from mgt_scale.model.recompute import checkpoint_segment
 from mgt_scale.model.residual import ResidualOp, deepnorm_constants
 
@@ -25,14 +25,9 @@ def module_generator(seed: int, index: int) -> torch.Generator:
     return g
 
 
-def _normal_(t: torch.Tensor, std: float, gen: torch.Generator) -> None:
-    """Normal init drawn on CPU from `gen` (so it is identical on every device), then copied."""
-    t.copy_(torch.empty(t.shape, dtype=torch.float32).normal_(0.0, std, generator=gen).to(t))
-
-
 def _xavier_(t: torch.Tensor, gain: float, gen: torch.Generator) -> None:
     fan_out, fan_in = t.shape
-    _normal_(t, gain * math.sqrt(2.0 / (fan_in + fan_out)), gen)
+    normal_from_cpu_(t, gain * math.sqrt(2.0 / (fan_in + fan_out)), gen)
 
 
 class TokenEmbedding(nn.Module):
@@ -45,7 +40,7 @@ class TokenEmbedding(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, cfg: ModelConfig, gen: torch.Generator) -> None:
-        _normal_(self.tok.weight, cfg.init_std, gen)
+        normal_from_cpu_(self.tok.weight, cfg.init_std, gen)
 
 
 class Block(nn.Module):
@@ -75,10 +70,10 @@ class Block(nn.Module):
                 _xavier_(w, gain, gen)
         else:
             out_std = cfg.init_std * ((2 * cfg.num_layers) ** -0.5 if cfg.depth_scaled_init else 1.0)
-            _normal_(self.attn.qkv.weight, cfg.init_std, gen)
-            _normal_(self.attn.out.weight, out_std, gen)
-            _normal_(self.ffn.up.weight, cfg.init_std, gen)
-            _normal_(self.ffn.down.weight, out_std, gen)
+            normal_from_cpu_(self.attn.qkv.weight, cfg.init_std, gen)
+            normal_from_cpu_(self.attn.out.weight, out_std, gen)
+            normal_from_cpu_(self.ffn.up.weight, cfg.init_std, gen)
+            normal_from_cpu_(self.ffn.down.weight, out_std, gen)
         self.attn_res.init_weights(cfg, gen)
         self.ffn_res.init_weights(cfg, gen)
 
@@ -97,7 +92,7 @@ class Head(nn.Module):
     @torch.no_grad()
     def init_weights(self, cfg: ModelConfig, gen: torch.Generator) -> None:
         self.norm.reset_parameters()
-        _normal_(self.proj.weight, cfg.init_std, gen)
+        normal_from_cpu_(self.proj.weight, cfg.init_std, gen)
 
 
 class MGTModel(nn.Module):
