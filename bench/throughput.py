@@ -156,12 +156,12 @@ def zero3_interleaved_worker(spec: dict) -> dict:
     from mgt_scale.cluster import dist_env
     from mgt_scale.config import load_config
     from mgt_scale.parallel import ds_zero3_fixes
-    from mgt_scale.parallel.ds_runtime import import_deepspeed
+    from mgt_scale.parallel.ds_runtime import import_deepspeed, init_distributed
     from mgt_scale.parallel.topology import plan_batch
     from mgt_scale.train.engines import Zero3Engine
 
     dist_env.apply(dist_env.derive_dist_env())  # a single process: rank 0 of 1, as `mgt train` sets it up
-    import_deepspeed().init_distributed(verbose=False)
+    init_distributed(import_deepspeed())
     native_linear = F.linear
     model, opt, x = build_plain(spec)
     engines = {}

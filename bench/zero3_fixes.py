@@ -32,12 +32,12 @@ def worker(spec: dict) -> dict:
     from mgt_scale.cluster import dist_env
     from mgt_scale.config import load_config
     from mgt_scale.parallel import ds_zero3_fixes
-    from mgt_scale.parallel.ds_runtime import import_deepspeed
+    from mgt_scale.parallel.ds_runtime import import_deepspeed, init_distributed
     from mgt_scale.parallel.topology import plan_batch
     from mgt_scale.train.engines import Zero3Engine
 
     dist_env.apply(dist_env.derive_dist_env())
-    import_deepspeed().init_distributed(verbose=False)
+    init_distributed(import_deepspeed())
     with tempfile.TemporaryDirectory() as tmp:
         sets = trainer_sets(spec, "zero3", 1, Path(tmp) / "run")
         cfg = load_config(REPO / "configs/tiny_synthetic.yaml", [f"{k}={v}" for k, v in sets.items()])

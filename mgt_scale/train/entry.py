@@ -120,7 +120,7 @@ def run(cfg: Config, args, denv, plan, precision: str) -> int:
         _write_status(run_dir, "running", None, "")
 
     import torch
-    from mgt_scale.parallel.ds_runtime import import_deepspeed
+    from mgt_scale.parallel.ds_runtime import import_deepspeed, init_distributed
     deepspeed = import_deepspeed()
     from mgt_scale.data import build_train_loader, build_valid_batches, dataset_vocab_size
     from mgt_scale.data.shards import DataError
@@ -134,7 +134,7 @@ def run(cfg: Config, args, denv, plan, precision: str) -> int:
         return _fail(run_dir, rank, str(e))
 
     torch.manual_seed(cfg.train.seed)
-    deepspeed.init_distributed(verbose=False)
+    init_distributed(deepspeed)
     if rank == 0:
         print(describe_env(denv, plan, precision), flush=True)
         if cfg.parallel.mode == "zero3" and cfg.parallel.zero_stage == 3:
@@ -239,8 +239,11 @@ def engine_dp(engine, plan, rank: int) -> tuple[int, int]:
 
 
 def describe_env(denv, plan, precision: str) -> str:
+    import torch.distributed as dist
+
     from mgt_scale.cluster.dist_env import describe
-    return f"{describe(denv)}\nbatch: {plan.describe()}; precision {precision}"
+    backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else "none"
+    return f"{describe(denv)}\nbatch: {plan.describe()}; precision {precision}; process group backend {backend}"
 
 
 def _write_status(run_dir: Path, state: str, code, reason: str, extra: dict | None = None) -> None:

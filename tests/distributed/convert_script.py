@@ -12,7 +12,7 @@ import torch.distributed as dist
 from mgt_scale.cluster.dist_env import apply, derive_dist_env
 from mgt_scale.config import load_config
 from mgt_scale.data import build_train_loader, build_valid_batches
-from mgt_scale.parallel.ds_runtime import import_deepspeed
+from mgt_scale.parallel.ds_runtime import import_deepspeed, init_distributed
 from mgt_scale.parallel.convert import consolidated_state_dict, load_consolidated
 from mgt_scale.parallel.topology import plan_batch
 from mgt_scale.train.engines import Zero3Engine
@@ -38,7 +38,7 @@ def main() -> None:
     base = load_config(sys.argv[1])
     denv = derive_dist_env()
     apply(denv)
-    import_deepspeed().init_distributed(verbose=False)
+    init_distributed(import_deepspeed())
     world = dist.get_world_size()
     zcfg = dataclasses.replace(base, parallel=dataclasses.replace(base.parallel, mode="zero3", zero_stage=3,
                                                                   pipeline_stages=1))

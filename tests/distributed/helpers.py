@@ -22,8 +22,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env() -> dict:
-    env = dict(os.environ)
+def _env(extra: dict | None = None) -> dict:
+    env = dict(os.environ, **(extra or {}))
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
@@ -34,9 +34,10 @@ def deepspeed_cmd(num_ranks: int, *args: str) -> list[str]:
     return [str(launcher), "--num_gpus", str(num_ranks), "--no_local_rank", "--master_port", str(free_port()), *args]
 
 
-def run_cmd(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run in its own session; on timeout kill the whole group (launcher and ranks)."""
-    popen = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+def run_cmd(cmd: list[str], timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run in its own session (with `env` added to the environment); on timeout kill the whole group
+    (launcher and ranks)."""
+    popen = subprocess.Popen(cmd, cwd=ROOT, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              start_new_session=True)
     try:
         out, err = popen.communicate(timeout=timeout)
@@ -55,8 +56,9 @@ def write_config(cfg: dict, path: Path) -> Path:
     return path
 
 
-def train(cfg: dict, tmp: Path, num_ranks: int, name: str) -> tuple[list[float], str]:
-    """Run `mgt_scale.train.entry` on `num_ranks` ranks; returns (per-step losses, stdout)."""
+def train(cfg: dict, tmp: Path, num_ranks: int, name: str, env: dict | None = None) -> tuple[list[float], str]:
+    """Run `mgt_scale.train.entry` on `num_ranks` ranks (with `env` added to the environment); returns
+    (per-step losses, stdout)."""
     run_dir = tmp / name
     cfg = dict(cfg, run={"dir": str(run_dir), "name": name})
     path = write_config(cfg, tmp / f"{name}.yaml")
@@ -64,7 +66,7 @@ def train(cfg: dict, tmp: Path, num_ranks: int, name: str) -> tuple[list[float],
         cmd = [sys.executable, "-m", "mgt_scale.train.entry", "--config", str(path)]
     else:
         cmd = deepspeed_cmd(num_ranks, "--module", "mgt_scale.train.entry", "--config", str(path))
-    proc = run_cmd(cmd)
+    proc = run_cmd(cmd, env=env)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     losses = [r["loss"] for r in rows if "loss" in r]
     return losses, proc.stdout

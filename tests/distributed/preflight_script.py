@@ -5,10 +5,10 @@ import importlib
 import torch
 import torch.distributed as dist
 
-from mgt_scale.parallel.ds_runtime import import_deepspeed
+from mgt_scale.parallel.ds_runtime import import_deepspeed, init_distributed
 
 deepspeed = import_deepspeed()
-deepspeed.init_distributed(verbose=False)
+init_distributed(deepspeed)
 t = torch.tensor([float(dist.get_rank() + 1)])
 dist.all_reduce(t)
 assert t.item() == dist.get_world_size() * (dist.get_world_size() + 1) / 2, t

@@ -78,6 +78,9 @@ def runs(tmp):
     out = {"reference": reference_losses(BASE)}
     out["zero3_2"], _ = train(with_parallel(BASE, ZERO3), tmp, 2, "zero3_2")
     out["pipe_2"], out["pipe_2_log"] = train(with_parallel(BASE, PIPE), tmp, 2, "pipe_2")
+    # the device-mapped backend form that GPUs get ("cpu:gloo,cuda:nccl"), here its CPU half
+    out["pipe_2_mapped"], out["pipe_2_mapped_log"] = train(with_parallel(BASE, PIPE), tmp, 2, "pipe_2_mapped",
+                                                           env={"MGT_DIST_BACKEND": "cpu:gloo"})
     # pipeline stages with the selective policy; zero3 below with the full one
     out["pipe_2_ac"], _ = train(with_parallel(BASE, dict(PIPE, **AC, checkpoint_policy="selective")), tmp, 2,
                                 "pipe_2_ac")
@@ -96,6 +99,16 @@ def test_pipeline_matches_reference(runs):
     assert len(runs["pipe_2"]) == STEPS
     assert rel_diff(runs["pipe_2"], runs["reference"]) < 1e-4
     assert rel_diff(runs["pipe_2"], runs["zero3_2"]) < 1e-4
+
+
+def test_device_mapped_backend_string_trains_the_same(runs):
+    """On CUDA the process group is "cpu:gloo,cuda:nccl" (parallel.ds_runtime.process_group_backend), so
+    the CPU-tensor collectives of the trainer and the pipeline's subgroups get gloo. No GPU here: the
+    same code path with its CPU half, "cpu:gloo", must start DeepSpeed's pipeline groups and give the
+    losses of plain "gloo" bit for bit (the same collectives underneath)."""
+    assert "process group backend cpu:gloo" in runs["pipe_2_mapped_log"], runs["pipe_2_mapped_log"][-3000:]
+    assert "process group backend gloo" in runs["pipe_2_log"], runs["pipe_2_log"][-3000:]
+    assert runs["pipe_2_mapped"] == runs["pipe_2"]
 
 
 def test_zero_init_matches_reference(runs):

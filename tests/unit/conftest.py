@@ -16,9 +16,9 @@ def inprocess_dist():
     saved = {k: os.environ.get(k) for k in DIST_VARS}
     os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": os.environ.get("MASTER_PORT") or str(free_port())})
-    from mgt_scale.parallel.ds_runtime import import_deepspeed
+    from mgt_scale.parallel.ds_runtime import import_deepspeed, init_distributed
     deepspeed = import_deepspeed()
-    deepspeed.init_distributed(verbose=False)  # a no-op when an earlier module already initialised it
+    init_distributed(deepspeed)  # a no-op when an earlier module already initialised it
     yield
     for k, v in saved.items():
         if v is None:
