@@ -55,14 +55,17 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 def rng_state() -> dict:
     """RNG states of python, numpy and torch as plain lists/ints/floats/tensors, so the file loads
-    with `torch.load(..., weights_only=True)` (no pickled numpy objects)."""
+    with `torch.load(..., weights_only=True)` (no pickled numpy objects). On GPUs, the CUDA state of
+    this rank's device only: `get_rng_state_all` would create a context on every visible GPU from every
+    rank, and its list could not be restored on a node with fewer GPUs (a resharded resume hands rank
+    0's state to ranks that have no file of their own)."""
     version, internal, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"python": [int(version), [int(v) for v in internal], gauss],
              "numpy": [str(name), [int(v) for v in keys], int(pos), int(has_gauss), float(cached)],
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = list(torch.cuda.get_rng_state_all())
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -72,8 +75,13 @@ def set_rng_state(state: dict) -> None:
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # earlier versions kept one state per visible device
+            device = torch.cuda.current_device()
+            cuda = cuda[device] if device < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 def _fault_step(var: str) -> int | None:
