@@ -1,7 +1,7 @@
 # The fused CPU kernel of the MGT residual update (csrc/mgt_update_cpu.cpp): built on first use with
-# torch.utils.cpp_extension (about 45 s on 2 cores; cached per python and torch version under
-# TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions, in mgt_scale/), wrapped together with the gate and
-# beta projections in one autograd Function.
+# torch.utils.cpp_extension (about 45 s on 2 cores; cached per installation under TORCH_EXTENSIONS_DIR
+# or ~/.cache/torch_extensions, in mgt_scale/), wrapped together with the gate and beta projections in
+# one autograd Function.
 # Used by ResidualOp when `mgt.cpu_kernel` is on and the input is fp32 on an AVX2 CPU; anything else
 # (GPU, bf16, no compiler) takes the torch-op path, with one warning if the build fails.
 from __future__ import annotations
@@ -29,8 +29,22 @@ def cpu_supports_kernel() -> bool:
 
 
 def build_directory() -> Path:
+    """One build directory per installation: python and torch version, plus a hash of what the build
+    commands name (this source file, torch's and python's include directories, the flags).
+
+    Two installations sharing one directory (two checkouts or virtual environments under one home
+    directory: CI's fresh-copy README tests, two jobs on a cluster) would each find the other's build
+    commands there and rebuild the kernel in turn, about 25 s each time, their ranks waiting on the lock.
+    In a CI run that overlapped another checkout's tests this way, the uninterrupted run of a bit-exact
+    resumption test logged one loss one ulp off: the torch-op path's loss to the last bit. Which step of
+    the rebuild race made that run take the torch-op path was not found."""
+    import hashlib
+    import sysconfig
+
     from torch.utils.cpp_extension import get_default_build_root
-    tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__.replace('+', '_')}"
+    named = [str(_SOURCE), str(Path(torch.__file__).resolve().parent), sysconfig.get_paths()["include"], *_FLAGS]
+    digest = hashlib.sha256("\0".join(named).encode()).hexdigest()[:12]
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__.replace('+', '_')}_{digest}"
     return Path(get_default_build_root()) / "mgt_scale" / tag / "mgt_update_cpu"
 
 
@@ -72,6 +86,22 @@ def load(verbose: bool = False):
 
 def unavailable_reason() -> Optional[str]:
     return _state.get("error")
+
+
+def describe(residual: str, fused: bool, kernel_on: bool, d_model: int, device_type: str, precision: str) -> str:
+    """One start-up log line: which path the MGT residual update takes in this process. Where the kernel
+    would serve, it is loaded (built) now, so the line is the truth, and the kernel and torch-op paths,
+    which agree to about an ulp but not to the bit, are never mixed up unseen (bit-exact resumption on
+    CPUs needs the same path before and after)."""
+    if residual not in ("mgt", "mhc_gate", "ddl"):
+        return f"mgt.cpu_kernel: not used (residual {residual})"
+    if not (fused and kernel_on):
+        return "mgt.cpu_kernel: off (torch-op path)"
+    if device_type != "cpu" or precision != "fp32" or d_model % 8:
+        return f"mgt.cpu_kernel: not used ({device_type}, {precision}, d_model {d_model}; torch-op path)"
+    if load() is None:
+        return f"mgt.cpu_kernel: UNAVAILABLE, torch-op path ({unavailable_reason()})"
+    return "mgt.cpu_kernel: in use"
 
 
 def usable(x: torch.Tensor) -> bool:

@@ -179,3 +179,38 @@ def test_lock_left_by_a_killed_build_does_not_hang_the_next(tmp_path):
     finally:
         lock.unlink(missing_ok=True)
     assert r.returncode == 0 and "loaded" in r.stdout, r.stderr[-2000:]
+
+
+def test_each_installation_builds_in_its_own_directory(monkeypatch, tmp_path):
+    """Two checkouts or virtual environments must not share a build directory, where each would rebuild
+    the other's kernel (their build commands name different paths)."""
+    here = cpu_kernel.build_directory()
+    assert here == cpu_kernel.build_directory()  # stable within an installation
+    assert here.name == "mgt_update_cpu" and here.parent.name.startswith(
+        f"py{sys.version_info.major}{sys.version_info.minor}_torch")
+    monkeypatch.setattr(cpu_kernel, "_SOURCE", tmp_path / "other_checkout" / "mgt_update_cpu.cpp")
+    other_checkout = cpu_kernel.build_directory()
+    monkeypatch.undo()
+    fake_torch = tmp_path / "other_venv" / "torch" / "__init__.py"
+    monkeypatch.setattr(torch, "__file__", str(fake_torch))
+    other_venv = cpu_kernel.build_directory()
+    assert len({here, other_checkout, other_venv}) == 3
+    assert len({p.parent.parent for p in (here, other_checkout, other_venv)}) == 1  # all under mgt_scale/
+
+
+@pytest.mark.parametrize("args,expected", [
+    (("preln", True, True, 16, "cpu", "fp32"), "mgt.cpu_kernel: not used (residual preln)"),
+    (("mgt", False, True, 16, "cpu", "fp32"), "mgt.cpu_kernel: off (torch-op path)"),
+    (("mgt", True, False, 16, "cpu", "fp32"), "mgt.cpu_kernel: off (torch-op path)"),
+    (("ddl", True, True, 16, "cuda", "bf16"), "mgt.cpu_kernel: not used (cuda, bf16, d_model 16; torch-op path)"),
+    (("mgt", True, True, 12, "cpu", "fp32"), "mgt.cpu_kernel: not used (cpu, fp32, d_model 12; torch-op path)"),
+    (("mhc_gate", True, True, 16, "cpu", "fp32"), "mgt.cpu_kernel: in use"),
+])
+def test_start_up_line_names_the_path_taken(args, expected):
+    assert cpu_kernel.describe(*args) == expected
+
+
+def test_start_up_line_says_when_the_build_failed(monkeypatch):
+    monkeypatch.setattr(cpu_kernel, "_state", {"error": "CalledProcessError: ninja failed"})
+    assert cpu_kernel.describe("mgt", True, True, 16, "cpu", "fp32") == (
+        "mgt.cpu_kernel: UNAVAILABLE, torch-op path (CalledProcessError: ninja failed)")
