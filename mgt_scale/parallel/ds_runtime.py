@@ -39,35 +39,18 @@ def import_deepspeed():
     return deepspeed
 
 
-def process_group_backend(device_name: str, communication_backend: str) -> str | None:
-    """The backend string for `torch.distributed.init_process_group`, or None for DeepSpeed's default.
-
-    On GPUs DeepSpeed asks for NCCL alone, and an NCCL-only group refuses CPU tensors ("No backend type
-    associated with device type cpu"). Our own small collectives work on CPU tensors: the non-finite
-    and stop flags (train.engines, train.preemption), the loss mean, the pipeline's parameter counts,
-    and the object collectives and barriers of checkpointing. So on CUDA the group gets gloo for CPU
-    tensors and NCCL for CUDA tensors, in torch's "device:backend" form (torchtitan does the same).
-    DeepSpeed's own collectives run on CUDA tensors, so they still go through NCCL. Object collectives
-    and barriers then go through gloo too (torch picks "cpu" when a group has it), so they do not depend
-    on which CUDA device is current when they run."""
-    if device_name == "cuda" and communication_backend == "nccl":
-        return "cpu:gloo,cuda:nccl"
-    return None
-
-
 def init_distributed(deepspeed) -> None:
-    """`deepspeed.init_distributed` with the backend of `process_group_backend` (a no-op if the process
-    group exists already). Every entry point that starts a process group calls this, not DeepSpeed.
-    `MGT_DIST_BACKEND` overrides the choice with any backend string torch accepts: `nccl` restores
-    DeepSpeed's NCCL-only group (then CPU-tensor collectives fail), `cpu:gloo` is the device-mapped
-    form on CPUs (the tests run it). On GPUs the rank's device (LOCAL_RANK) is made current first, so
-    nothing before DeepSpeed's engine (which sets it too) works on GPU 0 from every rank."""
+    """`deepspeed.init_distributed` (a no-op if the process group exists already); every entry point that
+    starts a process group calls this, not DeepSpeed. On GPUs the rank's device (LOCAL_RANK) is made
+    current first, so that nothing before DeepSpeed's engine (which sets it too) works on GPU 0 from
+    every rank, and the NCCL collectives of mgt_scale.parallel.collectives find their device.
+    `MGT_DIST_BACKEND` replaces DeepSpeed's backend (NCCL on GPUs, gloo on CPUs) with any backend
+    string torch accepts, such as `cpu:gloo,cuda:nccl` or, on CPUs, `cpu:gloo` (the tests run that)."""
     import os
 
     from deepspeed.accelerator import get_accelerator
     acc = get_accelerator()
     if acc.device_name() == "cuda":
         acc.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    backend = os.environ.get("MGT_DIST_BACKEND", "").strip() or process_group_backend(
-        acc.device_name(), acc.communication_backend_name())
+    backend = os.environ.get("MGT_DIST_BACKEND", "").strip() or None
     deepspeed.init_distributed(dist_backend=backend, verbose=False)

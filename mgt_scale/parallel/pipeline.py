@@ -144,9 +144,9 @@ def partition_info(module) -> dict:
     local = sum(p.numel() for p in module.parameters())
     counts = torch.zeros(stages, dtype=torch.float64)
     counts[module.stage_id] = float(local)
-    group = module._grid.get_model_parallel_group() if dist.is_initialized() else None
     if dist.is_initialized():
-        dist.all_reduce(counts, group=group)
+        from mgt_scale.parallel.collectives import all_reduce
+        counts = all_reduce(counts, group=module._grid.get_model_parallel_group())
     per_stage = [int(c) for c in counts.tolist()]
     mean = sum(per_stage) / stages
     return {"ranges": [(parts[s], parts[s + 1]) for s in range(stages)], "params": per_stage,

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from mgt_scale.config import Config
 from mgt_scale.model import build_model, lm_loss
+from mgt_scale.parallel.collectives import any_rank, mean_over_ranks
 from mgt_scale.parallel.ds_config import deepspeed_config
 from mgt_scale.parallel.topology import BatchPlan
 from mgt_scale.train.optim import build_optimizer
@@ -30,20 +31,6 @@ def _device() -> torch.device:
     return torch.device(get_accelerator().current_device_name())
 
 
-def _any_rank(flag: bool) -> bool:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor([1.0 if flag else 0.0])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
-    return flag
-
-
-def _mean_over_ranks(value: torch.Tensor) -> float:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= dist.get_world_size()
-    return float(value)
 
 
 def build_model_zero_init(cfg: Config, ds_config: dict) -> torch.nn.Module:
@@ -137,7 +124,7 @@ class Zero3Engine:
             loss = lm_loss(logits, y.to(self.device))
             if inject_nan:
                 loss = loss * float("nan")
-            bad = _any_rank(not bool(torch.isfinite(loss.detach()).all()))
+            bad = any_rank(not bool(torch.isfinite(loss.detach()).all()))
             if bad:
                 nonfinite = True
                 # NaN * grad on every parameter in the graph: the skip cannot depend on which rank was bad
@@ -146,7 +133,7 @@ class Zero3Engine:
                 self.engine.backward(loss)
             self.engine.step()
             losses.append(loss.detach().float())
-        loss_mean = _mean_over_ranks(torch.stack(losses).mean().cpu())
+        loss_mean = mean_over_ranks(torch.stack(losses).mean())
         skipped = self.engine.skipped_steps > skipped_before
         if nonfinite and not skipped:
             raise RuntimeError("non-finite loss but DeepSpeed applied the update: the non-finite guard "
@@ -164,7 +151,7 @@ class Zero3Engine:
             mask = mask_fn(y) if mask_fn else None
             losses.append(lm_loss(logits, y.to(self.device), None if mask is None else mask.to(self.device)))
         self.engine.train()
-        return _mean_over_ranks(torch.stack(losses).mean().float().cpu())
+        return mean_over_ranks(torch.stack(losses).mean().float())
 
     def save(self, save_dir: str, tag: str, client_state: dict) -> None:
         self.engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)

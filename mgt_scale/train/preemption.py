@@ -31,13 +31,9 @@ def stop_requested(run_dir: str) -> bool:
 
 def any_rank(flag: bool) -> bool:
     """True if `flag` is set on any rank (collective)."""
-    import torch  # imported here: this module is loaded before torch so signal handlers go in first
-    import torch.distributed as dist
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor([1.0 if flag else 0.0])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
-    return flag
+    # imported here: this module is loaded before torch so signal handlers go in first
+    from mgt_scale.parallel.collectives import any_rank as any_rank_collective
+    return any_rank_collective(flag)
 
 
 class StopConditions:

@@ -78,7 +78,7 @@ def runs(tmp):
     out = {"reference": reference_losses(BASE)}
     out["zero3_2"], _ = train(with_parallel(BASE, ZERO3), tmp, 2, "zero3_2")
     out["pipe_2"], out["pipe_2_log"] = train(with_parallel(BASE, PIPE), tmp, 2, "pipe_2")
-    # the device-mapped backend form that GPUs get ("cpu:gloo,cuda:nccl"), here its CPU half
+    # a device-mapped backend string through MGT_DIST_BACKEND (on GPUs "cpu:gloo,cuda:nccl"; here its CPU half)
     out["pipe_2_mapped"], out["pipe_2_mapped_log"] = train(with_parallel(BASE, PIPE), tmp, 2, "pipe_2_mapped",
                                                            env={"MGT_DIST_BACKEND": "cpu:gloo"})
     # pipeline stages with the selective policy; zero3 below with the full one
@@ -102,10 +102,10 @@ def test_pipeline_matches_reference(runs):
 
 
 def test_device_mapped_backend_string_trains_the_same(runs):
-    """On CUDA the process group is "cpu:gloo,cuda:nccl" (parallel.ds_runtime.process_group_backend), so
-    the CPU-tensor collectives of the trainer and the pipeline's subgroups get gloo. No GPU here: the
-    same code path with its CPU half, "cpu:gloo", must start DeepSpeed's pipeline groups and give the
-    losses of plain "gloo" bit for bit (the same collectives underneath)."""
+    """MGT_DIST_BACKEND replaces DeepSpeed's backend (parallel.ds_runtime.init_distributed), for example
+    with "cpu:gloo,cuda:nccl" on GPUs; the trainer's collectives then put their tensors where the
+    mapped backend wants them (parallel.collectives). No GPU here: the CPU half, "cpu:gloo", must start
+    DeepSpeed's pipeline groups and give the losses of plain "gloo" bit for bit."""
     assert "process group backend cpu:gloo" in runs["pipe_2_mapped_log"], runs["pipe_2_mapped_log"][-3000:]
     assert "process group backend gloo" in runs["pipe_2_log"], runs["pipe_2_log"][-3000:]
     assert runs["pipe_2_mapped"] == runs["pipe_2"]

@@ -1,20 +1,17 @@
-# How the process group is started (parallel/ds_runtime.py): on CUDA with NCCL, gloo is added for CPU
-# tensors, because the trainer's own small collectives (flags, the loss mean, object collectives) run
-# on CPU tensors and an NCCL-only group refuses them; elsewhere DeepSpeed's default stands, and
-# MGT_DIST_BACKEND overrides either.
+# How the process group is started (parallel/ds_runtime.py) and where the trainer's own collectives put
+# their tensors (parallel/collectives.py): under NCCL, DeepSpeed's group on GPUs, on this rank's CUDA
+# device, since NCCL refuses CPU tensors; under gloo or a group with a CPU backend mapped in, on the
+# CPU. No GPU here: the backend and the CUDA device are faked where a GPU would be needed, and a real
+# 2-process gloo group checks the collectives' values.
+import os
+import socket
+
 import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-from mgt_scale.parallel import ds_runtime
-from mgt_scale.parallel.ds_runtime import process_group_backend
-
-
-def test_cuda_nccl_gets_gloo_for_cpu_tensors():
-    assert process_group_backend("cuda", "nccl") == "cpu:gloo,cuda:nccl"
-
-
-@pytest.mark.parametrize("device,comm", [("cpu", "gloo"), ("cpu", "ccl"), ("xpu", "xccl"), ("npu", "hccl")])
-def test_other_accelerators_keep_deepspeeds_default(device, comm):
-    assert process_group_backend(device, comm) is None
+from mgt_scale.parallel import collectives, ds_runtime
 
 
 class FakeDeepSpeed:
@@ -27,10 +24,10 @@ class FakeDeepSpeed:
 
 @pytest.mark.parametrize("override,expected", [("", None), ("  ", None), ("nccl", "nccl"),
                                                (" cpu:gloo ", "cpu:gloo")])
-def test_init_distributed_passes_the_backend_and_honours_the_override(monkeypatch, override, expected):
+def test_init_distributed_keeps_deepspeeds_backend_unless_overridden(monkeypatch, override, expected):
     monkeypatch.setenv("MGT_DIST_BACKEND", override)
     ds = FakeDeepSpeed()
-    ds_runtime.init_distributed(ds)  # this machine's accelerator is the CPU: DeepSpeed's default unless overridden
+    ds_runtime.init_distributed(ds)
     assert ds.calls == [{"dist_backend": expected, "verbose": False}]
 
 
@@ -40,9 +37,6 @@ class FakeCudaAccelerator:
 
     def device_name(self):
         return "cuda"
-
-    def communication_backend_name(self):
-        return "nccl"
 
     def set_device(self, index):
         self.devices.append(index)
@@ -57,4 +51,69 @@ def test_on_cuda_the_local_rank_device_is_current_before_the_group_starts(monkey
     ds = FakeDeepSpeed()
     ds.init_distributed = lambda **kw: ds.calls.append((list(acc.devices), kw))
     ds_runtime.init_distributed(ds)
-    assert ds.calls == [([3], {"dist_backend": "cpu:gloo,cuda:nccl", "verbose": False})]
+    assert ds.calls == [([3], {"dist_backend": None, "verbose": False})]
+
+
+@pytest.mark.parametrize("backend,device", [("nccl", "cuda:5"), ("NCCL", "cuda:5"), ("gloo", "cpu"),
+                                            ("cpu:gloo,cuda:nccl", "cpu"), ("cpu:gloo", "cpu"), ("mpi", "cpu")])
+def test_collective_device_follows_the_backend(monkeypatch, backend, device):
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: backend)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 5)
+    assert collectives.collective_device() == torch.device(device)
+
+
+def test_one_process_needs_no_group():
+    assert collectives.any_rank(True) is True and collectives.any_rank(False) is False
+    assert collectives.mean_over_ranks(torch.tensor(2.5)) == 2.5
+    t = torch.tensor([1.0, 2.0])
+    out = collectives.all_reduce(t)
+    assert torch.equal(out, t) and out is not t
+
+
+def _worker(rank: int, port: int, backend: str, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group(backend, rank=rank, world_size=2)
+    try:
+        t = torch.tensor([float(rank + 1), 10.0 * (rank + 1)])
+        results[rank] = {
+            "any_true": collectives.any_rank(rank == 1), "any_false": collectives.any_rank(False),
+            "mean": collectives.mean_over_ranks(torch.tensor(float(rank + 1), dtype=torch.float32)),
+            "sum": collectives.all_reduce(t).tolist(), "t_kept": t.tolist(),
+            "max": collectives.all_reduce(t, dist.ReduceOp.MAX).tolist(),
+        }
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", ["gloo", "cpu:gloo"])
+def test_collectives_on_two_ranks(backend):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_worker, args=(port, backend, results), nprocs=2, join=True)
+    for rank in (0, 1):
+        r = results[rank]
+        assert r["any_true"] is True and r["any_false"] is False
+        assert r["mean"] == 1.5
+        assert r["sum"] == [3.0, 30.0] and r["max"] == [2.0, 20.0]
+        assert r["t_kept"] == [float(rank + 1), 10.0 * (rank + 1)]  # the input is not reduced in place
+
+
+@pytest.mark.parametrize("native,accelerator,expected", [(True, None, "bf16"), (False, None, "fp32"),
+                                                         (True, "cpu", "fp32"), (True, "cuda", "bf16")])
+def test_auto_precision_takes_bf16_only_where_the_gpu_runs_it_natively(monkeypatch, native, accelerator, expected):
+    """V100s and T4s only emulate bf16: `is_bf16_supported()` says yes to them unless asked for native
+    support, and it finds out by creating a tensor (a CUDA context on GPU 0 from every rank)."""
+    from mgt_scale.parallel.ds_config import detect_precision
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: asked.append(including_emulation) or native)
+    if accelerator is None:
+        monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    else:
+        monkeypatch.setenv("DS_ACCELERATOR", accelerator)
+    assert detect_precision("auto") == expected
+    assert asked in ([], [False])  # never the emulating default
+    assert detect_precision("fp32") == "fp32" and detect_precision("bf16") == "bf16"
