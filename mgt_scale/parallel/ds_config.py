@@ -13,9 +13,15 @@ def resolve_precision(precision: str, has_cuda: bool, bf16_supported: bool) -> s
 
 
 def detect_precision(precision: str) -> str:
+    """`auto` resolved for this machine. bf16 only on GPUs that run it natively (Ampere and later):
+    `is_bf16_supported()` by default also says yes to emulated bf16 (V100, T4), and it finds out by
+    creating a tensor, which would make a CUDA context on GPU 0 from every rank before any has chosen
+    its device. DS_ACCELERATOR set to something other than cuda means DeepSpeed will not train on the GPU."""
+    import os
+
     import torch
-    cuda = torch.cuda.is_available()
-    return resolve_precision(precision, cuda, cuda and torch.cuda.is_bf16_supported())
+    cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda"
+    return resolve_precision(precision, cuda, cuda and torch.cuda.is_bf16_supported(including_emulation=False))
 
 
 def deepspeed_config(cfg: Config, plan: BatchPlan, precision: str) -> dict:

@@ -25,15 +25,19 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6.0 * matmul_params(cfg) + 12.0 * cfg.num_layers * cfg.d_model * seq_len
 
 
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
+# dense bf16 peak FLOP/s by a substring of torch.cuda.get_device_name(), the first match counting: the
+# PCIe and NVL H100s are slower than the SXM one the plain "H100" entry stands for
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+             "L40S": 362e12}
 
 
-def peak_flops_per_device(configured: float) -> float:
-    """Configured value, else the dense bf16 peak of a known GPU, else 0 (MFU not reported)."""
+def peak_flops_per_device(configured: float, precision: str = "bf16") -> float:
+    """Configured value, else the dense bf16 peak of a known GPU for a bf16 run, else 0 (MFU not
+    reported: an fp32 run's matmuls run at another peak, and an unknown GPU's is not guessed)."""
     if configured:
         return configured
     import torch
-    if torch.cuda.is_available():
+    if precision == "bf16" and torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         for key, value in PEAK_BF16.items():
             if key in name:

@@ -106,5 +106,11 @@ def test_peak_flops_configured_wins_and_cpu_has_none(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
     assert flops.peak_flops_per_device(0.0) == 989e12
+    assert flops.peak_flops_per_device(0.0, "fp32") == 0.0  # not the bf16 peak for an fp32 run
+    assert flops.peak_flops_per_device(5e12, "fp32") == 5e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 PCIe")
+    assert flops.peak_flops_per_device(0.0) == 756e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 NVL")
+    assert flops.peak_flops_per_device(0.0) == 835e12
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some Unknown Accelerator")
     assert flops.peak_flops_per_device(0.0) == 0.0
