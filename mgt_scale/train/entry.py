@@ -43,6 +43,29 @@ def _launched() -> bool:
     return any(v in os.environ for v in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK"))
 
 
+def local_rank_placement(num_ranks: int, visible: str | None, gpu_count: int) -> list[str]:
+    """The deepspeed launcher's arguments that place `num_ranks` ranks on this machine.
+
+    With `--num_gpus N` DeepSpeed takes GPUs 0..N-1 and drops CUDA_VISIBLE_DEVICES (it says it ignores
+    it), whether or not N GPUs exist. So: no GPU visible, N CPU ranks (`--num_gpus N`); the GPUs limited
+    by CUDA_VISIBLE_DEVICES, the first N of those (`--include localhost:a,b`); else GPUs 0..N-1, and N may
+    not exceed the GPUs there are (a rank on a missing GPU fails with "invalid device ordinal")."""
+    if gpu_count == 0:
+        return ["--num_gpus", str(num_ranks)]
+    ids = [v.strip() for v in (visible or "").split(",") if v.strip()]
+    available = len(ids) if ids else gpu_count
+    if num_ranks > available:
+        where = f"CUDA_VISIBLE_DEVICES={visible}" if ids else f"{gpu_count} GPU(s) on this machine"
+        raise ValueError(f"--num-ranks {num_ranks}: only {available} GPU(s) to run on ({where}); one rank "
+                         "per GPU: lower --num-ranks, or free more GPUs")
+    if not ids:
+        return ["--num_gpus", str(num_ranks)]
+    if not all(i.isdigit() for i in ids[:num_ranks]):
+        raise ValueError(f"CUDA_VISIBLE_DEVICES={visible}: the deepspeed launcher takes GPU indices, not "
+                         "UUIDs; give indices, or start the ranks with your own launcher")
+    return ["--include", "localhost:" + ",".join(ids[:num_ranks])]
+
+
 def _relaunch(args: argparse.Namespace, argv: list[str]) -> int:
     """Start N local ranks with the deepspeed launcher, running this same entry point."""
     from mgt_scale.cluster.dist_env import free_port
@@ -57,8 +80,14 @@ def _relaunch(args: argparse.Namespace, argv: list[str]) -> int:
         if a.startswith("--num-ranks="):
             continue
         rest.append(a)
+    import torch
+    try:
+        placement = local_rank_placement(args.num_ranks, os.environ.get("CUDA_VISIBLE_DEVICES"),
+                                         torch.cuda.device_count())
+    except ValueError as e:
+        return _error(str(e))
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
-    cmd = [launcher, "--num_gpus", str(args.num_ranks), "--master_port", str(free_port()), "--no_local_rank",
+    cmd = [launcher, *placement, "--master_port", str(free_port()), "--no_local_rank",
            "--module", "mgt_scale.train.entry", *rest]
     print("launching:", " ".join(cmd), flush=True)
     return subprocess.call(cmd)
@@ -205,7 +234,7 @@ def run(cfg: Config, args, denv, plan, precision: str) -> int:
     guard = NonFiniteGuard(manager, restored.get("nonfinite_guard"))
     trainer.callbacks = [guard, monitor_cb,
                          MetricsCallback(logger, cfg.train.log_interval, flops_per_token(cfg.model, cfg.data.seq_len),
-                                         peak_flops_per_device(cfg.train.peak_flops), plan.world_size),
+                                         peak_flops_per_device(cfg.train.peak_flops, precision), plan.world_size),
                          guard.enforcer(), ckpt_cb, PreemptionCallback(ckpt_cb, cfg.train.max_wall_time)]
     code, reason = trainer.run()
     loader.close()

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -60,3 +62,30 @@ def test_existing_checkpoints_need_resume(tmp_path):
     (run_dir / "checkpoints" / "step_00000001").mkdir(parents=True)
     r = mgt("train", "--config", str(REPO / "configs/tiny_synthetic.yaml"), "--set", f"run.dir={run_dir}", cwd=tmp_path)
     assert r.returncode == 2 and "--resume auto" in r.stderr
+
+
+# `mgt train --num-ranks N` places its ranks through the deepspeed launcher, which with `--num_gpus N`
+# takes GPUs 0..N-1 and drops CUDA_VISIBLE_DEVICES whether or not they exist (no GPU here: the GPU
+# count and the variable are handed in).
+@pytest.mark.parametrize("ranks,visible,count,expected", [
+    (2, None, 0, ["--num_gpus", "2"]),                       # CPU ranks
+    (2, "", 0, ["--num_gpus", "2"]),
+    (2, None, 8, ["--num_gpus", "2"]),                       # GPUs 0 and 1
+    (2, "4,6,7", 3, ["--include", "localhost:4,6"]),         # the first 2 of the GPUs this job was given
+    (1, " 3 ", 1, ["--include", "localhost:3"]),
+])
+def test_local_ranks_go_on_the_gpus_there_are(ranks, visible, count, expected):
+    from mgt_scale.train.entry import local_rank_placement
+    assert local_rank_placement(ranks, visible, count) == expected
+
+
+@pytest.mark.parametrize("ranks,visible,count,words", [
+    (2, None, 1, ["--num-ranks 2", "only 1 GPU", "1 GPU(s) on this machine"]),
+    (3, "0,1", 2, ["--num-ranks 3", "only 2 GPU", "CUDA_VISIBLE_DEVICES=0,1"]),
+    (1, "GPU-8a1f", 1, ["CUDA_VISIBLE_DEVICES=GPU-8a1f", "indices, not UUIDs"]),
+])
+def test_more_ranks_than_gpus_is_refused(ranks, visible, count, words):
+    from mgt_scale.train.entry import local_rank_placement
+    with pytest.raises(ValueError) as e:
+        local_rank_placement(ranks, visible, count)
+    assert all(w in str(e.value) for w in words), str(e.value)
