@@ -6,7 +6,7 @@
 # `run` does, each step timed and logged to $OUT (bench/RESULTS.md, "GPU checks", says what to record):
 #   1. bench/gpu_check.py: init on the GPU = CPU bit for bit, fused MGT = reference in fp32, checkpointing
 #      keeps gradients, bf16 trains like fp32;
-#   2. `mgt train` on one GPU, ZeRO-3 bf16 (process group cpu:gloo,cuda:nccl): 20 steps; then the same
+#   2. `mgt train` on one GPU, ZeRO-3 bf16 (NCCL; our collectives on the device): 20 steps; then the same
 #      run killed at step 13 (checkpoint at 10) and resumed, its losses against the first run's;
 #   3. the MFU table at the H100 shape (200 layers, width 1024, seq 2048, bf16, full checkpointing).
 # MGT_GPU_QUICK=1 shrinks step 3 to a small shape (a dry run, or a short lease). `run` works on a CPU

@@ -93,6 +93,8 @@ def plain_worker(spec: dict) -> dict:
     model, opt, x = build_plain(spec)
     with open("/proc/self/statm") as f:  # libraries + weights, before any activation, gradient or Adam moment
         base_rss_mb = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    if x.device.type == "cuda":  # not the build's fp32 copy of the weights (build_model casts after init)
+        torch.cuda.reset_peak_memory_stats(x.device)
     clip = spec.get("clip", 0.0)
     times = [timed_step(model, opt, x, clip) for _ in range(spec["warmup"] + spec["steps"])][spec["warmup"]:]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -382,13 +384,16 @@ def ckpt_table(args, base, steps, out) -> None:
         times = run_plain(specs, mode="interleaved")
         mem = {name: run_plain(spec) for name, spec in specs.items()}
         off_t, off_m = times["off"]["step_time"], mem["off"]
+        key = "peak_gpu_mb" if "peak_gpu_mb" in off_m else "train_peak_mb"  # on a GPU its allocator's peak
         for policy in ("full", "selective"):
             on_t, on_m = times[policy]["step_time"], mem[policy]
-            rows.append([depth, policy, off_t, on_t, on_t / off_t, off_m["train_peak_mb"], on_m["train_peak_mb"],
-                         on_m["train_peak_mb"] / off_m["train_peak_mb"], on_m["peak_rss_mb"] / off_m["peak_rss_mb"]])
+            rows.append([depth, policy, off_t, on_t, on_t / off_t, off_m[key], on_m[key], on_m[key] / off_m[key],
+                         on_m["peak_rss_mb"] / off_m["peak_rss_mb"]])
+    what = ("peak GPU memory allocated during training, one process per model" if args.device.startswith("cuda")
+            else "peak RSS over the RSS before the first step, one process per model, i.e. activations + "
+                 "gradients + Adam moments")
     out.append(table("Activation checkpointing (mgt, plain loop; times: the models' steps interleaved in one "
-                     "process; training peak = peak RSS over the RSS before the first step, one process per model, "
-                     "i.e. activations + gradients + Adam moments)",
+                     f"process; training peak = {what})",
                      ["depth", "policy", "off s", "on s", "time ratio", "off MB", "on MB", "training-peak ratio",
                       "whole-process RSS ratio"], rows))
     print(out[-1], flush=True)

@@ -3,7 +3,8 @@
 # process, rounds alternating the order. Printed side by side: resident memory after the engine is built,
 # peak resident memory over the steps, the median `train_step` time and the median time of ZeRO-3's
 # `optimizer.step()` (where the first two act; the third acts in the backward). Processes run with
-# glibc's default malloc, as `mgt train` does.
+# glibc's default malloc, as `mgt train` does. A CPU benchmark: it reads resident memory and times
+# without synchronising a GPU, so on a GPU machine run it with CUDA_VISIBLE_DEVICES="".
 """Usage: python bench/zero3_fixes.py [--depth 48] [--width 128] [--seq 128] [--batch 8] [--vocab 2048]
                                     [--steps 8] [--rounds 3]"""
 from __future__ import annotations
