@@ -31,8 +31,6 @@ def _device() -> torch.device:
     return torch.device(get_accelerator().current_device_name())
 
 
-
-
 def build_model_zero_init(cfg: Config, ds_config: dict) -> torch.nn.Module:
     """ZeRO-3: build the stack under `deepspeed.zero.Init`, so each parameter is partitioned across the
     ranks as soon as its module is constructed (a 200-layer stack is never whole on one rank), then
