@@ -1,7 +1,8 @@
 # Engine equivalence on 2 CPU ranks (gloo): a plain single-process PyTorch reference, ZeRO-3 and a
 # 2-stage pipeline give the same per-step losses; activation checkpointing changes nothing; a
 # 200-layer stack partitions evenly and trains in both modes; a consolidated fp32 state dict moves a
-# model between zero3 and pipeline with identical eval loss. Runs are shared through module fixtures.
+# model between zero3 and pipeline with identical eval loss; a device-mapped backend string
+# (MGT_DIST_BACKEND=cpu:gloo) trains as plain gloo. Runs are shared through module fixtures.
 from __future__ import annotations
 
 import json
