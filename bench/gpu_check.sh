@@ -63,7 +63,7 @@ TRAIN=("$PY" -m mgt_scale.cli train --config configs/tiny_synthetic.yaml --set p
 step train 150 "${TRAIN[@]}" --set run.dir="$RUN/full"
 step killed 150 env MGT_FAULT_SIGKILL_AT_STEP=13 "${TRAIN[@]}" --set run.dir="$RUN/resumed"
 step resumed 150 "${TRAIN[@]}" --set run.dir="$RUN/resumed" --resume auto
-"$PY" - "$RUN" <<'EOF' 2>&1 | tee "$OUT/resume_compare.txt"
+"$PY" - "$RUN" <<'EOF' 2>&1 | tee -a "$OUT/summary.txt"  # $OUT: 7 files (the device returns 8 at most)
 import json, sys
 def losses(d):
     return {r["step"]: r["loss"] for r in map(json.loads, open(f"{sys.argv[1]}/{d}/metrics.jsonl")) if "loss" in r}
@@ -75,7 +75,6 @@ try:
 except Exception as e:
     print(f"no comparison: {type(e).__name__}: {e}")
 EOF
-cp "$RUN/full/metrics.jsonl" "$OUT/train_metrics.jsonl" 2>/dev/null
 
 if [ "${MGT_GPU_QUICK:-0}" = 1 ] || [ "$DEV" != cuda ]; then
   SHAPE=(--depth 8 --width 256 --heads 4 --seq 256 --batch 4 --vocab 4096)
