@@ -35,7 +35,7 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ! "$PY" -c "import deepspeed" 2>/dev/null; then
   [ -d .whl ] || { echo "no DeepSpeed here and no .whl/: run 'bash bench/gpu_check.sh prepare' first" >&2; exit 2; }
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/mgt_site .whl/*.whl || exit 2
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/mgt_site .whl/*.whl || exit 2
   export PYTHONPATH="$PYTHONPATH:/tmp/mgt_site"
 fi
 step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, record the exit code and seconds
