@@ -48,14 +48,13 @@ def check_init(dev) -> list[dict]:
     return rows
 
 
-def model_grads(cfg: ModelConfig, dev, tokens, checkpoint_every: int = 0, alpha_offset: bool = True):
+def model_grads(cfg: ModelConfig, dev, tokens, checkpoint_every: int = 0):
     """Logits and every parameter gradient of `cfg` (fp32, seed 3) on `tokens`."""
     model = build_model(cfg, seed=3, device=dev)
     model.checkpoint_every = checkpoint_every
-    if alpha_offset:  # move alpha off its zero init, so the alpha X term is exercised
-        with torch.no_grad():
-            for op in (m for m in model.modules() if isinstance(m, ResidualOp) and m.use_beta):
-                op.alpha.copy_(torch.linspace(-0.4, 0.6, op.alpha.numel()))
+    with torch.no_grad():  # move alpha off its zero init, so the alpha X term is exercised
+        for op in (m for m in model.modules() if isinstance(m, ResidualOp) and m.use_beta):
+            op.alpha.copy_(torch.linspace(-0.4, 0.6, op.alpha.numel()))
     out = model(tokens)
     out.square().mean().backward()
     return out.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}

@@ -97,16 +97,21 @@ def describe(residual: str, fused: bool, kernel_on: bool, d_model: int, device_t
         return f"mgt.cpu_kernel: not used (residual {residual})"
     if not (fused and kernel_on):
         return "mgt.cpu_kernel: off (torch-op path)"
-    if device_type != "cpu" or precision != "fp32" or d_model % 8:
+    if not _takes(device_type, torch.float32 if precision == "fp32" else None, d_model):
         return f"mgt.cpu_kernel: not used ({device_type}, {precision}, d_model {d_model}; torch-op path)"
     if load() is None:
         return f"mgt.cpu_kernel: UNAVAILABLE, torch-op path ({unavailable_reason()})"
     return "mgt.cpu_kernel: in use"
 
 
+def _takes(device_type: str, dtype, width: int) -> bool:
+    """The inputs the kernel is written for: fp32 rows on the CPU, width a multiple of 8 (AVX2 lanes)."""
+    return device_type == "cpu" and dtype == torch.float32 and width % 8 == 0
+
+
 def usable(x: torch.Tensor) -> bool:
     """Whether the kernel can run on this input (builds the kernel on the first call that could)."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.shape[-1] % 8:
+    if not _takes(x.device.type, x.dtype, x.shape[-1]):
         return False
     if torch.compiler.is_compiling():
         return False

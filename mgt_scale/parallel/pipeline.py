@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from mgt_scale.config import Config, ModelConfig
 from mgt_scale.model import Block, Head, TokenEmbedding, lm_loss, module_generator
 from mgt_scale.model.recompute import checkpoint_segment
+from mgt_scale.parallel.collectives import all_reduce
 
 
 def _materialise(module: nn.Module, init: Callable[[], None]) -> None:
@@ -145,7 +146,6 @@ def partition_info(module) -> dict:
     counts = torch.zeros(stages, dtype=torch.float64)
     counts[module.stage_id] = float(local)
     if dist.is_initialized():
-        from mgt_scale.parallel.collectives import all_reduce
         counts = all_reduce(counts, group=module._grid.get_model_parallel_group())
     per_stage = [int(c) for c in counts.tolist()]
     mean = sum(per_stage) / stages

@@ -29,13 +29,6 @@ def stop_requested(run_dir: str) -> bool:
     return bool(_SIGNALLED) or (Path(run_dir) / "STOP").exists()
 
 
-def any_rank(flag: bool) -> bool:
-    """True if `flag` is set on any rank (collective)."""
-    # imported here: this module is loaded before torch so signal handlers go in first
-    from mgt_scale.parallel.collectives import any_rank as any_rank_collective
-    return any_rank_collective(flag)
-
-
 class StopConditions:
     """Why the run should stop now, if it should: a signal, the kill-switch file, or the wall-time
     budget (stop when the time left is below twice the slowest step plus the last save time)."""

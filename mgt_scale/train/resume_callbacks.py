@@ -9,7 +9,8 @@ from pathlib import Path
 
 from mgt_scale import exit_codes
 from mgt_scale.train.checkpoint import CheckpointManager
-from mgt_scale.train.preemption import StopConditions, any_rank
+from mgt_scale.parallel.collectives import any_rank
+from mgt_scale.train.preemption import StopConditions
 from mgt_scale.train.trainer import Callback, StopTraining, Trainer
 
 

@@ -63,7 +63,8 @@ class Trainer:
         interrupts a long evaluation: every rank agrees before each batch; None when interrupted."""
         if not self.valid_batches:
             return None
-        from mgt_scale.train.preemption import any_rank, stop_requested
+        from mgt_scale.parallel.collectives import any_rank
+        from mgt_scale.train.preemption import stop_requested
         losses = []
         for batch in self.valid_batches:
             if any_rank(stop_requested(self.run_dir)):
