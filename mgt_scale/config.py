@@ -1,11 +1,15 @@
 # Typed, strict run configuration: one dataclass per concern, YAML loading that rejects unknown keys,
-# wrong types and impossible values with the file and dotted key in the message, dotted overrides
+# duplicate keys, wrong types and out-of-range values (each numeric field declares its range, see `num`)
+# with the file or `--set` override and the dotted key in the message, dotted overrides
 # (`--set train.lr=3e-4`), and serialisation of the resolved config that every run directory keeps.
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import math
+import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -14,12 +18,48 @@ from typing import Any, Literal
 
 import yaml
 
+from mgt_scale import strict_yaml
+
 RESIDUAL_KINDS = ("mgt", "mhc_gate", "ddl", "preln", "postln", "deepnorm")
 MGT_FAMILY = ("mgt", "mhc_gate", "ddl")
 
 
+INT64_MAX = 2**63 - 1  # every int field must fit torch/numpy's int64; seeds ([0, INT64_MAX]) must be >= 0
+
+
 class ConfigError(ValueError):
     """A configuration problem; the message names the file (or override) and the dotted key."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric field (of each element, for a tuple field); NaN and inf never are."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def __contains__(self, v: float) -> bool:
+        return (math.isfinite(v) and (self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
+                and (self.le is None or v <= self.le) and (self.lt is None or v < self.lt))
+
+    def describe(self) -> str:
+        """`in [0, 1)`, `>= 0`, `> 0`, ... or "" (any finite value)."""
+        bounds = [(op, b) for op, b in ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
+                  if b is not None]
+        if len(bounds) == 2:
+            (lo_op, lo), (hi_op, hi) = bounds
+            return f"in {'[' if lo_op == '>=' else '('}{lo!s}, {hi!s}{']' if hi_op == '<=' else ')'}"
+        return " ".join(f"{op} {b!s}" for op, b in bounds)
+
+
+def num(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+        lt: float | None = None) -> Any:
+    """A numeric config field with its allowed range in the field metadata, where `check_ranges`
+    reads it. Every int/float field must be declared this way (tests/unit/test_config.py checks);
+    `num(0.0)` with no bounds still refuses NaN and inf."""
+    return field(default=default, metadata={"range": Range(ge, gt, le, lt)})
 
 
 @dataclass(frozen=True)
@@ -33,15 +73,15 @@ class MGTConfig:
     beta is tanh(0.5) ~= 0.46 per channel, perturbed by the small W_beta.
     """
 
-    lam: float = 1.0  # fixed amplitude of beta's tanh; beta ranges over (eps - lam, eps + lam)
-    eps: float = 0.0  # fixed offset of beta
-    beta_bias_init: float = 0.5  # initial b_beta (every entry)
-    beta_init_std: float = 1e-3  # std of W_beta at init
-    gate_init_std: float = 1e-3  # std of W_gate at init (LN after the projection makes the gate scale-free)
-    alpha_init: float = 0.0  # initial erasure strength alpha (learnable)
+    lam: float = num(1.0, ge=0)  # fixed amplitude of beta's tanh; beta ranges over (eps - lam, eps + lam)
+    eps: float = num(0.0)  # fixed offset of beta
+    beta_bias_init: float = num(0.5)  # initial b_beta (every entry)
+    beta_init_std: float = num(1e-3, ge=0)  # std of W_beta at init
+    gate_init_std: float = num(1e-3, ge=0)  # std of W_gate at init (LN after the projection makes the gate scale-free)
+    alpha_init: float = num(0.0)  # initial erasure strength alpha (learnable)
     beta_shape: Literal["channel", "token"] = "channel"  # beta per channel, or one scalar per token
     alpha_shape: Literal["scalar", "channel"] = "scalar"
-    proj_rank: int = 0  # 0: full d x d W_gate and W_beta (the paper); r > 0: low-rank d x r x d factors
+    proj_rank: int = num(0, ge=0)  # 0: full d x d W_gate and W_beta (the paper); r > 0: low-rank d x r x d factors
     fused: bool = True  # fast path (one gate+beta matmul, fewer elementwise kernels); false: the paper op by op
     # with `fused`, on an AVX2 CPU in fp32: the update's elementwise chain (gate LN, sigmoid, beta, update) as
     # one compiled C++ kernel, forward and backward (mgt_scale/model/cpu_kernel.py); false: torch ops
@@ -52,25 +92,25 @@ class MGTConfig:
 class ModelConfig:
     """Shape and residual kind of the Transformer stack (see mgt_scale.model.init_weights for init)."""
 
-    num_layers: int = 8
-    d_model: int = 128
-    num_heads: int = 4
-    d_ff: int = 512
-    vocab_size: int = 2048
-    max_seq_len: int = 256
+    num_layers: int = num(8, ge=1)
+    d_model: int = num(128, ge=1)
+    num_heads: int = num(4, ge=1)
+    d_ff: int = num(512, ge=1)
+    vocab_size: int = num(2048, ge=2)
+    max_seq_len: int = num(256, ge=1)
     residual: Literal["mgt", "mhc_gate", "ddl", "preln", "postln", "deepnorm"] = "mgt"
-    init_std: float = 0.02
+    init_std: float = num(0.02, gt=0)
     depth_scaled_init: bool = True  # output projections get std * (2 * num_layers) ** -0.5
     tie_embeddings: bool = False
-    norm_eps: float = 1e-5
-    rope_base: float = 10000.0
+    norm_eps: float = num(1e-5, gt=0)  # LayerNorm's epsilon: 0 divides by zero on a constant row
+    rope_base: float = num(10000.0, gt=1)  # rotary base: <= 1 gives no decreasing frequencies
     mgt: MGTConfig = field(default_factory=MGTConfig)
 
 
 @dataclass(frozen=True)
 class BlendSource:
     path: str
-    weight: float = 1.0
+    weight: float = num(1.0, gt=0)
 
 
 @dataclass(frozen=True)
@@ -80,10 +120,10 @@ class DataConfig:
 
     path: str = ""
     blend: tuple[BlendSource, ...] = ()
-    seq_len: int = 128
-    seed: int = 1234
-    prefetch: int = 4  # batches prepared ahead by the background thread (0: synchronous)
-    valid_fraction_batches: int = 4  # validation batches evaluated at each eval
+    seq_len: int = num(128, ge=1)
+    seed: int = num(1234, ge=0, le=INT64_MAX)
+    prefetch: int = num(4, ge=0)  # batches prepared ahead by the background thread (0: synchronous)
+    valid_fraction_batches: int = num(4, ge=0)  # validation batches evaluated at each eval
     synthetic: Literal["none", "copy", "random"] = "none"  # generated data instead of shards
     verify_checksums: bool = True  # sha256 every shard when the loader opens it (size/counts: always)
 
@@ -93,13 +133,13 @@ class ParallelConfig:
     """Engine mode and topology. world size = pipeline_stages x data-parallel size."""
 
     mode: Literal["zero3", "pipeline"] = "zero3"
-    zero_stage: int = 3  # zero3 mode: 3 (1 and 2 allowed for experiments); pipeline mode: 0 or 1 only
-    pipeline_stages: int = 1
+    zero_stage: int = num(3, ge=0, le=3)  # zero3 mode: 3 (1 and 2 allowed for experiments); pipeline mode: 0 or 1 only
+    pipeline_stages: int = num(1, ge=1)
     partition_method: Literal["parameters", "uniform", "type:Block"] = "parameters"
     offload_optimizer: Literal["none", "cpu"] = "none"
     offload_params: Literal["none", "cpu"] = "none"
     activation_checkpointing: bool = False
-    checkpoint_every_layers: int = 1  # checkpoint every k blocks (k consecutive blocks per segment)
+    checkpoint_every_layers: int = num(1, ge=1)  # checkpoint every k blocks (k consecutive blocks per segment)
     # "full": recompute each segment's whole forward in the backward; "selective": keep the outputs of the
     # matmuls that narrow their input (FFN down-projection, low-rank down-projections), recompute the rest
     checkpoint_policy: Literal["full", "selective"] = "full"
@@ -112,49 +152,49 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    max_steps: int = 300
-    global_batch_size: int = 16
-    micro_batch_size: int = 8
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
+    max_steps: int = num(300, ge=1)
+    global_batch_size: int = num(16, ge=1)
+    micro_batch_size: int = num(8, ge=1)
+    lr: float = num(3e-3, gt=0)
+    min_lr_ratio: float = num(0.1, ge=0, le=1)  # the cosine decays to lr * min_lr_ratio
+    warmup_steps: int = num(30, ge=0)  # more than max_steps: clamped to max_steps at load, with a warning
+    weight_decay: float = num(0.1, ge=0)
+    beta1: float = num(0.9, ge=0, lt=1)  # AdamW's betas: torch refuses values outside [0, 1)
+    beta2: float = num(0.95, ge=0, lt=1)
+    grad_clip: float = num(1.0, ge=0)  # max global gradient norm; 0: no clipping (DeepSpeed's meaning)
     # torch AdamW's fused kernel (one pass over each tensor, CPU and CUDA); false: its per-tensor loop of
     # ~7 elementwise kernels per tensor. Same update to rounding; bench/RESULTS.md has the timings.
     fused_adamw: bool = True
-    seed: int = 0
-    log_interval: int = 10
-    eval_interval: int = 0  # 0: evaluate only at the end
-    max_wall_time: float = 0.0  # seconds; 0 = unlimited. Saves and exits before the budget runs out.
-    peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = detect (GPU) or skip
-    max_consecutive_nonfinite: int = 3
+    seed: int = num(0, ge=0, le=INT64_MAX)
+    log_interval: int = num(10, ge=1)
+    eval_interval: int = num(0, ge=0)  # 0: evaluate only at the end
+    max_wall_time: float = num(0.0, ge=0)  # seconds; 0 = unlimited. Saves and exits before the budget runs out.
+    peak_flops: float = num(0.0, ge=0)  # per-device peak FLOP/s for MFU; 0 = detect (GPU) or skip
+    max_consecutive_nonfinite: int = num(3, ge=1)
     nonfinite_policy: Literal["rollback", "stop"] = "rollback"
-    spike_zscore: float = 6.0
-    fault_inject_nan_steps: tuple[int, ...] = ()  # testing hook: make the loss NaN at these steps
+    spike_zscore: float = num(6.0, ge=0)  # 0: no spike detection
+    fault_inject_nan_steps: tuple[int, ...] = num((), ge=0)  # testing hook: make the loss NaN at these steps
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    interval: int = 0  # save every N steps (0: only at the end)
-    keep_last: int = 2
-    keep_every: int = 0  # also keep every M-th step's checkpoint (0: none)
+    interval: int = num(0, ge=0)  # save every N steps (0: only at the end)
+    keep_last: int = num(2, ge=1)
+    keep_every: int = num(0, ge=0)  # also keep every M-th step's checkpoint (0: none)
     save_at_end: bool = True
 
 
 @dataclass(frozen=True)
 class MonitorConfig:
-    interval: int = 50  # geometry probe every N steps (0: off)
-    probe_batch_size: int = 4
-    probe_seq_len: int = 64
-    probe_seed: int = 4321
-    alarm_eff_rank_norm_below: float = 0.0  # 0: off. e.g. 0.1
-    alarm_cosine_above: float = 0.0  # 0: off. e.g. 0.95
+    interval: int = num(50, ge=0)  # geometry probe every N steps (0: off)
+    probe_batch_size: int = num(4, ge=1)
+    probe_seq_len: int = num(64, ge=1)
+    probe_seed: int = num(4321, ge=0, le=INT64_MAX)
+    alarm_eff_rank_norm_below: float = num(0.0, ge=0, le=1)  # 0: off. e.g. 0.1
+    alarm_cosine_above: float = num(0.0, ge=0, le=1)  # 0: off. e.g. 0.95
     alarm_policy: Literal["warn", "checkpoint_and_stop", "rollback"] = "warn"
-    alarm_after_step: int = 0  # alarms only fire from this step on
-    alarm_max_rollbacks: int = 2  # policy rollback: after this many rollbacks an alarm escalates to checkpoint_and_stop
+    alarm_after_step: int = num(0, ge=0)  # alarms only fire from this step on
+    alarm_max_rollbacks: int = num(2, ge=0)  # policy rollback: after this many rollbacks an alarm escalates to checkpoint_and_stop
     geometry_center: bool = False  # mean-centre each sequence before the SVD metrics (default: raw, see monitor.metrics)
 
 
@@ -191,11 +231,36 @@ class Config:
 # Strict conversion from plain dicts
 
 
-def _fail(source: str, key: str, msg: str) -> typing.NoReturn:
-    raise ConfigError(f"{source}: {key}: {msg}")
+class Sources:
+    """Where each dotted key's value came from: the config file, or the `--set KEY=VALUE` that set it
+    (or a section above it), so that an error names what the user has to change."""
+
+    def __init__(self, base: str):
+        self.base, self.overrides = base, {}
+
+    def set(self, key: str, text: str) -> None:
+        self.overrides = {k: v for k, v in self.overrides.items() if not k.startswith(key + ".")}
+        self.overrides[key] = f"--set {text}"
+
+    def of(self, *keys: str) -> str:
+        found = []
+        for key in keys:
+            parts = re.sub(r"\[\d+\]", "", key).split(".")
+            found += [self.overrides[k] for k in (".".join(parts[:i]) for i in range(len(parts), 0, -1))
+                      if k in self.overrides][:1]
+        return ", ".join(dict.fromkeys(found)) or self.base
 
 
-def _convert(value: Any, tp: Any, source: str, key: str) -> Any:
+Source = typing.Union[str, Sources]
+
+
+def _fail(source: Source, key: str, msg: str, *related: str) -> typing.NoReturn:
+    """Raise `SOURCE: KEY: MSG`; SOURCE is the override that set `key` (or a `related` key), else the file."""
+    where = source.of(key, *related) if isinstance(source, Sources) else source
+    raise ConfigError(f"{where}: {key}: {msg}")
+
+
+def _convert(value: Any, tp: Any, source: Source, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
@@ -235,7 +300,10 @@ def _convert(value: Any, tp: Any, source: str, key: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(source, key, f"expected a number, got {value!r}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            _fail(source, key, f"{value} is too large for a number")
     if tp is str:
         if not isinstance(value, str):
             _fail(source, key, f"expected a string, got {value!r}")
@@ -243,7 +311,7 @@ def _convert(value: Any, tp: Any, source: str, key: str) -> Any:
     raise TypeError(f"unsupported config type {tp} at {key}")
 
 
-def _build(cls: type, data: dict, source: str, prefix: str = "") -> Any:
+def _build(cls: type, data: dict, source: Source, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -253,6 +321,23 @@ def _build(cls: type, data: dict, source: str, prefix: str = "") -> Any:
             _fail(source, dotted, f"unknown key (known keys: {', '.join(sorted(names))})")
         kwargs[k] = _convert(v, hints[k], source, dotted)
     return cls(**kwargs)
+
+
+def check_ranges(obj: Any, source: Source = "<config>", prefix: str = "") -> None:
+    """Refuse NaN, inf and out-of-range values in every numeric field of `obj` (a config dataclass) and
+    of the configs inside it, against the `Range` each field declares with `num`."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        items = enumerate(value) if isinstance(value, tuple) else [(None, value)]
+        for i, v in items:
+            key = f"{prefix}{f.name}" + ("" if i is None else f"[{i}]")
+            if dataclasses.is_dataclass(v):
+                check_ranges(v, source, key + ".")
+            elif isinstance(v, int) and abs(v) > INT64_MAX:
+                _fail(source, key, f"{v} does not fit in 64 bits")
+            elif "range" in f.metadata and v is not None and v not in f.metadata["range"]:
+                what = "an integer" if isinstance(v, int) else "a finite number"
+                _fail(source, key, f"must be {what} {f.metadata['range'].describe()}".rstrip() + f", got {v!r}")
 
 
 def to_dict(cfg: Any) -> dict:
@@ -276,19 +361,22 @@ def config_hash(cfg: Config) -> str:
 # Overrides, loading, validation
 
 
+def _yaml_load(text: str, where: str, path: str = "") -> Any:
+    try:
+        return strict_yaml.load(text, path)
+    except strict_yaml.StrictYAMLError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """`train.lr=3e-4` -> ("train.lr", 3e-4). Values are parsed as YAML scalars/lists."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected dotted.key=value")
+        raise ConfigError(f"--set {text}: expected dotted.key=value")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {text!r}: bad key {key!r}")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: cannot parse value: {e}") from None
-    return key, value
+        raise ConfigError(f"--set {text}: bad key {key!r}")
+    return key, _yaml_load(raw, f"--set {text}", key) if raw.strip() else ""
 
 
 def apply_override(data: dict, key: str, value: Any, source: str) -> None:
@@ -313,16 +401,14 @@ def apply_override(data: dict, key: str, value: Any, source: str) -> None:
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a YAML config strictly, apply dotted overrides, validate. Raises ConfigError."""
     data: dict = {}
-    source = "<defaults>"
+    sources = Sources("<defaults>")
     if path is not None:
         p = Path(path)
-        source = str(p)
+        sources.base = source = str(p)
         if not p.is_file():
             raise ConfigError(f"{source}: config file not found")
         try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{source}: invalid YAML: {e}") from None
+            loaded = _yaml_load(p.read_text(), source)
         except OSError as e:
             raise ConfigError(f"{source}: cannot read: {e.strerror}") from None
         if loaded is None:
@@ -332,80 +418,69 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         data = loaded
     for text in overrides:
         key, value = parse_override(text)
-        apply_override(data, key, value, f"override --set {text}")
-    cfg = _build(Config, data, source)
+        apply_override(data, key, value, f"--set {text}")
+        sources.set(key, text)
+    return _resolve(_build(Config, data, sources), sources)
+
+
+def _resolve(cfg: Config, source: Source) -> Config:
+    """Range checks, then the adjustments a user expects, then the checks across fields."""
+    check_ranges(cfg, source)
+    t = cfg.train
+    if t.warmup_steps > t.max_steps:
+        # e.g. `--set train.max_steps=20` on a config with warmup_steps=30: the whole run warms up.
+        # Clamped here so that the config saved with the run holds what the LR schedule uses.
+        print(f"warning: train.warmup_steps={t.warmup_steps} > train.max_steps={t.max_steps}: warm-up clamped "
+              f"to {t.max_steps}", file=sys.stderr, flush=True)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, warmup_steps=t.max_steps))
     validate(cfg, source)
     return cfg
 
 
-def validate(cfg: Config, source: str = "<config>") -> None:
-    """Checks that need more than one field or a range. Topology against the world size is checked
-    in mgt_scale.parallel.topology once the world size is known."""
+def validate(cfg: Config, source: Source = "<config>") -> None:
+    """Every field against its declared range (`check_ranges`), then the checks that need more than one
+    field. Topology against the world size is checked in mgt_scale.parallel.topology once the world
+    size is known."""
+    check_ranges(cfg, source)
     m, t, p, d = cfg.model, cfg.train, cfg.parallel, cfg.data
-
-    def positive(section: str, obj: Any, *names: str) -> None:
-        for n in names:
-            if getattr(obj, n) <= 0:
-                _fail(source, f"{section}.{n}", f"must be > 0, got {getattr(obj, n)}")
-
-    positive("model", m, "num_layers", "d_model", "num_heads", "d_ff", "vocab_size", "max_seq_len", "init_std")
-    positive("train", t, "max_steps", "global_batch_size", "micro_batch_size", "lr", "log_interval")
-    positive("data", d, "seq_len")
-    positive("parallel", p, "pipeline_stages", "checkpoint_every_layers")
     if m.d_model % m.num_heads:
-        _fail(source, "model.num_heads", f"d_model={m.d_model} is not divisible by num_heads={m.num_heads}")
+        _fail(source, "model.num_heads", f"d_model={m.d_model} is not divisible by num_heads={m.num_heads}",
+              "model.d_model")
     if (m.d_model // m.num_heads) % 2:
-        _fail(source, "model.num_heads", "head dimension d_model/num_heads must be even (rotary embeddings)")
+        _fail(source, "model.num_heads", "head dimension d_model/num_heads must be even (rotary embeddings)",
+              "model.d_model")
     if d.seq_len > m.max_seq_len:
-        _fail(source, "data.seq_len", f"{d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-    if m.mgt.lam < 0:
-        _fail(source, "model.mgt.lam", f"must be >= 0, got {m.mgt.lam}")
-    if m.mgt.proj_rank < 0 or m.mgt.proj_rank >= m.d_model:
-        _fail(source, "model.mgt.proj_rank", f"must be in [0, d_model), got {m.mgt.proj_rank}")
+        _fail(source, "data.seq_len", f"{d.seq_len} exceeds model.max_seq_len={m.max_seq_len}", "model.max_seq_len")
+    if m.mgt.proj_rank >= m.d_model:
+        _fail(source, "model.mgt.proj_rank", f"must be in [0, d_model), got {m.mgt.proj_rank}", "model.d_model")
     if t.global_batch_size % t.micro_batch_size:
         _fail(source, "train.micro_batch_size",
-              f"global_batch_size={t.global_batch_size} is not a multiple of micro_batch_size={t.micro_batch_size}")
-    if not 0 <= t.min_lr_ratio <= 1:
-        _fail(source, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
-    if t.warmup_steps < 0 or t.warmup_steps > t.max_steps:
-        _fail(source, "train.warmup_steps", f"must be in [0, max_steps={t.max_steps}], got {t.warmup_steps}")
+              f"global_batch_size={t.global_batch_size} is not a multiple of micro_batch_size={t.micro_batch_size}",
+              "train.global_batch_size")
+    if t.warmup_steps > t.max_steps:  # load_config clamps it; a Config built in code may not be
+        _fail(source, "train.warmup_steps", f"must be in [0, max_steps={t.max_steps}], got {t.warmup_steps}",
+              "train.max_steps")
     if p.mode == "pipeline" and p.zero_stage > 1:
         _fail(source, "parallel.zero_stage",
               f"ZeRO stage {p.zero_stage} is incompatible with DeepSpeed's pipeline engine "
-              "(it supports ZeRO-0/1 only): set parallel.zero_stage=1 or parallel.mode=zero3")
+              "(it supports ZeRO-0/1 only): set parallel.zero_stage=1 or parallel.mode=zero3", "parallel.mode")
     if p.mode == "zero3" and p.pipeline_stages != 1:
-        _fail(source, "parallel.pipeline_stages", "must be 1 in zero3 mode (use parallel.mode=pipeline)")
+        _fail(source, "parallel.pipeline_stages", "must be 1 in zero3 mode (use parallel.mode=pipeline)",
+              "parallel.mode")
     if p.mode == "zero3" and p.zero_stage not in (1, 2, 3):
-        _fail(source, "parallel.zero_stage", f"must be 1, 2 or 3 in zero3 mode, got {p.zero_stage}")
+        _fail(source, "parallel.zero_stage", f"must be 1, 2 or 3 in zero3 mode, got {p.zero_stage}", "parallel.mode")
     if p.mode == "pipeline" and p.pipeline_stages > m.num_layers:
-        _fail(source, "parallel.pipeline_stages", f"{p.pipeline_stages} stages for {m.num_layers} layers")
+        _fail(source, "parallel.pipeline_stages", f"{p.pipeline_stages} stages for {m.num_layers} layers",
+              "model.num_layers")
     if not d.path and not d.blend and d.synthetic == "none":
         _fail(source, "data.path", "no training data: set data.path (a `mgt prep` output), data.blend, "
-              "or data.synthetic")
-    for i, b in enumerate(d.blend):
-        if b.weight <= 0:
-            _fail(source, f"data.blend[{i}].weight", f"must be > 0, got {b.weight}")
-    for name in ("interval", "keep_every"):
-        if getattr(cfg.checkpoint, name) < 0:
-            _fail(source, f"checkpoint.{name}", "must be >= 0")
-    if cfg.checkpoint.keep_last < 1:
-        _fail(source, "checkpoint.keep_last", "must be >= 1")
-    if cfg.monitor.interval < 0:
-        _fail(source, "monitor.interval", "must be >= 0")
-    positive("monitor", cfg.monitor, "probe_batch_size", "probe_seq_len")
+              "or data.synthetic", "data.blend", "data.synthetic")
     if cfg.monitor.interval > 0 and cfg.monitor.probe_seq_len > m.max_seq_len:
         _fail(source, "monitor.probe_seq_len", f"{cfg.monitor.probe_seq_len} exceeds model.max_seq_len={m.max_seq_len} "
-              "(lower monitor.probe_seq_len, or set monitor.interval=0 to switch the probe off)")
-    for name in ("alarm_eff_rank_norm_below", "alarm_cosine_above"):
-        if not 0 <= getattr(cfg.monitor, name) <= 1:
-            _fail(source, f"monitor.{name}", f"must be in [0, 1] (0: off), got {getattr(cfg.monitor, name)}")
-    for name in ("alarm_after_step", "alarm_max_rollbacks"):
-        if getattr(cfg.monitor, name) < 0:
-            _fail(source, f"monitor.{name}", "must be >= 0")
+              "(lower monitor.probe_seq_len, or set monitor.interval=0 to switch the probe off)",
+              "model.max_seq_len", "monitor.interval")
     if cfg.log.wandb and not cfg.log.wandb_project:
-        _fail(source, "log.wandb_project", "must be set when log.wandb is true")
-    if t.max_wall_time < 0:
-        _fail(source, "train.max_wall_time", "must be >= 0")
+        _fail(source, "log.wandb_project", "must be set when log.wandb is true", "log.wandb")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
@@ -417,6 +492,4 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 def from_dict(data: dict, source: str = "<dict>") -> Config:
-    cfg = _build(Config, data, source)
-    validate(cfg, source)
-    return cfg
+    return _resolve(_build(Config, data, source), source)

@@ -1,8 +1,17 @@
-# Strict configuration: unknown keys, wrong types, impossible values, bad overrides and missing files
-# are errors that name the file (or override) and the dotted key.
+# Strict configuration: unknown keys, duplicate keys, wrong types, out-of-range values (every numeric field
+# declares its range), bad overrides and missing files are errors that name the file (or the --set) and the
+# dotted key; a warm-up longer than the run is clamped.
+import dataclasses
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
 import pytest
 
-from mgt_scale.config import ConfigError, load_config, save_config
+from mgt_scale.config import Config, ConfigError, load_config, save_config
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write(tmp_path, text):
@@ -76,3 +85,157 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(p, ["train.fault_inject_nan_steps=[3, 4]"])
     save_config(cfg, tmp_path / "resolved.yaml")
     assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Declared ranges (issue #28): every numeric field has one, NaN/inf and out-of-range values are refused
+
+def numeric_fields(cls=None, prefix=""):
+    """(dotted key, dataclass field, element type, in a tuple) of every int/float field reachable from Config."""
+    cls = cls or Config
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, in_tuple = hints[f.name], False
+        if typing.get_origin(tp) is tuple:
+            tp, in_tuple = typing.get_args(tp)[0], True
+        if dataclasses.is_dataclass(tp):
+            yield from numeric_fields(tp, f"{prefix}{f.name}{'[0]' if in_tuple else ''}.")
+            continue
+        numeric = [a for a in (typing.get_args(tp) or (tp,)) if a in (int, float)]  # `float | None` counts too
+        if numeric:
+            yield f"{prefix}{f.name}", f, numeric[0], in_tuple
+
+
+NUMERIC = list(numeric_fields())
+
+
+def override_for(key, value, in_tuple):
+    """A --set that puts `value` (YAML text) into the field `key` (data.blend[0].weight goes in a blend entry)."""
+    if key.startswith("data.blend[0]."):
+        return f"data.blend=[{{path: x, {key.rsplit('.', 1)[1]}: {value}}}]"
+    return f"{key}=[{value}]" if in_tuple else f"{key}={value}"
+
+
+def test_every_numeric_field_declares_a_range():
+    from mgt_scale.config import Range, check_ranges
+    keys = [k for k, *_ in NUMERIC]
+    assert len(keys) > 50 and "train.lr" in keys and "data.blend[0].weight" in keys and "model.mgt.lam" in keys
+    missing = [k for k, f, *_ in NUMERIC if not isinstance(f.metadata.get("range"), Range)]
+    assert not missing, f"numeric config fields without a declared range (use config.num(default, ge=...)): {missing}"
+    check_ranges(Config())  # every default lies in its range
+
+
+@pytest.mark.parametrize("key,f,tp,in_tuple", NUMERIC, ids=[k for k, *_ in NUMERIC])
+def test_nan_and_inf_are_refused(tmp_path, key, f, tp, in_tuple):
+    p = write(tmp_path, "data: {synthetic: copy}\n")
+    for value in ("nan", ".nan", "inf", "-.inf", "1e999"):
+        text = override_for(key, value, in_tuple)
+        msg = err(p, [text])
+        assert f"--set {text}: " in msg and key.replace("[0]", "") in msg.replace("[0]", ""), msg
+        assert str(p) not in msg
+        if tp is float:
+            assert "finite" in msg, msg
+
+
+@pytest.mark.parametrize("text,rng", [
+    ("train.lr=0", "> 0"), ("train.lr=-1e-3", "> 0"), ("train.beta1=1.5", "in [0, 1)"), ("train.beta2=1", "in [0, 1)"),
+    ("train.beta1=-0.1", "in [0, 1)"), ("train.weight_decay=-0.5", ">= 0"), ("train.grad_clip=-1", ">= 0"),
+    ("train.min_lr_ratio=1.5", "in [0, 1]"), ("train.spike_zscore=-1", ">= 0"), ("train.peak_flops=-1", ">= 0"),
+    ("train.max_consecutive_nonfinite=0", ">= 1"), ("train.seed=-1", "in [0, "), ("data.seed=-1", "in [0, "),
+    ("train.fault_inject_nan_steps=[3, -1]", ">= 0"), ("model.norm_eps=0", "> 0"), ("model.rope_base=1", "> 1"),
+    ("model.vocab_size=1", ">= 2"), ("model.mgt.beta_init_std=-1e-3", ">= 0"), ("model.mgt.lam=-1", ">= 0"),
+    ("parallel.zero_stage=4", "in [0, 3]"), ("data.prefetch=-1", ">= 0"), ("data.blend=[{path: x, weight: 0}]", "> 0"),
+])
+def test_out_of_range_values_name_override_key_and_range(tmp_path, text, rng):
+    msg = err(write(tmp_path, "data: {synthetic: copy}\n"), [text])
+    key = text.split("=", 1)[0]
+    assert msg.startswith(f"--set {text}: {key}") and f" {rng}" in msg, msg
+
+
+def test_range_error_in_the_file_names_the_file(tmp_path):
+    p = write(tmp_path, "data: {synthetic: copy}\ntrain:\n  beta1: 1.5\n")
+    msg = err(p, ["train.lr=1e-3"])
+    assert msg.startswith(f"{p}: train.beta1: ") and "[0, 1)" in msg and "1.5" in msg
+
+
+def test_range_boundaries_are_accepted(tmp_path):
+    p = write(tmp_path, "data: {synthetic: copy}\n")
+    cfg = load_config(p, ["train.grad_clip=0", "train.beta1=0", "train.weight_decay=0", "train.spike_zscore=0",
+                          "train.min_lr_ratio=1", "model.mgt.eps=-0.5", "model.mgt.alpha_init=-1",
+                          "parallel.zero_stage=1"])
+    assert cfg.train.grad_clip == 0 and cfg.train.beta1 == 0 and cfg.model.mgt.eps == -0.5
+
+
+# ----------------------------------------------------------------------------------------------
+# YAML: duplicate keys, syntax errors, and errors in --set overrides name the override
+
+def test_duplicate_key_names_key_file_and_both_lines(tmp_path):
+    p = write(tmp_path, "data: {synthetic: copy}\ntrain:\n  lr: 1.0e-3\n  max_steps: 10\n  lr: 2.0e-3\n")
+    msg = err(p)
+    assert msg.startswith(f"{p}: train.lr: duplicate key") and "lines 3 and 5" in msg
+    msg = err(write(tmp_path, "train: {lr: 1.0e-3}\ndata: {synthetic: copy}\ntrain: {max_steps: 10}\n"))
+    assert "train: duplicate key" in msg and "lines 1 and 3" in msg
+    msg = err(write(tmp_path, "data: {synthetic: copy}\n"), ["train={lr: 1.0e-3, lr: 2.0e-3}"])
+    assert msg.startswith("--set train={lr: 1.0e-3, lr: 2.0e-3}: train.lr: duplicate key")
+
+
+def test_merge_keys_are_not_duplicates(tmp_path):
+    p = write(tmp_path, "data: {synthetic: copy}\ntrain:\n  <<: {lr: 1.0e-3, max_steps: 10}\n  lr: 2.0e-3\n"
+                     "  warmup_steps: 1\n")
+    cfg = load_config(p)
+    assert cfg.train.lr == 2e-3 and cfg.train.max_steps == 10
+
+
+def test_yaml_syntax_error_is_one_line_with_line_and_column(tmp_path):
+    p = write(tmp_path, "data: {synthetic: copy}\ntrain:\n  lr: [1, 2\n  max_steps: 3\n")
+    msg = err(p)
+    assert msg.startswith(f"{p}: line ") and "column" in msg and "invalid YAML" in msg and "\n" not in msg, msg
+    msg = err(write(tmp_path, "data: {synthetic: copy}\n"), ["train.lr=[1,"])
+    assert msg.startswith("--set train.lr=[1,: line 1, column") and "\n" not in msg, msg
+
+
+def test_override_errors_name_the_override_not_the_file(tmp_path):
+    p = write(tmp_path, "data: {synthetic: copy}\n")
+    msg = err(p, ["train.max_steps=abc"])
+    assert msg.startswith("--set train.max_steps=abc: train.max_steps: ") and str(p) not in msg
+    # a check across fields names the override that set one of them
+    msg = err(p, ["model.d_model=30"])
+    assert msg.startswith("--set model.d_model=30: model.num_heads: ")
+    # a whole section set by --set
+    assert err(p, ["train={lr: .nan}"]).startswith("--set train={lr: .nan}: train.lr: ")
+
+
+# ----------------------------------------------------------------------------------------------
+# warm-up longer than the run: clamped at load, with a warning, and saved clamped
+
+def test_warmup_is_clamped_to_max_steps(tmp_path, capsys):
+    demo = REPO / "configs" / "demo.yaml"
+    cfg = load_config(demo, ["train.max_steps=20"])
+    assert cfg.train.warmup_steps == 20 and cfg.train.max_steps == 20
+    assert capsys.readouterr().err.strip() == \
+        "warning: train.warmup_steps=30 > train.max_steps=20: warm-up clamped to 20"
+    save_config(cfg, tmp_path / "resolved.yaml")
+    again = load_config(tmp_path / "resolved.yaml")
+    assert again == cfg and capsys.readouterr().err == ""
+    from mgt_scale.train.schedule import lr_at
+    assert lr_at(cfg.train, 19) == pytest.approx(cfg.train.lr)  # the last step ends the warm-up at the peak
+
+
+def test_shipped_run_configs_are_valid():
+    configs = REPO / "configs"
+    files = [*configs.glob("*.yaml"), *(configs / "experiments").glob("base_*.yaml")]
+    assert len(files) >= 4
+    for f in files:
+        load_config(f)
+
+
+@pytest.mark.slow
+def test_train_refuses_nan_lr_before_creating_the_run(tmp_path):
+    run_dir = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "mgt_scale.cli", "train", "--config",
+                        str(REPO / "configs/tiny_synthetic.yaml"), "--set", f"run.dir={run_dir}",
+                        "--set", "train.lr=nan"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "--set train.lr=nan: train.lr: " in r.stderr and "> 0" in r.stderr
+    assert not run_dir.exists() and list(tmp_path.iterdir()) == [], list(tmp_path.rglob("*"))
