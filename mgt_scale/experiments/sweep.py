@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from mgt_scale import strict_yaml
 from mgt_scale.config import ConfigError, apply_override, load_config
 
 SWEEP_KEYS = {"name", "base", "runs_dir", "seeds", "init_only", "set", "grid", "cells", "description"}
@@ -127,9 +128,9 @@ def load_sweep(path: str | Path, root: str | Path | None = None) -> Sweep:
     if not path.is_file():
         raise ConfigError(f"{path}: sweep file not found")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        data = strict_yaml.load(path.read_text())
+    except strict_yaml.StrictYAMLError as e:
+        raise ConfigError(f"{path}: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     for k in data:

@@ -82,6 +82,15 @@ def test_errors_name_file_and_key(tmp_path, body, needle):
     assert str(p) in str(e.value) and needle in str(e.value)
 
 
+def test_duplicate_key_in_a_sweep_file_is_an_error(tmp_path):
+    """PyYAML keeps the last of two equal keys: a sweep with a second `grid:` would run half its cells."""
+    p = tmp_path / "sweep.yaml"
+    p.write_text(f"base: {TINY_BASE}\nruns_dir: r\ngrid:\n  model.num_layers: [2]\ngrid:\n  train.lr: [1e-3]\n")
+    with pytest.raises(ConfigError) as e:
+        load_sweep(p, root=tmp_path)
+    assert str(p) in str(e.value) and "grid: duplicate key at lines 3 and 5" in str(e.value)
+
+
 def test_invalid_cell_value_fails_before_running(tmp_path, capsys):
     p = write_sweep(tmp_path, {"base": TINY_BASE, "runs_dir": str(tmp_path / "r"),
                                "grid": {"model.num_heads": [3]}})
