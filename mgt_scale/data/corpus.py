@@ -154,11 +154,21 @@ def _delimited_header(f: Path, sep: str) -> list[str]:
             header = next(csv.reader(fh, delimiter=sep), None)
     except OSError as e:
         raise DataError(f"{f}: cannot read: {e.strerror or e}") from None
-    except (UnicodeDecodeError, csv.Error) as e:
+    except UnicodeDecodeError as e:
+        raise DataError(f"{f}: not valid UTF-8 near byte {e.start}: CSV/TSV inputs must be UTF-8") \
+            from None
+    except csv.Error as e:
         raise DataError(f"{f}: cannot read the header row: {e}") from None
     if not header:
         raise DataError(f"{f}: no header row: CSV/TSV inputs need a first line naming the columns")
     return header
+
+
+def _reason(e: BaseException) -> str:
+    """First line of the innermost cause (datasets wraps a parser's error in DatasetGenerationError)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return str(e).splitlines()[0] if str(e) else repr(e)
 
 
 def _load_structured(kind: str, files: list[Path], text_field: str, cache_dir: str):
@@ -187,9 +197,8 @@ def _load_structured(kind: str, files: list[Path], text_field: str, cache_dir: s
             try:
                 load([f])
             except Exception as e1:
-                raise DataError(f"{f}: cannot load as {kind}: {str(e1).splitlines()[0] if str(e1) else e1!r}") \
-                    from None
-        raise DataError(f"cannot load {kind} inputs {files[0]}...: {e}") from None
+                raise DataError(f"{f}: cannot load as {kind}: {_reason(e1)}") from None
+        raise DataError(f"cannot load {kind} inputs {files[0]}...: {_reason(e)}") from None
     return _select_text(ds, text_field, f"{files[0]}" + (f" (and {len(files) - 1} more)" if len(files) > 1 else ""))
 
 

@@ -313,6 +313,10 @@ def test_csv_and_tsv_rows_are_documents(prepped, tmp_path, capsys):
     assert code == 2 and err == f"error: {tmp_path / 'docs.csv'}: no field 'body' (fields: id, text, score); " \
                                 "pass --text-field\n"
     assert not (tmp_path / "bad").exists()
+    (tmp_path / "broken.csv").write_text('id,text\n1,"no closing quote\n2,x\n')
+    code, err = prep_with(prepped, [tmp_path / "broken.csv"], tmp_path / "bad", capsys)
+    assert code == 2 and err.startswith(f"error: {tmp_path / 'broken.csv'}: cannot load as csv: ") \
+        and "EOF inside string" in err and err.count("\n") == 1  # the parser's reason, not datasets' wrapper
 
 
 def test_save_to_disk_folders(prepped, tmp_path, capsys):
