@@ -1,8 +1,10 @@
-# Input side of mgt prep: turn --input paths (files, globs, folders, JSONL, parquet, hub names) into
-# one Hugging Face `datasets.Dataset` with a single "text" column, one row per document. Plain-text
-# files are one document per FILE (read as UTF-8; bad files skipped and counted, or fatal).
+# Input side of mgt prep: turn --input paths (files, globs, folders, JSONL, parquet, CSV/TSV, folders
+# written by `datasets`' save_to_disk, hub names) into one Hugging Face `datasets.Dataset` with a
+# single "text" column, one row per document. Plain-text files are one document per FILE (read as
+# UTF-8; bad files skipped and counted, or fatal); structured inputs give one document per row.
 from __future__ import annotations
 
+import csv
 import fnmatch
 import glob as globmod
 import os
@@ -12,17 +14,19 @@ from pathlib import Path
 
 from .shards import DataError
 
-STRUCTURED = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+STRUCTURED = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "tsv"}
+DELIMITED = {"csv": ",", "tsv": "\t"}  # read by the `datasets` csv builder (pandas) with this separator
 DEFAULT_GLOB = "*.py,*.txt,*.md"
 DEFAULT_EXCLUDE = "site-packages,__pycache__,.*"
 
 
 @dataclass
 class InputPlan:
-    """What was found: plain-text files, structured files by builder, hub dataset names."""
+    """What was found: plain-text files, structured files by builder, save_to_disk folders, hub names."""
 
     text_files: list[Path] = field(default_factory=list)
-    structured: dict[str, list[Path]] = field(default_factory=dict)  # "json"/"parquet" -> files
+    structured: dict[str, list[Path]] = field(default_factory=dict)  # "json"/"parquet"/"csv"/"tsv" -> files
+    saved: list[Path] = field(default_factory=list)  # folders written by Dataset/DatasetDict.save_to_disk
     hub: list[str] = field(default_factory=list)
 
     @property
@@ -52,16 +56,27 @@ def _walk(folder: Path, patterns: list[str], exclude: list[str]) -> list[Path]:
     return found
 
 
+def is_saved_dataset(p: Path) -> bool:
+    """A folder written by datasets' Dataset.save_to_disk (state.json + dataset_info.json) or
+    DatasetDict.save_to_disk (dataset_dict.json)."""
+    return p.is_dir() and ((p / "dataset_dict.json").is_file()
+                           or ((p / "state.json").is_file() and (p / "dataset_info.json").is_file()))
+
+
 def plan_inputs(inputs: list[str], glob: str = DEFAULT_GLOB, exclude: str = DEFAULT_EXCLUDE,
                 max_files: int = 0) -> InputPlan:
     """Expand inputs in the order given (folders recursively, sorted; globs sorted); dedupe files.
-    Files ending .jsonl/.json/.parquet are structured; other files are plain text."""
+    Files ending .jsonl/.json/.parquet/.csv/.tsv are structured; other files are plain text. A folder
+    written by save_to_disk is one saved dataset (not recursed, --glob and --max-files do not apply)."""
     patterns, excl = _split_patterns(glob), _split_patterns(exclude)
     files: list[Path] = []
     plan = InputPlan()
     for raw in inputs:
         p = Path(raw).expanduser()
-        if p.is_dir():
+        if is_saved_dataset(p):
+            if all(os.path.realpath(p) != os.path.realpath(q) for q in plan.saved):
+                plan.saved.append(p)
+        elif p.is_dir():
             got = _walk(p, patterns, excl)
             if not got:
                 raise DataError(f"{p}: folder has no files matching --glob {glob!r}")
@@ -131,11 +146,49 @@ def _text_generator(paths: list[str]):
             yield {"text": fh.read().decode("utf-8")}
 
 
+def _delimited_header(f: Path, sep: str) -> list[str]:
+    """Column names of a CSV/TSV file: its first record (quoted names allowed; a UTF-8 BOM is dropped,
+    as pandas does)."""
+    try:
+        with open(f, newline="", encoding="utf-8-sig") as fh:
+            header = next(csv.reader(fh, delimiter=sep), None)
+    except OSError as e:
+        raise DataError(f"{f}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{f}: not valid UTF-8 near byte {e.start}: CSV/TSV inputs must be UTF-8") \
+            from None
+    except csv.Error as e:
+        raise DataError(f"{f}: cannot read the header row: {e}") from None
+    if not header:
+        raise DataError(f"{f}: no header row: CSV/TSV inputs need a first line naming the columns")
+    return header
+
+
+def _reason(e: BaseException) -> str:
+    """First line of the innermost cause (datasets wraps a parser's error in DatasetGenerationError)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return str(e).splitlines()[0] if str(e) else repr(e)
+
+
 def _load_structured(kind: str, files: list[Path], text_field: str, cache_dir: str):
     import datasets
 
+    kwargs: dict = {}
+    if kind in DELIMITED:
+        # check every header first, so a missing column names its file; then read only the text column,
+        # as strings (no type guessing), and keep cells like "NA" or "null" as the text they are
+        for f in files:
+            cols = _delimited_header(f, DELIMITED[kind])
+            if text_field not in cols:
+                raise DataError(f"{f}: no field {text_field!r} (fields: {', '.join(cols)}); pass --text-field")
+        kwargs = dict(sep=DELIMITED[kind], usecols=[text_field], keep_default_na=False, na_filter=False,
+                      features=datasets.Features({text_field: datasets.Value("string")}))
+    builder = "csv" if kind in DELIMITED else kind
+
     def load(fs):
-        return datasets.load_dataset(kind, data_files=[str(f) for f in fs], split="train", cache_dir=cache_dir)
+        return datasets.load_dataset(builder, data_files=[str(f) for f in fs], split="train", cache_dir=cache_dir,
+                                     **kwargs)
 
     try:
         ds = load(files)
@@ -144,13 +197,14 @@ def _load_structured(kind: str, files: list[Path], text_field: str, cache_dir: s
             try:
                 load([f])
             except Exception as e1:
-                raise DataError(f"{f}: cannot load as {kind}: {str(e1).splitlines()[0] if str(e1) else e1!r}") \
-                    from None
-        raise DataError(f"cannot load {kind} inputs {files[0]}...: {e}") from None
+                raise DataError(f"{f}: cannot load as {kind}: {_reason(e1)}") from None
+        raise DataError(f"cannot load {kind} inputs {files[0]}...: {_reason(e)}") from None
     return _select_text(ds, text_field, f"{files[0]}" + (f" (and {len(files) - 1} more)" if len(files) > 1 else ""))
 
 
-def _select_text(ds, text_field: str, where: str):
+def _select_text(ds, text_field: str, where: str, cache_file: str | None = None):
+    """ds reduced to one large_string column "text". cache_file: where the cast writes its Arrow file
+    (needed for a save_to_disk dataset, whose default cache is the user's own folder)."""
     import datasets
 
     if text_field not in ds.column_names:
@@ -162,7 +216,29 @@ def _select_text(ds, text_field: str, where: str):
     ds = ds.select_columns([text_field])
     if text_field != "text":
         ds = ds.rename_column(text_field, "text")
-    return ds.cast(datasets.Features({"text": datasets.Value("large_string")}))
+    return ds.cast(datasets.Features({"text": datasets.Value("large_string")}), cache_file_name=cache_file)
+
+
+def _load_saved(path: Path, text_field: str, cache_dir: str, index: int):
+    """A save_to_disk folder: a Dataset, or a DatasetDict of which the `train` split is used when it
+    has one, else all its splits in their saved order."""
+    import datasets
+
+    try:
+        obj = datasets.load_from_disk(str(path))
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else repr(e)
+        raise DataError(f"{path}: cannot load this save_to_disk folder: {msg}") from None
+    os.makedirs(cache_dir, exist_ok=True)
+    if isinstance(obj, datasets.Dataset):
+        return [_select_text(obj, text_field, str(path), os.path.join(cache_dir, f"saved-{index}.arrow"))]
+    names = ["train"] if "train" in obj else list(obj)
+    if not names:
+        raise DataError(f"{path}: the saved DatasetDict has no splits")
+    if list(obj) != names:
+        print(f"note: {path}: using split 'train' of the saved splits {', '.join(obj)}", file=sys.stderr)
+    return [_select_text(obj[n], text_field, f"{path} (split {n})",
+                         os.path.join(cache_dir, f"saved-{index}-{k}.arrow")) for k, n in enumerate(names)]
 
 
 def build_corpus(plan: InputPlan, *, text_field: str, on_bad_file: str, cache_dir: str,
@@ -186,6 +262,11 @@ def build_corpus(plan: InputPlan, *, text_field: str, on_bad_file: str, cache_di
                 raise DataError(f"{f}: cannot read: {e.strerror}") from None
         stats.num_files += len(files)
         parts.append(_load_structured(kind, files, text_field, cache_dir))
+    for i, folder in enumerate(plan.saved):
+        arrow = [f for f in folder.rglob("*.arrow") if f.is_file()]
+        stats.num_files += len(arrow)
+        stats.num_bytes += sum(f.stat().st_size for f in arrow)
+        parts += _load_saved(folder, text_field, cache_dir, i)
     for name in plan.hub:
         try:
             ds = datasets.load_dataset(name, split="train")

@@ -35,8 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "or check an existing output with --verify.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", nargs="+", metavar="PATH",
-                   help="files, folders (recursed, filtered by --glob), globs, .jsonl/.json/.parquet "
-                        "files, or a hub dataset name owner/name")
+                   help="files, folders (recursed, filtered by --glob), globs, .jsonl/.json/.parquet/.csv/"
+                        ".tsv files (one document per row; CSV/TSV need a header row), folders written by "
+                        "datasets' save_to_disk (a DatasetDict gives its 'train' split, or all splits when it "
+                        "has no 'train'), or a hub dataset name owner/name")
     p.add_argument("--output", metavar="DIR", help="output directory (created)")
     p.add_argument("--verify", metavar="DIR", help="check every shard of DIR against its manifest and exit")
     p.add_argument("--quick", action="store_true", help="with --verify: sizes and counts only, no sha256")
@@ -44,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--glob", default=corpus.DEFAULT_GLOB, help="comma-separated file patterns taken from folders")
     g.add_argument("--exclude", default=corpus.DEFAULT_EXCLUDE,
                    help="comma-separated folder-name patterns skipped while recursing")
-    g.add_argument("--text-field", default="text", help="text column of JSONL/parquet/hub inputs")
+    g.add_argument("--text-field", default="text", help="text column of JSONL/parquet/CSV/TSV/save_to_disk/hub inputs")
     g.add_argument("--on-bad-file", choices=("skip", "fail"), default="skip",
                    help="what to do with plain-text files that are not UTF-8")
     g.add_argument("--max-files", type=int, default=0, help="use only the first N files found (0: all)")

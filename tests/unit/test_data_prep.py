@@ -267,3 +267,90 @@ def test_glob_input_and_max_files(prepped, tmp_path, capsys):
     assert run(["--input", src, "--output", out2, "--tokenizer", prepped / "tokenizer.model", "--no-progress"],
                capsys)[0] == 0
     assert S.load_manifest(out2)["num_documents"] == 4
+
+
+# Texts that trip naive CSV handling: commas, quotes, newlines (LF and CRLF) inside the field, cells that
+# pandas would read as missing ("NA", "null") or as numbers, leading/trailing spaces, non-ASCII.
+TABLE_DOCS = ['def f(a, b):\n    return "a, b"\n', 'x = 1,2,3\n\n# "quoted", with, commas\n', "NA", "null",
+              "12345", "  padded, with spaces  ", "line one\r\nline two\r\n", "€ ünïcödé, 你好\n\n\n",
+              "\tindented\ttabs\n", 'say "hi"']
+
+
+def split_tokens(out: Path) -> dict[str, np.ndarray]:
+    ss = open_shards(out)
+    return {s: np.concatenate([ss.split(s).read(a, b) for a, b in ss.split(s).documents()])
+            for s in ("train", "valid")}
+
+
+def prep_with(prepped: Path, inputs, out: Path, capsys, *extra) -> tuple[int, str]:
+    return run(["--input", *inputs, "--output", out, "--tokenizer", prepped / "tokenizer.model", "--no-progress",
+                "--valid-fraction", "0.2", *extra], capsys)
+
+
+def test_csv_and_tsv_rows_are_documents(prepped, tmp_path, capsys):
+    import csv
+
+    rows = [{"id": i, "text": d, "score": 0.5 * i} for i, d in enumerate(TABLE_DOCS)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    for name, sep in (("docs.csv", ","), ("docs.tsv", "\t")):
+        with open(tmp_path / name, "w", newline="", encoding="utf-8") as fh:
+            w = csv.DictWriter(fh, fieldnames=["id", "text", "score"], delimiter=sep)
+            w.writeheader()
+            w.writerows(rows)
+    assert '"def f(a, b):\n    return ""a, b""\n"' in (tmp_path / "docs.csv").read_text()  # really quoted
+    code, err = prep_with(prepped, [tmp_path / "docs.jsonl"], tmp_path / "j", capsys)
+    assert code == 0, err
+    want = split_tokens(tmp_path / "j")
+    for name in ("docs.csv", "docs.tsv"):
+        code, err = prep_with(prepped, [tmp_path / name], tmp_path / f"out-{name}", capsys)
+        assert code == 0, err
+        assert sorted(decoded_documents(tmp_path / f"out-{name}")) == sorted(TABLE_DOCS)
+        got = split_tokens(tmp_path / f"out-{name}")
+        for split in ("train", "valid"):
+            assert np.array_equal(got[split], want[split]), (name, split)
+        assert S.load_manifest(tmp_path / f"out-{name}")["num_documents"] == len(TABLE_DOCS)
+    code, err = prep_with(prepped, [tmp_path / "docs.csv"], tmp_path / "bad", capsys, "--text-field", "body")
+    assert code == 2 and err == f"error: {tmp_path / 'docs.csv'}: no field 'body' (fields: id, text, score); " \
+                                "pass --text-field\n"
+    assert not (tmp_path / "bad").exists()
+    (tmp_path / "broken.csv").write_text('id,text\n1,"no closing quote\n2,x\n')
+    code, err = prep_with(prepped, [tmp_path / "broken.csv"], tmp_path / "bad", capsys)
+    assert code == 2 and err.startswith(f"error: {tmp_path / 'broken.csv'}: cannot load as csv: ") \
+        and "EOF inside string" in err and err.count("\n") == 1  # the parser's reason, not datasets' wrapper
+
+
+def test_save_to_disk_folders(prepped, tmp_path, capsys):
+    import datasets
+
+    ids = list(range(len(TABLE_DOCS)))
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"content": d}) + "\n" for d in TABLE_DOCS),
+                                         encoding="utf-8")
+    assert prep_with(prepped, [tmp_path / "docs.jsonl"], tmp_path / "j", capsys, "--text-field", "content")[0] == 0
+    want = split_tokens(tmp_path / "j")
+
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"id": ids, "content": TABLE_DOCS}).save_to_disk(str(saved))
+    held_out = [f"held out {i}\n" for i in range(3)]
+    dd = tmp_path / "dd"
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict({"content": held_out}),
+                          "train": datasets.Dataset.from_dict({"content": TABLE_DOCS})}).save_to_disk(str(dd))
+    no_train = tmp_path / "no_train"
+    datasets.DatasetDict({"a": datasets.Dataset.from_dict({"content": TABLE_DOCS[:4]}),
+                          "b": datasets.Dataset.from_dict({"content": TABLE_DOCS[4:]})}).save_to_disk(str(no_train))
+    def listing():
+        return {f: sorted(str(p.relative_to(f)) for p in f.rglob("*")) for f in (saved, dd, no_train)}
+
+    before = listing()
+
+    for folder in (saved, dd, no_train):
+        out = tmp_path / f"out-{folder.name}"
+        code, err = prep_with(prepped, [folder], out, capsys, "--text-field", "content")
+        assert code == 0, err
+        got = split_tokens(out)
+        for split in ("train", "valid"):  # the same rows in the same order: the same tokens
+            assert np.array_equal(got[split], want[split]), (folder.name, split)
+        assert ("using split 'train' of the saved splits test, train" in err) == (folder is dd)
+    # the input folders are read only: no cache files written next to the user's data
+    assert listing() == before
+    code, err = prep_with(prepped, [saved], tmp_path / "bad", capsys)
+    assert code == 2 and err == f"error: {saved}: no field 'text' (fields: id, content); pass --text-field\n"

@@ -112,3 +112,97 @@ def test_help(capsys):
         report.main(["--help"])
     assert e.value.code == 0
     assert "mgt report" in capsys.readouterr().out
+
+
+ALARMS = {"alarm_eff_rank_norm_below": 0.1, "alarm_cosine_above": 0.95, "alarm_after_step": 20}
+
+
+def write_config(run_dir, **monitor):
+    import yaml
+
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"run": {"dir": str(run_dir)}, "monitor": monitor}))
+
+
+def _by_label(fig):
+    return {a.get_label(): a for a in fig.axes if a.get_label()}
+
+
+def _probe_lines(ax):
+    return [ln for ln in ax.lines if (ln.get_gid() or "").startswith("probe_step_")]
+
+
+def test_plots_show_every_probe_and_the_alarm_thresholds(tmp_path):
+    """The figures draw the data: one line per probe, the config's thresholds, beta in beta units."""
+    import numpy as np
+    from matplotlib.colors import TwoSlopeNorm
+
+    write_run(tmp_path)
+    write_config(tmp_path, **ALARMS, alarm_policy="warn")
+    _, geometry = report.load_run(tmp_path)
+    mon = report.load_alarm_config(tmp_path)
+    assert (mon.alarm_eff_rank_norm_below, mon.alarm_cosine_above, mon.alarm_after_step) == (0.1, 0.95, 20)
+
+    fig = report.plot_eff_rank_heatmap(geometry, tmp_path / "e.png", 50, mon)
+    ax = _by_label(fig)
+    thr = [ln for ln in ax["eff_rank_min"].lines if ln.get_gid() == report.ALARM_GID]
+    assert len(thr) == 1 and set(np.asarray(thr[0].get_ydata(), dtype=float)) == {0.1}
+    contours = [c for c in ax["eff_rank_heatmap"].collections if c.get_gid() == report.ALARM_GID]
+    assert len(contours) == 1 and list(contours[0].levels) == [0.1]
+    mins = [ln for ln in ax["eff_rank_min"].lines if ln.get_label() == "min over layers"][0]
+    assert list(mins.get_xdata()) == [0, 50, 100] and mins.get_ydata()[-1] == pytest.approx(1 / 16)
+
+    fig = report.plot_cosine_by_depth(geometry, tmp_path / "c.png", 50, mon)
+    ax = _by_label(fig)
+    for name in ("cosine", "norm"):
+        lines = _probe_lines(ax[name])
+        assert [ln.get_gid() for ln in lines] == ["probe_step_0", "probe_step_50", "probe_step_100"]
+        assert len({tuple(ln.get_color()) for ln in lines}) == 3  # coloured by step
+    assert list(_probe_lines(ax["cosine"])[1].get_ydata()) == pytest.approx([l["cosine"] for l in geometry[1]["layers"]])
+    thr = [ln for ln in ax["cosine"].lines if ln.get_gid() == report.ALARM_GID]
+    assert len(thr) == 1 and set(np.asarray(thr[0].get_ydata(), dtype=float)) == {0.95}
+
+    fig = report.plot_beta_by_depth(geometry, tmp_path / "b.png", 50)
+    ax = _by_label(fig)
+    assert len(_probe_lines(ax["beta_mean"])) == len(_probe_lines(ax["beta_frac_negative"])) == 3
+    last = _probe_lines(ax["beta_mean"])[-1].get_ydata()
+    assert list(last) == pytest.approx([0.45 - 0.25 * j for j in range(8)])
+    mesh = ax["beta_heatmap"].collections[0]
+    data = np.asarray(mesh.get_array())
+    assert data.shape == (8, 3) and data.min() == pytest.approx(-1.3) and data.max() == pytest.approx(0.45)
+    norm = mesh.norm  # beta crosses 0: diverging, centred at 0, the colourbar spans the real range
+    assert isinstance(norm, TwoSlopeNorm) and norm.vcenter == 0.0
+    assert norm.vmin == pytest.approx(-1.3) and norm.vmax == pytest.approx(0.45)
+    assert mesh.colorbar is not None and "beta" in mesh.colorbar.ax.get_ylabel()
+
+
+def test_report_md_and_pngs_with_alarms(tmp_path):
+    write_run(tmp_path)
+    write_config(tmp_path, **ALARMS, alarm_policy="rollback")
+    assert report.main([str(tmp_path), "--dpi", "50"]) == 0
+    md = (tmp_path / "report" / "report.md").read_text()
+    # step 0 is before alarm_after_step; step 100 has the collapsed layer 3 (rank 1/16, cosine 1)
+    assert ("- collapse alarms (config.yaml): eff_rank_norm < 0.1 or cosine > 0.95 at any layer, from step 20, "
+            "policy rollback; tripped at 1 of 3 probe(s), first at step 100, last at step 100") in md
+    assert "- final valid loss: 2.2000 (step 100)" in md  # valid_loss records still summarised
+
+
+def test_alarms_off_or_unknown_draw_no_threshold(tmp_path):
+    write_run(tmp_path)
+    _, geometry = report.load_run(tmp_path)
+    assert report.load_alarm_config(tmp_path) is None
+    fig = report.plot_cosine_by_depth(geometry, tmp_path / "c.png", 40, None)
+    assert not [ln for ln in fig.axes[0].lines if ln.get_gid() == report.ALARM_GID]
+    assert report.main([str(tmp_path), "--dpi", "40"]) == 0
+    assert "thresholds unknown" in (tmp_path / "report" / "report.md").read_text()
+    write_config(tmp_path, alarm_eff_rank_norm_below=0.0)
+    mon = report.load_alarm_config(tmp_path)
+    fig = report.plot_eff_rank_heatmap(geometry, tmp_path / "e.png", 40, mon)
+    assert not [a for ax in fig.axes for a in ax.lines + list(ax.collections) if a.get_gid() == report.ALARM_GID]
+
+
+def test_bad_alarm_value_in_config_is_a_clear_error(tmp_path, capsys):
+    write_run(tmp_path)
+    write_config(tmp_path, alarm_cosine_above="high")
+    assert report.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "config.yaml: monitor.alarm_cosine_above = 'high' is not a number" in err and err.count("\n") == 1
