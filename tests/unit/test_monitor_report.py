@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from mgt_scale.monitor import report
+from mgt_scale.monitor import report, report_plots
 from mgt_scale.monitor.loggers import GEOMETRY_FILE, METRICS_FILE, JsonlLogger
 from mgt_scale.monitor.metrics import layer_geometry, make_geometry_record, summarise_mgt_ops
 
@@ -144,9 +144,9 @@ def test_plots_show_every_probe_and_the_alarm_thresholds(tmp_path):
 
     fig = report.plot_eff_rank_heatmap(geometry, tmp_path / "e.png", 50, mon)
     ax = _by_label(fig)
-    thr = [ln for ln in ax["eff_rank_min"].lines if ln.get_gid() == report.ALARM_GID]
+    thr = [ln for ln in ax["eff_rank_min"].lines if ln.get_gid() == report_plots.ALARM_GID]
     assert len(thr) == 1 and set(np.asarray(thr[0].get_ydata(), dtype=float)) == {0.1}
-    contours = [c for c in ax["eff_rank_heatmap"].collections if c.get_gid() == report.ALARM_GID]
+    contours = [c for c in ax["eff_rank_heatmap"].collections if c.get_gid() == report_plots.ALARM_GID]
     assert len(contours) == 1 and list(contours[0].levels) == [0.1]
     mins = [ln for ln in ax["eff_rank_min"].lines if ln.get_label() == "min over layers"][0]
     assert list(mins.get_xdata()) == [0, 50, 100] and mins.get_ydata()[-1] == pytest.approx(1 / 16)
@@ -158,7 +158,7 @@ def test_plots_show_every_probe_and_the_alarm_thresholds(tmp_path):
         assert [ln.get_gid() for ln in lines] == ["probe_step_0", "probe_step_50", "probe_step_100"]
         assert len({tuple(ln.get_color()) for ln in lines}) == 3  # coloured by step
     assert list(_probe_lines(ax["cosine"])[1].get_ydata()) == pytest.approx([l["cosine"] for l in geometry[1]["layers"]])
-    thr = [ln for ln in ax["cosine"].lines if ln.get_gid() == report.ALARM_GID]
+    thr = [ln for ln in ax["cosine"].lines if ln.get_gid() == report_plots.ALARM_GID]
     assert len(thr) == 1 and set(np.asarray(thr[0].get_ydata(), dtype=float)) == {0.95}
 
     fig = report.plot_beta_by_depth(geometry, tmp_path / "b.png", 50)
@@ -191,13 +191,13 @@ def test_alarms_off_or_unknown_draw_no_threshold(tmp_path):
     _, geometry = report.load_run(tmp_path)
     assert report.load_alarm_config(tmp_path) is None
     fig = report.plot_cosine_by_depth(geometry, tmp_path / "c.png", 40, None)
-    assert not [ln for ln in fig.axes[0].lines if ln.get_gid() == report.ALARM_GID]
+    assert not [ln for ln in fig.axes[0].lines if ln.get_gid() == report_plots.ALARM_GID]
     assert report.main([str(tmp_path), "--dpi", "40"]) == 0
     assert "thresholds unknown" in (tmp_path / "report" / "report.md").read_text()
     write_config(tmp_path, alarm_eff_rank_norm_below=0.0)
     mon = report.load_alarm_config(tmp_path)
     fig = report.plot_eff_rank_heatmap(geometry, tmp_path / "e.png", 40, mon)
-    assert not [a for ax in fig.axes for a in ax.lines + list(ax.collections) if a.get_gid() == report.ALARM_GID]
+    assert not [a for ax in fig.axes for a in ax.lines + list(ax.collections) if a.get_gid() == report_plots.ALARM_GID]
 
 
 def test_bad_alarm_value_in_config_is_a_clear_error(tmp_path, capsys):
