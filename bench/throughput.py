@@ -149,9 +149,8 @@ def trainer_sets(spec: dict, mode: str, ranks: int, run_dir: Path) -> dict:
 def zero3_interleaved_worker(spec: dict) -> dict:
     """The plain loop (clipping, as the trainer does) and `Zero3Engine.train_step` on 1 rank, the step the
     trainer times, in one process, one step of each in turn: the engine's overhead without the scatter
-    of separate processes. A second engine has our first two ds_zero3_fixes but not the third
-    (single-rank-gradients), a third runs DeepSpeed's own stage-3 code (all fixes off, as
-    MGT_DS_ZERO3_FIXES=0 would), so each share shows in the same run. DeepSpeed's ZeRO-3 replaces
+    of separate processes. A second engine runs DeepSpeed's own stage-3 code (our ds_zero3_fixes off, as
+    MGT_DS_ZERO3_FIXES=0 would), so their share shows in the same run. DeepSpeed's ZeRO-3 replaces
     `torch.nn.functional.linear` process-wide with its own autograd Function; the plain steps run torch's
     own, as a plain process would."""
     import torch.nn.functional as F
@@ -170,12 +169,9 @@ def zero3_interleaved_worker(spec: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         sets = trainer_sets(spec, "zero3", 1, Path(tmp) / "run")
         cfg = load_config(REPO / "configs/tiny_synthetic.yaml", [f"{k}={v}" for k, v in sets.items()])
-        for name, fixes in (("zero3", True), ("zero3 two fixes", True), ("zero3 unfixed", False)):
+        for name, fixes in (("zero3", True), ("zero3 unfixed", False)):
             ds_zero3_fixes.set_enabled(fixes)  # fp32-master-reuse acts when the optimizer is built
             engines[name] = (Zero3Engine(cfg, plan_batch(cfg, 1), spec["precision"]), fixes)
-        # the third fix decides once per optimizer whether it applies, and keeps the answer on it:
-        # answering "no" for one engine leaves it the first two fixes and DeepSpeed's own bucket path
-        engines["zero3 two fixes"][0].optimizer._mgt_single_rank_gradients = False
     engine_linear = F.linear
     times: dict = {"plain": [], **{name: [] for name in engines}}
     for i in range(spec["warmup"] + spec["steps"]):
@@ -185,7 +181,7 @@ def zero3_interleaved_worker(spec: dict) -> dict:
         if i >= spec["warmup"]:
             times["plain"].append(t_plain)
         for name, (engine, fixes) in engines.items():
-            ds_zero3_fixes.set_enabled(fixes)  # the other two fixes check it at every call
+            ds_zero3_fixes.set_enabled(fixes)  # gradient-view checks it at every call
             tic = time.perf_counter()
             engine.train_step([(x, x)])
             if i >= spec["warmup"]:
@@ -339,8 +335,6 @@ def engine_inprocess_table(args, base, out) -> None:
     r = run_plain(dict(base, steps=steps), mode="zero3-interleaved")
     rows = [["plain PyTorch loop", r["plain"], tok / r["plain"], 1.0],
             ["zero3 train_step", r["zero3"], tok / r["zero3"], r["zero3"] / r["plain"]],
-            ["zero3 train_step, fixes 1-2 only (single-rank-gradients off)", r["zero3 two fixes"],
-             tok / r["zero3 two fixes"], r["zero3 two fixes"] / r["plain"]],
             ["zero3 train_step, DeepSpeed's own code (our ZeRO-3 fixes off)", r["zero3 unfixed"],
              tok / r["zero3 unfixed"], r["zero3 unfixed"] / r["plain"]]]
     out.append(table(f"Engine overhead in one process (1 rank; plain loop and Zero3Engine.train_step, one step of "

@@ -1,10 +1,10 @@
-# Benchmark of our three fixes to DeepSpeed's ZeRO-3 optimizer (mgt_scale/parallel/ds_zero3_fixes.py):
+# Benchmark of our two fixes to DeepSpeed's ZeRO-3 optimizer (mgt_scale/parallel/ds_zero3_fixes.py):
 # the same 1-rank ZeRO-3 engine with the fixes on and off (MGT_DS_ZERO3_FIXES), each run in a fresh
 # process, rounds alternating the order. Printed side by side: resident memory after the engine is built,
 # peak resident memory over the steps, the median `train_step` time and the median time of ZeRO-3's
-# `optimizer.step()` (where the first two act; the third acts in the backward). Processes run with
-# glibc's default malloc, as `mgt train` does. A CPU benchmark: it reads resident memory and times
-# without synchronising a GPU, so on a GPU machine run it with CUDA_VISIBLE_DEVICES="".
+# `optimizer.step()` (where both act). Processes run with glibc's default malloc, as `mgt train` does.
+# A CPU benchmark: it reads resident memory and times without synchronising a GPU, so on a GPU machine
+# run it with CUDA_VISIBLE_DEVICES="".
 """Usage: python bench/zero3_fixes.py [--depth 48] [--width 128] [--seq 128] [--batch 8] [--vocab 2048]
                                     [--steps 8] [--rounds 3]"""
 from __future__ import annotations

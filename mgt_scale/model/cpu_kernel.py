@@ -1,16 +1,17 @@
 # The fused CPU kernel of the MGT residual update (csrc/mgt_update_cpu.cpp): built on first use with
-# torch.utils.cpp_extension (about 45 s on 2 cores; cached per installation under TORCH_EXTENSIONS_DIR
-# or ~/.cache/torch_extensions, in mgt_scale/), wrapped together with the gate and beta projections in
-# one autograd Function.
+# torch.utils.cpp_extension (about 45 s on 2 cores; cached per installation under $TORCH_EXTENSIONS_DIR
+# or ~/.cache/torch_extensions, in mgt_scale/), always with the interpreter's own ninja, wrapped together
+# with the gate and beta projections in one autograd Function.
 # Used by ResidualOp when `mgt.cpu_kernel` is on and the input is fp32 on an AVX2 CPU; anything else
 # (GPU, bf16, no compiler) takes the torch-op path, with one warning if the build fails.
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
-import shutil
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -41,28 +42,86 @@ def build_directory() -> Path:
     import hashlib
     import sysconfig
 
-    from torch.utils.cpp_extension import get_default_build_root
     named = [str(_SOURCE), str(Path(torch.__file__).resolve().parent), sysconfig.get_paths()["include"], *_FLAGS]
     digest = hashlib.sha256("\0".join(named).encode()).hexdigest()[:12]
     tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__.replace('+', '_')}_{digest}"
-    return Path(get_default_build_root()) / "mgt_scale" / tag / "mgt_update_cpu"
+    return _build_root() / "mgt_scale" / tag / "mgt_update_cpu"
+
+
+def _build_root() -> Path:
+    """$TORCH_EXTENSIONS_DIR when set (as for torch's own extensions), else torch's default cache root."""
+    from torch.utils.cpp_extension import get_default_build_root
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+
+
+def interpreter_ninja() -> Optional[Path]:
+    """The ninja of this interpreter's installation: the one beside sys.executable (where the pip package
+    `ninja`, a DeepSpeed dependency, puts it in a virtual environment), else the one `python -m ninja`
+    runs (the package's BIN_DIR); None when neither exists (then PATH's ninja, if any, builds).
+
+    Not whichever ninja comes first on PATH: srun ranks, an activated venv and `.venv/bin/python` see
+    different PATHs, and two ninja versions disagree about the build log (.ninja_log) in the build
+    directory, so each switch between them rebuilt the whole kernel, 30-60 s, without a word."""
+    candidates = [Path(sys.executable).parent / "ninja"]
+    try:
+        import ninja  # the pip package
+        if getattr(ninja, "BIN_DIR", ""):
+            candidates.append(Path(ninja.BIN_DIR) / "ninja")
+    except ImportError:
+        pass
+    return next((c for c in candidates if c.is_file() and os.access(c, os.X_OK)), None)
+
+
+@contextlib.contextmanager
+def _ninja_first_on_path():
+    """torch.utils.cpp_extension runs `ninja` by name, through os.environ's PATH (is_ninja_available, and
+    _run_ninja_build's env=os.environ.copy()): for the build only, put the interpreter's ninja's directory
+    first, and restore PATH after. (Only the building thread runs meanwhile, under the module lock.)"""
+    ninja = interpreter_ninja()
+    if ninja is None:
+        yield
+        return
+    saved = os.environ.get("PATH")
+    os.environ["PATH"] = os.pathsep.join([str(ninja.parent)] + ([saved] if saved else []))
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = saved
 
 
 def _build(verbose: bool):
     """Compile (or load the cached build) under an flock, which the OS releases if the holder dies. Ranks
     starting together take turns: one compiles, the others load its result. torch's own lock file
     ('lock', left behind by a process killed mid-build, after which torch waits on it forever) is removed
-    while the flock is held, when no one else can be building."""
+    while the flock is held, when no one else can be building. A process that compiles says so on
+    stderr, before (the build takes about 45 s, in which a rank otherwise prints nothing) and after."""
     from torch.utils.cpp_extension import load as cpp_load
-    if shutil.which("ninja") is None:  # the pip package `ninja` (a DeepSpeed dependency) sits beside python
-        os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     d = build_directory()
     d.mkdir(parents=True, exist_ok=True)
     with open(d / "mgt_scale.flock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         (d / "lock").unlink(missing_ok=True)
-        return cpp_load(name="mgt_update_cpu", sources=[str(_SOURCE)], extra_cflags=_FLAGS,
-                        extra_ldflags=["-fopenmp"], build_directory=str(d), verbose=verbose)
+        before = _built_at(d)
+        if before is None or before < _SOURCE.stat().st_mtime:
+            print(f"compiling the MGT C++ kernel (first use, ~45 s) in {d}", file=sys.stderr, flush=True)
+        start = time.monotonic()
+        with _ninja_first_on_path():
+            module = cpp_load(name="mgt_update_cpu", sources=[str(_SOURCE)], extra_cflags=_FLAGS,
+                              extra_ldflags=["-fopenmp"], build_directory=str(d), verbose=verbose)
+        if _built_at(d) != before:
+            print(f"compiled the MGT C++ kernel in {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
+        return module
+
+
+def _built_at(d: Path) -> Optional[float]:
+    """The modification time of the built extension in `d`, None when there is none yet."""
+    try:
+        return (d / "mgt_update_cpu.so").stat().st_mtime
+    except OSError:
+        return None
 
 
 def load(verbose: bool = False):

@@ -17,8 +17,9 @@ def import_deepspeed():
     never unlinked. GPU accelerators do not build it, so this changes nothing there.
     Set MGT_DS_SHM_COMM=1 to keep DeepSpeed's default.
 
-    It also installs the three copy-saving fixes of mgt_scale.parallel.ds_zero3_fixes in ZeRO-3's
-    optimizer (MGT_DS_ZERO3_FIXES=0 keeps DeepSpeed's own code paths).
+    It also installs the two copy-saving fixes of mgt_scale.parallel.ds_zero3_fixes in ZeRO-3's
+    optimizer, where mgt_scale.parallel.ds_patches' guard allows (MGT_DS_ZERO3_FIXES=0 keeps DeepSpeed's
+    own code paths).
     """
     global _PATCHED
     import importlib

@@ -169,9 +169,10 @@ def run(cfg: Config, args, denv, plan, precision: str) -> int:
         print(kernel_line if rank == 0 else f"rank {rank}: {kernel_line}", flush=True)
     if rank == 0:
         print(describe_env(denv, plan, precision), flush=True)
-        if cfg.parallel.mode == "zero3" and cfg.parallel.zero_stage == 3:
-            from mgt_scale.parallel import ds_zero3_fixes
-            print(ds_zero3_fixes.describe(), flush=True)
+        patched = {"zero3": cfg.parallel.zero_stage == 3, "pipeline": cfg.parallel.zero_stage == 0 and precision == "fp32"}
+        if patched[cfg.parallel.mode]:  # the runs our DeepSpeed patches act in (parallel/ds_patches.py)
+            from mgt_scale.parallel import ds_patches
+            print(ds_patches.describe(cfg.parallel.mode), flush=True)
     from mgt_scale.train.engines import build_engine
     engine = build_engine(cfg, plan, precision)
     dp_rank, dp_size = engine_dp(engine, plan, rank)

@@ -1,6 +1,9 @@
 # `parallel.mode: pipeline`: DeepSpeed's pipeline engine behind the same interface as Zero3Engine
 # (train_step, eval_loss, save, load, set_lr, mode, module, dp_rank). ZeRO-0/1 only (DeepSpeed's
-# pipeline engine rejects ZeRO-2/3; see mgt_scale.parallel.pipeline).
+# pipeline engine rejects ZeRO-2/3; see mgt_scale.parallel.pipeline). With fp32 and ZeRO-0 it patches two
+# things of DeepSpeed's engine, each through mgt_scale.parallel.ds_patches' guard (source checked,
+# MGT_DS_PIPELINE_FIXES=0 turns both off): gradient clipping over all stages, and the skip of a step with
+# non-finite gradients.
 from __future__ import annotations
 
 import math
@@ -10,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from mgt_scale.config import Config
+from mgt_scale.parallel import ds_patches
 from mgt_scale.parallel.ds_config import deepspeed_config
 from mgt_scale.parallel.pipeline import PipeLoss, build_pipeline_module, partition_info
 from mgt_scale.parallel.topology import BatchPlan
@@ -40,12 +44,15 @@ class PipelineEngine:
             model=module, optimizer=optimizer, config=self.ds_config)
         self.device = _device()
         self._grad_norm = float("nan")
-        self._guarded = False
+        self._guarded = self._clipping = False
         if not self.engine.zero_optimization() and precision == "fp32":
             # DeepSpeed's ZeRO-0 fp32 clipping counts only model-parallel rank 0's gradients unless
             # parameters are marked model-parallel: clip over all stages ourselves (and keep the norm).
-            self.engine.clip_fp32_gradients = self._clip_fp32_gradients
-            self._guard_optimizer_step()
+            if ds_patches.guard("pipeline-clip-all-stages"):
+                self.engine.clip_fp32_gradients = self._clip_fp32_gradients
+                self._clipping = True
+            if ds_patches.guard("pipeline-nonfinite-skip"):
+                self._guard_optimizer_step()
         self._warned_unguarded = False
 
     # -- interface ---------------------------------------------------------------------------------
@@ -138,7 +145,7 @@ class PipelineEngine:
         inner_step = opt.step
 
         def step(*args, **kwargs):
-            if self.engine.gradient_clipping() <= 0:  # the clip hook (which measures the norm) did not run
+            if self.engine.gradient_clipping() <= 0 or not self._clipping:  # no clip hook measured the norm
                 self._global_grad_norm()
             opt.overflow = not math.isfinite(self._grad_norm)
             return None if opt.overflow else inner_step(*args, **kwargs)

@@ -2,12 +2,15 @@
 # on this machine and is really used, matches the paper's formulas in fp64 for every form with every
 # parameter perturbed and at the edges (saturated sigmoid and tanh, NaN), gives the same gradients
 # whatever the thread count, and fails safe (a failed build falls back to torch ops with a warning; a
-# lock file left by a build killed midway does not hang the next). test_model_residual.py's fused-path
-# test holds it to the fp32 reference in a whole model.
+# lock file left by a build killed midway does not hang the next), and builds once: with the interpreter's
+# own ninja whatever PATH names first, under $TORCH_EXTENSIONS_DIR when set, announced on stderr.
+# test_model_residual.py's fused-path test holds it to the fp32 reference in a whole model.
 import copy
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -214,3 +217,88 @@ def test_start_up_line_says_when_the_build_failed(monkeypatch):
     monkeypatch.setattr(cpu_kernel, "_state", {"error": "CalledProcessError: ninja failed"})
     assert cpu_kernel.describe("mgt", True, True, 16, "cpu", "fp32") == (
         "mgt.cpu_kernel: UNAVAILABLE, torch-op path (CalledProcessError: ninja failed)")
+
+
+def fake_ninja_dir(tmp_path):
+    """A directory whose `ninja` records that it ran and fails: put first on PATH, it stands for another
+    installation's ninja (the system's, another venv's) that a rank's PATH happens to name first."""
+    d = tmp_path / "foreign_bin"
+    d.mkdir()
+    script = d / "ninja"
+    script.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'foreign_ninja_ran'}\nexit 1\n")
+    script.chmod(0o755)
+    return d
+
+
+def test_extensions_dir_is_the_root_of_the_build_directory(monkeypatch, tmp_path):
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    default = cpu_kernel.build_directory()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    here = cpu_kernel.build_directory()
+    assert here.relative_to(tmp_path / "mgt_scale")  # under it, not under ~/.cache/torch_extensions
+    assert here.parts[-2:] == default.parts[-2:]  # the per-installation directory below it, unchanged
+
+
+def test_the_build_runs_the_interpreters_ninja_whatever_path_says(monkeypatch, tmp_path, capsys):
+    """cpp_extension runs `ninja` by name: during the build, PATH's first ninja is the interpreter's,
+    and the process's PATH is the same after. The build is announced on stderr before and after."""
+    import shutil
+
+    import torch.utils.cpp_extension as cpp_extension
+    ours = cpu_kernel.interpreter_ninja()
+    assert ours is not None and ours.parent == Path(sys.executable).parent
+    path = f"{fake_ninja_dir(tmp_path)}:{os.environ['PATH']}"
+    monkeypatch.setenv("PATH", path)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    seen = {}
+
+    def fake_load(name, sources, extra_cflags, extra_ldflags, build_directory, verbose):
+        seen["ninja"] = shutil.which("ninja")
+        (Path(build_directory) / "mgt_update_cpu.so").write_text("built")
+        return "module"
+    monkeypatch.setattr(cpu_kernel, "_state", {})
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    assert cpu_kernel.load() == "module"
+    assert seen["ninja"] == str(ours)
+    assert os.environ["PATH"] == path
+    err = capsys.readouterr().err
+    d = cpu_kernel.build_directory()
+    assert f"compiling the MGT C++ kernel (first use, ~45 s) in {d}\n" in err
+    assert "compiled the MGT C++ kernel in " in err
+
+
+def test_a_cached_build_loads_without_a_rebuild_under_a_foreign_ninja(tmp_path):
+    """The kernel built (by this test session), a process whose PATH names another ninja first loads the
+    cached .so: that ninja never runs, nothing is recompiled, nothing is announced."""
+    assert cpu_kernel.load() is not None, cpu_kernel.unavailable_reason()
+    so = cpu_kernel.build_directory() / "mgt_update_cpu.so"
+    built = so.stat().st_mtime_ns
+    env = dict(os.environ, PATH=f"{fake_ninja_dir(tmp_path)}:{os.environ['PATH']}")
+    code = "from mgt_scale.model import cpu_kernel\nassert cpu_kernel.load() is not None, cpu_kernel.unavailable_reason()"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not (tmp_path / "foreign_ninja_ran").exists()
+    assert so.stat().st_mtime_ns == built
+    assert "compiling the MGT C++ kernel" not in r.stderr
+
+
+@pytest.mark.slow
+def test_a_fresh_build_in_the_extensions_dir_with_a_foreign_ninja_on_path(tmp_path):
+    """End to end (one real compile, ~45 s): TORCH_EXTENSIONS_DIR set and a foreign ninja first on PATH;
+    the first process builds there, with the interpreter's ninja, and says so; a second process with the
+    same environment loads that build (the .so untouched) without a word."""
+    env = dict(os.environ, PATH=f"{fake_ninja_dir(tmp_path)}:{os.environ['PATH']}",
+               TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    code = ("from mgt_scale.model import cpu_kernel\nassert cpu_kernel.load() is not None, cpu_kernel.unavailable_reason()\n"
+            "print(cpu_kernel.build_directory())")
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    d = Path(first.stdout.strip())
+    so = d / "mgt_update_cpu.so"
+    assert d.relative_to(tmp_path / "ext") and so.is_file()
+    assert f"compiling the MGT C++ kernel (first use, ~45 s) in {d}" in first.stderr
+    built = so.stat().st_mtime_ns
+    second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert so.stat().st_mtime_ns == built and "compiling the MGT C++ kernel" not in second.stderr
+    assert not (tmp_path / "foreign_ninja_ran").exists()

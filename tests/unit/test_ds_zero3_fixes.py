@@ -1,10 +1,11 @@
-# The three copy-saving fixes to DeepSpeed's ZeRO-3 optimizer (mgt_scale/parallel/ds_zero3_fixes.py) must
+# The two copy-saving fixes to DeepSpeed's ZeRO-3 optimizer (mgt_scale/parallel/ds_zero3_fixes.py) must
 # not change a number: training with them on and off gives bit-identical losses, gradient norms and
 # weights (gradient accumulation and clipping active), a checkpoint written either way resumes the
 # other way exactly, and each fix really does what it claims (one storage for the model's partition and
-# the fp32 master; no flatten of the gradient in step(); no reduce bucket on one rank). One in-process
-# rank, fp32 CPU (and one bf16 run of a tiny model); the 2-rank
-# on/off comparison is in tests/distributed/test_zero3_ranks.py.
+# the fp32 master; no flatten of the gradient in step()). Each goes through ds_patches' guard: it
+# refuses to install, and the start-up line says so, where DeepSpeed's source is not the one checked.
+# One in-process rank, fp32 CPU (and one bf16 run of a tiny model); the 2-rank on/off comparison is in
+# tests/distributed/test_zero3_ranks.py; the pipeline engine's patches in test_ds_patches.py.
 import pytest
 import torch
 
@@ -33,58 +34,49 @@ def test_contiguous_run_is_the_concatenation_without_a_copy():
     assert contiguous_run([]) is None
 
 
-ALL_FIXES = ["fp32-master-reuse", "gradient-view", "single-rank-gradients"]
+ALL_FIXES = ["fp32-master-reuse", "gradient-view"]
 
 
 def test_the_installed_deepspeed_gets_all_fixes(inprocess_dist):
     # Fails when a DeepSpeed upgrade rewrites a patched method: then check ds_zero3_fixes against it.
     assert ds_zero3_fixes.applied_fixes() == ALL_FIXES
-
-
-def test_a_rewritten_deepspeed_method_gets_no_fix():
-    class Rewritten:  # stands in for a later DeepSpeed whose methods differ from the ones checked
-        def _create_fp32_partitions(self):
-            return "upstream"
-
-        def _prepare_fp32_grad_for_sub_group(self, sub_group_id):
-            return "upstream"
-
-        def reduce_independent_p_g_buckets_and_remove_grads(self, param):
-            return "upstream"
-    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
-    for name in ds_zero3_fixes._GRADIENT_PATH[1:]:  # fix 3 also checks the bucket path it skips
-        setattr(Rewritten, name, getattr(Stage3, name))
-    create, prepare = Rewritten._create_fp32_partitions, Rewritten._prepare_fp32_grad_for_sub_group
-    reduce = Rewritten.reduce_independent_p_g_buckets_and_remove_grads
-    assert not ds_zero3_fixes._install_master_reuse(Rewritten)
-    assert not ds_zero3_fixes._install_gradient_view(Rewritten)
-    assert not ds_zero3_fixes._install_single_rank_gradients(Rewritten)
-    assert Rewritten._create_fp32_partitions is create and Rewritten._prepare_fp32_grad_for_sub_group is prepare
-    assert Rewritten.reduce_independent_p_g_buckets_and_remove_grads is reduce
-
-    class RewrittenBucket:  # the hook as checked, but a bucket path that may no longer be an identity
-        reduce_independent_p_g_buckets_and_remove_grads = Stage3.reduce_independent_p_g_buckets_and_remove_grads
-        partition_grads = Rewritten.reduce_independent_p_g_buckets_and_remove_grads
-    for name in ds_zero3_fixes._GRADIENT_PATH[1:-1]:
-        setattr(RewrittenBucket, name, getattr(Stage3, name))
-    assert not ds_zero3_fixes._install_single_rank_gradients(RewrittenBucket)
-
-    class NoSource:  # an install without readable source (inspect.getsource fails): no fix, no crash
-        _create_fp32_partitions = _prepare_fp32_grad_for_sub_group = len
-        reduce_independent_p_g_buckets_and_remove_grads = len
-    assert not ds_zero3_fixes._install_master_reuse(NoSource)
-    assert not ds_zero3_fixes._install_gradient_view(NoSource)
-    assert not ds_zero3_fixes._install_single_rank_gradients(NoSource)
-    assert NoSource._create_fp32_partitions is len
-
-
-def test_the_startup_line_says_which_fixes_run(inprocess_dist):
     assert ds_zero3_fixes.describe() == "ZeRO-3 optimizer fixes: " + ", ".join(ALL_FIXES)
-    ds_zero3_fixes.set_enabled(False)
-    try:
-        assert ds_zero3_fixes.describe() == "ZeRO-3 optimizer fixes: off (MGT_DS_ZERO3_FIXES=0)"
-    finally:
-        ds_zero3_fixes.set_enabled(True)
+
+
+@pytest.mark.parametrize("name,install,method", [
+    ("fp32-master-reuse", "_install_master_reuse", "_create_fp32_partitions"),
+    ("gradient-view", "_install_gradient_view", "_prepare_fp32_grad_for_sub_group")])
+def test_a_fix_refuses_to_install_on_other_source(inprocess_dist, monkeypatch, name, install, method):
+    """A DeepSpeed whose method is not the source checked (stood in for by another recorded hash) keeps
+    its own method, and the start-up line names the fix as not installed."""
+    import dataclasses
+
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
+
+    from mgt_scale.parallel import ds_patches
+
+    class Optimizer(Stage3):  # a subclass, so that installing here leaves DeepSpeed's class alone
+        pass
+    assert getattr(ds_zero3_fixes, install)(Optimizer) and method in vars(Optimizer)  # the source checked
+    delattr(Optimizer, method)
+    monkeypatch.setitem(ds_patches.PATCHES, name, dataclasses.replace(ds_patches.PATCHES[name], sha256="0" * 64))
+    assert not getattr(ds_zero3_fixes, install)(Optimizer) and method not in vars(Optimizer)
+    line = ds_zero3_fixes.describe()
+    other = [n for n in ALL_FIXES if n != name][0]
+    assert line.startswith(f"ZeRO-3 optimizer fixes: {other}; {name} NOT installed (DeepSpeed 0.19.8: "), line
+    assert f"{method} not the source checked" in line, line
+
+
+def test_the_off_switch_installs_nothing(inprocess_dist, monkeypatch):
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
+
+    class Optimizer(Stage3):
+        pass
+    monkeypatch.setenv("MGT_DS_ZERO3_FIXES", "0")
+    assert not ds_zero3_fixes._install_master_reuse(Optimizer)
+    assert not ds_zero3_fixes._install_gradient_view(Optimizer)
+    assert not vars(Optimizer).keys() & {"_create_fp32_partitions", "_prepare_fp32_grad_for_sub_group"}
+    assert ds_zero3_fixes.describe() == "ZeRO-3 optimizer fixes: off (MGT_DS_ZERO3_FIXES=0)"
 
 
 def build(fixes: bool, precision: str = "fp32"):
@@ -126,9 +118,6 @@ def assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
-BUCKET_ADD = "_DeepSpeedZeroOptimizer_Stage3__add_grad_to_ipg_bucket"
-
-
 def count_calls(engines: dict, attr: str) -> dict:
     """Count calls of optimizer method `attr` per engine (name -> engine), through an instance attribute."""
     calls = {name: 0 for name in engines}
@@ -145,16 +134,12 @@ def count_calls(engines: dict, attr: str) -> dict:
 def test_fixes_train_bit_identically_and_remove_the_copies(inprocess_dist):
     on, off = build(True), build(False)
     flattens = count_calls({"on": on, "off": off}, "flatten")
-    bucket_adds = count_calls({"on": on, "off": off}, BUCKET_ADD)
     r_on, r_off = train(on, 4, True), train(off, 4, False)
     assert r_on == r_off  # losses and gradient norms, bit for bit
     assert all(norm > 0.05 for _, norm in r_on)  # clipping was active on every step
     assert_same_weights(weights(on), weights(off))
     groups = len(off.optimizer.fp16_groups)  # the optimizer's parameter groups (decay / no decay)
     assert groups == 2 and flattens == {"on": 0, "off": 4 * groups}  # without the fix: a flatten per group per step
-    # fix 3: every gradient of every micro-batch went through the reduce bucket without it, none with it
-    n_params = sum(1 for p in off.module.parameters() if p.requires_grad)
-    assert bucket_adds == {"on": 0, "off": 4 * 2 * n_params}
     # fix 1: the fp32 master is the model's own partition with the fix, a second copy without
     o_on, o_off = on.optimizer, off.optimizer
     for i in range(groups):
@@ -164,14 +149,11 @@ def test_fixes_train_bit_identically_and_remove_the_copies(inprocess_dist):
 
 
 def test_fixes_train_bit_identically_in_bf16(inprocess_dist):
-    # bf16 gradients, fp32 partitions: fix 3 copies and adds across dtypes where DeepSpeed's bucket path
-    # casts after the all-reduce (a tiny model: bf16 matmul is slow on this CPU)
+    # bf16 model, fp32 master partitions (a tiny model: bf16 matmul is slow on this CPU)
     on, off = build(True, "bf16"), build(False, "bf16")
-    bucket_adds = count_calls({"on": on, "off": off}, BUCKET_ADD)
     r_on, r_off = train(on, 2, True), train(off, 2, False)
     assert r_on == r_off and all(l == l for l, _ in r_on)  # bit for bit, and finite (NaN != NaN)
     assert_same_weights(weights(on), weights(off))
-    assert bucket_adds["on"] == 0 < bucket_adds["off"]
 
 
 @pytest.mark.parametrize("save_fixes,load_fixes", [(False, True), (True, False)], ids=["off-to-on", "on-to-off"])
