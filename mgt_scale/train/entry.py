@@ -196,6 +196,8 @@ def run(cfg: Config, args, denv, plan, precision: str) -> int:
     if args.resume:
         log = print if rank == 0 else (lambda *a, **k: None)
         tag_dir = manager.find_resume(log=log) if args.resume == "auto" else Path(args.resume)
+        if args.resume == "auto":  # what it rejected as damaged goes to checkpoints/damaged/
+            manager.set_aside_damaged(log=log)
         if tag_dir is not None and args.resume != "auto":
             from mgt_scale.train.checkpoint import verify_checkpoint
             problems = verify_checkpoint(tag_dir)
