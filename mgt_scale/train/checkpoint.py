@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from mgt_scale.config import Config, config_hash, to_dict
+from mgt_scale.train.failure import writing
 from mgt_scale.train.optim import param_layout
 from mgt_scale.train.retention import REASON, move_damaged, plan_retention
 
@@ -236,6 +237,10 @@ class CheckpointManager:
     # -- saving ----------------------------------------------------------------------------------
     def save(self, engine, step: int, client_state: dict) -> Path:
         """Collective: every rank calls it. Returns the checkpoint directory."""
+        with writing(self.dir / tag_for(step)):  # a failed write (disk full) names the checkpoint
+            return self._save(engine, step, client_state)
+
+    def _save(self, engine, step: int, client_state: dict) -> Path:
         tag = tag_for(step)
         tag_dir = self.dir / tag
         replaced = self._replaced_dir(tag)
