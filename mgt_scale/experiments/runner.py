@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         for c in cells:
             print(f"{c.name}: {shlex.join(train_command(sweep, c))}")
         return 0
-    failures = 0
+    failures, no_space_hit = 0, False
     if not args.collect_only:
         cmds = write_commands(sweep, cells)
         if not sweep.init_only:
@@ -247,8 +247,15 @@ def main(argv: list[str] | None = None) -> int:
             jobs = max(1, args.jobs)
             threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
 
+            no_space = threading.Event()  # a full disk fails every later cell too: start none
+
             def one(c: Cell) -> int:
+                if no_space.is_set():
+                    log(f"[{c.name}] not started: a cell ran out of disk space (exit {exit_codes.NO_SPACE})")
+                    return exit_codes.NO_SPACE
                 code = train_cell(sweep, c, threads)
+                if code == exit_codes.NO_SPACE:
+                    no_space.set()
                 evaluate_cell(sweep, c)
                 return code
 
@@ -258,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                 with ThreadPoolExecutor(jobs) as ex:
                     codes = list(ex.map(one, cells))
             failures = sum(1 for code in codes if code != 0)
+            no_space_hit = exit_codes.NO_SPACE in codes
     else:
         for c in cells:  # collect-only still fills in evaluations of finished cells if missing
             evaluate_cell(sweep, c)
@@ -265,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"collected {len(rows)} cells -> {sweep.runs_dir / 'results.csv'}, {sweep.runs_dir / 'results.md'}")
     if failures:
         log(f"{failures} cell(s) did not finish: rerun the same command to resume them")
-        return 1
+        return exit_codes.NO_SPACE if no_space_hit else 1
     return 0
 
 

@@ -1,9 +1,10 @@
 # Checkpoint manager on DeepSpeed's sharded save_checkpoint: our client state (step, data position,
 # RNG, monitor, config + hash, library versions) in every checkpoint, a manifest (files, sizes,
 # sha256, world layout) written last, a `latest` pointer moved by atomic rename only after every rank
-# has finished, retention (last K plus every M-th), selection of the newest *good* checkpoint, and
-# each rank's parameter layout recorded and checked before anything loads. A completed checkpoint is
-# never deleted before its replacement (a new save of the same step) is complete.
+# has finished, retention (last K that verify, plus every M-th), selection of the newest *good*
+# checkpoint, and each rank's parameter layout recorded and checked before anything loads. A completed
+# checkpoint is never deleted before its replacement (a new save of the same step) is complete; one
+# that fails verification is moved to checkpoints/damaged/ (never resumed from, never counted).
 # DeepSpeed's own `latest` file is never written or read.
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ import torch
 import torch.distributed as dist
 
 from mgt_scale.config import Config, config_hash, to_dict
+from mgt_scale.train.failure import writing
 from mgt_scale.train.optim import param_layout
+from mgt_scale.train.retention import REASON, move_damaged, plan_retention
 
 MANIFEST = "mgt_manifest.json"
 LATEST = "latest_good"
@@ -171,6 +174,10 @@ class CheckpointManager:
         self.dir = Path(run_dir) / "checkpoints"
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.ckpt = cfg.checkpoint
+        # what this process knows about its checkpoints, by step, with the identity of the manifest it
+        # was learnt from (a step can be written again): fully verified (or written here), or damaged
+        self._verified: dict[int, tuple] = {}
+        self._damaged: dict[int, tuple[tuple, list[str]]] = {}
 
     # -- listing ---------------------------------------------------------------------------------
     def steps(self) -> list[int]:
@@ -188,19 +195,52 @@ class CheckpointManager:
         return Path(tag_dir).resolve() in (mine.resolve(), universal_dir(mine).resolve())
 
     def find_resume(self, log=print) -> Optional[Path]:
-        """Newest checkpoint whose manifest verifies; damaged or incomplete newer ones are reported."""
+        """Newest checkpoint whose manifest verifies; damaged or incomplete newer ones are reported.
+        Damaged ones (complete, but failing verification) are remembered: set_aside_damaged() and
+        retention move them to checkpoints/damaged/."""
         for step in reversed(self.steps()):
             tag_dir = self.dir / tag_for(step)
             problems = verify_checkpoint(tag_dir)
             if not problems:
+                self._verified[step] = self._manifest_id(step)
                 return tag_dir
+            if (tag_dir / MANIFEST).is_file():  # no manifest: an interrupted save, replaced by the next one
+                self._damaged[step] = (self._manifest_id(step), problems)
             for p in problems:
                 log(f"checkpoint {tag_dir.name} rejected: {p}")
         return None
 
+    def _manifest_id(self, step: int) -> Optional[tuple]:
+        """Identity of a checkpoint's manifest file (a new save of the step writes a new one)."""
+        try:
+            st = (self.dir / tag_for(step) / MANIFEST).stat()
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _problems(self, step: int) -> list[str]:
+        """verify_checkpoint for retention: hashes each checkpoint once per process; one written or
+        verified here before gets the cheap check (files present, sizes as in the manifest)."""
+        ident = self._manifest_id(step)
+        known = self._damaged.get(step)
+        if known is not None and ident is not None and known[0] == ident:
+            return known[1]
+        full = ident is None or self._verified.get(step) != ident
+        problems = verify_checkpoint(self.dir / tag_for(step), full=full)
+        if problems:
+            self._damaged[step] = (ident, problems)
+            self._verified.pop(step, None)
+        else:
+            self._verified[step] = ident
+        return problems
+
     # -- saving ----------------------------------------------------------------------------------
     def save(self, engine, step: int, client_state: dict) -> Path:
         """Collective: every rank calls it. Returns the checkpoint directory."""
+        with writing(self.dir / tag_for(step)):  # a failed write (disk full) names the checkpoint
+            return self._save(engine, step, client_state)
+
+    def _save(self, engine, step: int, client_state: dict) -> Path:
         tag = tag_for(step)
         tag_dir = self.dir / tag
         replaced = self._replaced_dir(tag)
@@ -234,6 +274,8 @@ class CheckpointManager:
             write_manifest(tag_dir, {"step": step, "world_size": self.world_size, "mode": self.cfg.parallel.mode,
                                      "pipeline_stages": self.cfg.parallel.pipeline_stages,
                                      "config_hash": config_hash(self.cfg)})
+            self._verified[step] = self._manifest_id(step)  # hashed from the files just written
+            self._damaged.pop(step, None)
             self._point_latest(tag)
             shutil.rmtree(replaced, ignore_errors=True)
             self._prune(step)
@@ -307,15 +349,51 @@ class CheckpointManager:
         _barrier()
         return dest
 
+    def set_aside_damaged(self, log=print) -> list[Path]:
+        """Collective; call after find_resume(). Rank 0 moves the complete checkpoints that
+        find_resume() rejected (still the same files) to checkpoints/damaged/ (see _move_damaged), once
+        every rank has finished reading them, and points `latest` at the newest completed one left.
+        Returns the folders (rank 0), else []."""
+        _barrier()
+        moved = []
+        if self.rank == 0:
+            for step, (ident, problems) in sorted(self._damaged.items()):
+                if ident is not None and self._manifest_id(step) == ident:
+                    moved.append(self._move_damaged(step, problems, log))
+        _barrier()
+        return moved
+
+    def _move_damaged(self, step: int, problems: list[str], log=print) -> Path:
+        """Rank 0: move a checkpoint that failed verification to checkpoints/damaged/ (retention.py),
+        drop its universal conversion, and keep `latest` on a checkpoint that is still there. Left in
+        place it counted towards keep_last, and retention deleted the good older one instead."""
+        tag = tag_for(step)
+        dest = move_damaged(self.dir, tag, problems)
+        shutil.rmtree(universal_dir(self.dir / tag), ignore_errors=True)
+        self._damaged.pop(step, None)
+        self._verified.pop(step, None)
+        latest = self.dir / LATEST
+        if latest.is_file() and latest.read_text().strip() == tag:
+            kept = self.completed_steps()
+            if kept:
+                self._point_latest(tag_for(kept[-1]))
+            else:
+                latest.unlink(missing_ok=True)
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        log(f"checkpoint {tag} failed verification ({problems[0]}{more}): moved to {dest} (not resumed "
+            f"from, not counted by retention; {REASON} says why: delete it when no longer needed)")
+        return dest
+
     def _prune(self, newest: int) -> None:
-        steps = self.steps()
-        keep = set(steps[-self.ckpt.keep_last:]) | {newest}
-        if self.ckpt.keep_every:
-            keep |= {s for s in steps if s % self.ckpt.keep_every == 0}
-        for s in steps:
-            if s not in keep:
-                shutil.rmtree(self.dir / tag_for(s), ignore_errors=True)
-                shutil.rmtree(universal_dir(self.dir / tag_for(s)), ignore_errors=True)
+        """Retention (retention.plan_retention), rank 0 after a save: damaged checkpoints met on the
+        way are moved aside, never counted."""
+        delete, damaged = plan_retention(self.steps(), self.completed_steps(), newest, self.ckpt.keep_last,
+                                         self.ckpt.keep_every, self._problems)
+        for s, problems in damaged.items():
+            self._move_damaged(s, problems)
+        for s in delete:
+            shutil.rmtree(self.dir / tag_for(s), ignore_errors=True)
+            shutil.rmtree(universal_dir(self.dir / tag_for(s)), ignore_errors=True)
 
     # -- loading ---------------------------------------------------------------------------------
     def same_layout(self, manifest: dict) -> bool:

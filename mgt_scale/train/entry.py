@@ -132,6 +132,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(cfg: Config, args, denv, plan, precision: str) -> int:
+    """_run, and any exception it raises ends as failure.crashed says: traceback on stderr, status.json
+    `failed` with the exit code and cause, exit_codes.NO_SPACE for a full disk, else CRASH."""
+    try:
+        return _run(cfg, args, denv, plan, precision)
+    except (Exception, KeyboardInterrupt) as e:
+        from mgt_scale.train.failure import crashed
+        return crashed(e, Path(cfg.run.dir), denv.rank)
+
+
+def _run(cfg: Config, args, denv, plan, precision: str) -> int:
     import warnings
     from mgt_scale.train.preemption import install_signal_handlers
     install_signal_handlers()
@@ -197,6 +207,8 @@ def run(cfg: Config, args, denv, plan, precision: str) -> int:
     if args.resume:
         log = print if rank == 0 else (lambda *a, **k: None)
         tag_dir = manager.find_resume(log=log) if args.resume == "auto" else Path(args.resume)
+        if args.resume == "auto":  # what it rejected as damaged goes to checkpoints/damaged/
+            manager.set_aside_damaged(log=log)
         if tag_dir is not None and args.resume != "auto":
             from mgt_scale.train.checkpoint import verify_checkpoint
             problems = verify_checkpoint(tag_dir)

@@ -245,6 +245,8 @@ def _stop_markers(state_dir: Path) -> list[str]:
     ("86 TERM", 86, False, "collapse"),    # srun alone would say 143 and the job would be retried
     ("TERM 86", 86, False, "collapse"),
     ("87 87", 87, False, "non-finite"),
+    ("88 TERM", 88, False, "no space left"),  # disk full: a retry cannot help until space is freed
+    ("TERM 88", 88, False, "no space left"),
     ("2 2", 2, False, "config error"),
     ("1 TERM", 0, True, None),             # a crash: first retry
     ("0 GONE", 0, True, None),             # a rank vanished without a code: a crash
@@ -314,3 +316,14 @@ def test_timed_out_job_is_requeued(job, state, runtime, limit):
 def test_job_requeued_by_slurm_is_left_alone(job):
     code, calls, out = job("85 85", state="PENDING")
     assert "scontrol requeue 42" not in calls and "already requeueing" in out
+
+
+def test_every_no_requeue_code_stops_the_job():
+    """exit_codes.NO_REQUEUE and the template's deliberate stops are one list: a code added to one
+    (NO_SPACE, 88) and not the other would be retried as a crash, or stop a run that should go on."""
+    from mgt_scale import exit_codes
+    text = S.TEMPLATE.read_text()
+    wanted = {int(c) for c in re.search(r"for want in ([\d ]+); do", text).group(1).split()}
+    assert wanted == set(exit_codes.NO_REQUEUE) - {exit_codes.FINISHED}
+    for code in wanted:
+        assert re.search(rf"^ +{code}\) +stop ", text, re.M), code

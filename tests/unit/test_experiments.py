@@ -199,3 +199,15 @@ def test_init_only_sweep_is_reproducible(tmp_path):
     # a rerun reuses the cached geometry and gives the same table
     assert runner.main([str(pa), "--no-figures"]) == 0
     assert (tmp_path / "a" / "results.csv").read_text() == ta
+
+
+def test_a_cell_out_of_disk_space_stops_the_sweep(tmp_path, monkeypatch):
+    """exit_codes.NO_SPACE: the later cells would fail the same way, so none starts, and the sweep
+    exits with the same code (as the SLURM job script, it does not go on regardless)."""
+    from mgt_scale import exit_codes
+    runs = tmp_path / "runs"
+    p = write_sweep(tmp_path, {"base": TINY_BASE, "runs_dir": str(runs), "grid": {"model.residual": ["preln", "mgt"]}})
+    called = []
+    monkeypatch.setattr(runner.subprocess, "call", lambda *a, **k: called.append(a) or exit_codes.NO_SPACE)
+    assert runner.main([str(p), "--no-figures"]) == exit_codes.NO_SPACE
+    assert len(called) == 1
