@@ -241,12 +241,10 @@ def run(cfg: Config, args, denv, plan, precision: str) -> int:
     if rank == 0:
         summary = {"exit_code": code, "reason": reason, "step": trainer.state.step}
         if code == exit_codes.FINISHED:
-            summary["valid_loss"] = trainer.evaluate()
+            summary["valid_loss"] = trainer.final_valid_loss  # evaluated by the loop, also in metrics.jsonl
         _write_status(run_dir, "finished" if code == exit_codes.FINISHED else "stopped", code, reason, summary)
         print(f"run {'finished' if code == 0 else 'stopped'} ({reason}) at step {trainer.state.step}; "
               f"exit code {code}", flush=True)
-    elif code == exit_codes.FINISHED:
-        trainer.evaluate()  # collective in zero3 mode
     _leave_process_group()
     return code
 
