@@ -151,13 +151,15 @@ def run(cfg: Config, args, denv, plan, precision: str) -> int:
     import torch
     from mgt_scale.parallel.ds_runtime import import_deepspeed, init_distributed
     deepspeed = import_deepspeed()
-    from mgt_scale.data import build_train_loader, build_valid_batches, dataset_vocab_size
+    from mgt_scale.data import build_train_loader, build_valid_batches, data_tokenizer_identity, dataset_vocab_size
     from mgt_scale.data.shards import DataError
 
     try:
+        data_tokenizer = data_tokenizer_identity(cfg.data, cfg.model.vocab_size)
         data_vocab = dataset_vocab_size(cfg.data)
         if data_vocab is not None and data_vocab > cfg.model.vocab_size:
-            return _fail(run_dir, rank, f"{cfg.data.path}: tokenizer vocabulary {data_vocab} exceeds "
+            where = cfg.data.path or ", ".join(b.path for b in cfg.data.blend)
+            return _fail(run_dir, rank, f"{where}: tokenizer vocabulary {data_vocab} exceeds "
                                         f"model.vocab_size={cfg.model.vocab_size}: set model.vocab_size={data_vocab}")
     except (DataError, OSError, ValueError) as e:
         return _fail(run_dir, rank, str(e))
@@ -190,6 +192,7 @@ def run(cfg: Config, args, denv, plan, precision: str) -> int:
     from mgt_scale.train.trainer import Trainer
 
     manager = CheckpointManager(str(run_dir), cfg, rank, plan.world_size)
+    manager.data_tokenizer = data_tokenizer
     manager.recover_interrupted_saves(log=print if rank == 0 else (lambda *a, **k: None))
     trainer = Trainer(cfg, plan, engine, loader, str(run_dir), rank, valid_batches=valid)
     resumed_from = None
@@ -202,6 +205,12 @@ def run(cfg: Config, args, denv, plan, precision: str) -> int:
             if problems:
                 return _fail(run_dir, rank, f"--resume {tag_dir}: checkpoint rejected: " + "; ".join(problems))
         if tag_dir is not None:
+            from mgt_scale.train.checkpoint import data_tokenizer_problem
+            problem, warning = data_tokenizer_problem(tag_dir, data_tokenizer)
+            if problem:
+                return _fail(run_dir, rank, problem)
+            if warning and rank == 0:
+                print(f"warning: {warning}", file=sys.stderr, flush=True)
             try:
                 state = manager.load(engine, tag_dir, log=log)
             except CheckpointError as e:
