@@ -1,5 +1,5 @@
-# Standard callbacks of the training loop: metrics (metrics.jsonl + a one-line status on rank 0),
-# periodic and final checkpoints, and the run's status file.
+# Standard callbacks of the training loop: metrics (metrics.jsonl + a one-line status on rank 0 with
+# progress, elapsed time and ETA), periodic and final checkpoints, and the run's status file.
 from __future__ import annotations
 
 import json
