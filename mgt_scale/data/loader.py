@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .sampler import GlobalSampler, rank_slice
-from .shards import DataError, ShardSet, SplitTokens, load_manifest
+from .shards import MANIFEST, DataError, ShardSet, SplitTokens, load_manifest, tokenizer_identity
 from .synthetic import STREAM_TRAIN, STREAM_VALID, CopyTaskSource, RandomTokenSource
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -84,6 +84,17 @@ def dataset_vocab_size(data_cfg) -> int | None:
     if data_cfg.synthetic != "none":
         return None
     return max(int(load_manifest(p)["vocab_size"]) for p, _ in _shard_dirs(data_cfg))
+
+
+def data_tokenizer_identity(data_cfg, model_vocab: int) -> dict:
+    """The identity of the token space the configured data uses (shards.tokenizer_identity of its
+    manifest; blended sources must share one tokenizer, which the loader enforces). Synthetic data has
+    no tokenizer: its ids are generated over the model's vocabulary, so that size is its identity."""
+    if data_cfg.synthetic != "none":
+        return {"tokenizer_sha256": None, "vocab_size": int(model_vocab),
+                "source": f"data.synthetic={data_cfg.synthetic}"}
+    p = _shard_dirs(data_cfg)[0][0]
+    return tokenizer_identity(load_manifest(p), Path(p).absolute() / MANIFEST)
 
 
 def _synthetic_source(data_cfg, seq_len: int, vocab_size: int, stream: int):

@@ -173,6 +173,30 @@ def load_manifest(path: str | Path) -> dict:
     return m
 
 
+def tokenizer_identity(manifest: dict, source: str | Path | None = None) -> dict:
+    """The stable identity of the tokenizer a prep output was written with: the sha256 of its
+    tokenizer.model (recorded by `mgt prep` in the manifest, checked against the file by check_output)
+    and its vocabulary size. Two outputs with equal identities use the same token ids for the same
+    pieces. `source` (the manifest path) is carried for messages only, never compared."""
+    ident = {"tokenizer_sha256": str(manifest["tokenizer"].get("sha256")), "vocab_size": int(manifest["vocab_size"])}
+    if source is not None:
+        ident["source"] = str(source)
+    return ident
+
+
+def same_tokenizer(a: dict, b: dict) -> bool:
+    """Whether two identities (tokenizer_identity, or synthetic data's) name the same token space."""
+    return (a.get("tokenizer_sha256"), a.get("vocab_size")) == (b.get("tokenizer_sha256"), b.get("vocab_size"))
+
+
+def describe_tokenizer(ident: dict) -> str:
+    """One-line form of an identity for messages, e.g. `tokenizer sha256 ab12... (vocab 512, d/manifest.json)`."""
+    where = f", {ident['source']}" if ident.get("source") else ""
+    if ident.get("tokenizer_sha256") is None:
+        return f"no tokenizer (vocab {ident.get('vocab_size')}{where})"
+    return f"tokenizer sha256 {ident['tokenizer_sha256']} (vocab {ident.get('vocab_size')}{where})"
+
+
 def check_output(path: str | Path, full: bool) -> list[str]:
     """All problems found in a prep output dir, one line each naming the file ([] = fine).
     Always: manifest, tokenizer hash, shard and index sizes and token/document counts.

@@ -170,6 +170,10 @@ def verify_checkpoint(tag_dir: Path, full: bool = True) -> list[str]:
 
 
 class CheckpointManager:
+    # the identity of the data's tokenizer (mgt_scale.data.data_tokenizer_identity), set by the trainer's
+    # entry: save() records it in the client state and the manifest, data_tokenizer_problem() checks it
+    data_tokenizer: Optional[dict] = None
+
     def __init__(self, run_dir: str, cfg: Config, rank: int, world_size: int):
         self.dir = Path(run_dir) / "checkpoints"
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
@@ -260,6 +264,8 @@ class CheckpointManager:
         state.update({"step": step, "rng": rng_state(), "config": to_dict(self.cfg),
                       "config_hash": config_hash(self.cfg), "versions": library_versions(),
                       "world_size": self.world_size})
+        if self.data_tokenizer is not None:
+            state["data_tokenizer"] = dict(self.data_tokenizer)
         # per-rank RNG: DeepSpeed stores client_state from rank 0 only, so every rank keeps its own file
         engine.save(str(self.dir), tag, state)
         torch.save({"rng": rng_state(), "param_layout": param_layout(engine.module)}, rank_file(tag_dir, self.rank))
@@ -273,7 +279,8 @@ class CheckpointManager:
             save_config(self.cfg, tag_dir / "config.yaml")  # every checkpoint carries its resolved config
             write_manifest(tag_dir, {"step": step, "world_size": self.world_size, "mode": self.cfg.parallel.mode,
                                      "pipeline_stages": self.cfg.parallel.pipeline_stages,
-                                     "config_hash": config_hash(self.cfg)})
+                                     "config_hash": config_hash(self.cfg)}
+                           | ({"data_tokenizer": self.data_tokenizer} if self.data_tokenizer is not None else {}))
             self._verified[step] = self._manifest_id(step)  # hashed from the files just written
             self._damaged.pop(step, None)
             self._point_latest(tag)
@@ -442,6 +449,29 @@ class CheckpointManager:
         rng = torch.load(own, weights_only=True)["rng"] if own.is_file() else state["rng"]
         set_rng_state(rng)
         return state
+
+
+def data_tokenizer_problem(tag_dir: Path, current: dict) -> tuple[Optional[str], Optional[str]]:
+    """(error, warning) of resuming `tag_dir` on data whose tokenizer identity is `current`
+    (mgt_scale.data.data_tokenizer_identity). Another tokenizer's ids name other pieces: the weights
+    would train on what is noise to them (the loss jumps back up) without any error. A checkpoint
+    written before identities were recorded gives a warning only. Reads the checkpoint's manifest, so
+    every rank comes to the same answer without loading anything."""
+    from mgt_scale.data.shards import describe_tokenizer, same_tokenizer
+    tag_dir = Path(tag_dir)
+    try:
+        saved = json.loads((tag_dir / MANIFEST).read_text()).get("data_tokenizer")
+    except (OSError, json.JSONDecodeError):
+        saved = None
+    if not isinstance(saved, dict):
+        return None, (f"{tag_dir}: records no data tokenizer identity (written by an older mgt-scale): cannot "
+                      f"check that it was trained on data with the current {describe_tokenizer(current)}")
+    if same_tokenizer(saved, current):
+        return None, None
+    return (f"{tag_dir}: trained on data with {describe_tokenizer(saved)}, but the configured data has "
+            f"{describe_tokenizer(current)}: its token ids name other pieces, so resuming would train the weights "
+            "on garbage. Resume with the data it was trained on (point data.path or data.blend at it again), "
+            "or start a new run (another run.dir, without --resume)"), None
 
 
 def _broadcast_obj(obj):

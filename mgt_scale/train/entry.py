@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_ranks > 1 and not _launched() and not args.dry_run:
         return _relaunch(args, argv)
 
-    from mgt_scale.cluster.dist_env import DistEnvError, apply, derive_dist_env, describe
+    from mgt_scale.cluster.dist_env import DistEnvError, apply, derive_dist_env
     try:
         denv = derive_dist_env()
     except DistEnvError as e:
@@ -161,13 +161,15 @@ def _run(cfg: Config, args, denv, plan, precision: str) -> int:
     import torch
     from mgt_scale.parallel.ds_runtime import import_deepspeed, init_distributed
     deepspeed = import_deepspeed()
-    from mgt_scale.data import build_train_loader, build_valid_batches, dataset_vocab_size
+    from mgt_scale.data import build_train_loader, build_valid_batches, data_tokenizer_identity, dataset_vocab_size
     from mgt_scale.data.shards import DataError
 
     try:
+        data_tokenizer = data_tokenizer_identity(cfg.data, cfg.model.vocab_size)
         data_vocab = dataset_vocab_size(cfg.data)
         if data_vocab is not None and data_vocab > cfg.model.vocab_size:
-            return _fail(run_dir, rank, f"{cfg.data.path}: tokenizer vocabulary {data_vocab} exceeds "
+            where = cfg.data.path or ", ".join(b.path for b in cfg.data.blend)
+            return _fail(run_dir, rank, f"{where}: tokenizer vocabulary {data_vocab} exceeds "
                                         f"model.vocab_size={cfg.model.vocab_size}: set model.vocab_size={data_vocab}")
     except (DataError, OSError, ValueError) as e:
         return _fail(run_dir, rank, str(e))
@@ -201,6 +203,7 @@ def _run(cfg: Config, args, denv, plan, precision: str) -> int:
     from mgt_scale.train.trainer import Trainer
 
     manager = CheckpointManager(str(run_dir), cfg, rank, plan.world_size)
+    manager.data_tokenizer = data_tokenizer
     manager.recover_interrupted_saves(log=print if rank == 0 else (lambda *a, **k: None))
     trainer = Trainer(cfg, plan, engine, loader, str(run_dir), rank, valid_batches=valid)
     resumed_from = None
@@ -215,6 +218,12 @@ def _run(cfg: Config, args, denv, plan, precision: str) -> int:
             if problems:
                 return _fail(run_dir, rank, f"--resume {tag_dir}: checkpoint rejected: " + "; ".join(problems))
         if tag_dir is not None:
+            from mgt_scale.train.checkpoint import data_tokenizer_problem
+            problem, warning = data_tokenizer_problem(tag_dir, data_tokenizer)
+            if problem:
+                return _fail(run_dir, rank, problem)
+            if warning and rank == 0:
+                print(f"warning: {warning}", file=sys.stderr, flush=True)
             try:
                 state = manager.load(engine, tag_dir, log=log)
             except CheckpointError as e:
@@ -254,12 +263,10 @@ def _run(cfg: Config, args, denv, plan, precision: str) -> int:
     if rank == 0:
         summary = {"exit_code": code, "reason": reason, "step": trainer.state.step}
         if code == exit_codes.FINISHED:
-            summary["valid_loss"] = trainer.evaluate()
+            summary["valid_loss"] = trainer.final_valid_loss  # evaluated by the loop, also in metrics.jsonl
         _write_status(run_dir, "finished" if code == exit_codes.FINISHED else "stopped", code, reason, summary)
         print(f"run {'finished' if code == 0 else 'stopped'} ({reason}) at step {trainer.state.step}; "
               f"exit code {code}", flush=True)
-    elif code == exit_codes.FINISHED:
-        trainer.evaluate()  # collective in zero3 mode
     _leave_process_group()
     return code
 

@@ -28,7 +28,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if (root / LATEST).is_file():
             p = root / (root / LATEST).read_text().strip()
         else:
-            from mgt_scale.train.checkpoint import CheckpointManager  # noqa: F401  (listing helper below)
             raise ExportError(f"{path}: neither a checkpoint directory nor a run directory with a "
                               f"checkpoints/{LATEST} pointer")
     problems = verify_checkpoint(p)

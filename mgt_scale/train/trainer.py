@@ -33,6 +33,10 @@ class Callback:
         """The step's record when an earlier callback stopped the run at this step (no further
         work such as checkpoints should happen here: only bookkeeping)."""
 
+    def on_evaluate(self, trainer: "Trainer", record: dict) -> None:
+        """A final evaluation outside a training step (a finished run started again): the record
+        holds `step` and `valid_loss` only. Comes before on_end, while the loggers are open."""
+
     def on_end(self, trainer: "Trainer", exit_code: int, reason: str) -> None: ...
 
 
@@ -53,6 +57,9 @@ class Trainer:
         self.valid_batches = valid_batches
         self.state = TrainState()
         self.start_time = time.time()
+        # the validation loss after the last step (None: no validation batches, or interrupted); set by
+        # run() before the callbacks' on_end, so that the metrics sinks still log it
+        self.final_valid_loss: Optional[float] = None
 
     @property
     def is_main(self) -> bool:
@@ -74,10 +81,25 @@ class Trainer:
             losses.append(self.engine.eval_loss([batch]))
         return sum(losses) / len(losses)
 
+    def _final_evaluation(self, last_record: Optional[dict]) -> None:
+        """Collective (every rank finishes together). The last step's record already holds the
+        evaluation when the loop ran that step; otherwise (started again at max_steps) evaluate now
+        and hand the record to the callbacks' on_evaluate."""
+        if last_record is not None and last_record["step"] == self.state.step and "valid_loss" in last_record:
+            self.final_valid_loss = last_record.get("valid_loss")
+            return
+        if not self.valid_batches:
+            return
+        self.final_valid_loss = self.evaluate()
+        record = {"step": self.state.step, "valid_loss": self.final_valid_loss}
+        for cb in self.callbacks:
+            cb.on_evaluate(self, record)
+
     def run(self) -> tuple[int, str]:
         """Train until max_steps or a callback stops the run. Returns (exit code, reason)."""
         t = self.cfg.train
         code, reason = exit_codes.FINISHED, "finished"
+        last_record = None
         try:
             for cb in self.callbacks:
                 cb.on_start(self)
@@ -96,8 +118,12 @@ class Trainer:
                           "consumed_samples": self.loader.consumed_samples}
                 if result.skipped:
                     record["skipped"] = True
-                if t.eval_interval and self.state.step % t.eval_interval == 0:
+                last = self.state.step == t.max_steps
+                if (t.eval_interval and self.state.step % t.eval_interval == 0) or (last and self.valid_batches):
+                    # the final evaluation is part of the last step's record (metrics.jsonl, console,
+                    # W&B, TensorBoard); a rollback at that step evaluates again when it is reached
                     record["valid_loss"] = self.evaluate()
+                last_record = record
                 for cb in self.callbacks:
                     try:
                         cb.on_step_end(self, record)
@@ -109,6 +135,8 @@ class Trainer:
                         raise
         except StopTraining as stop:
             code, reason = stop.exit_code, stop.reason
+        if code == exit_codes.FINISHED:
+            self._final_evaluation(last_record)
         for cb in self.callbacks:
             cb.on_end(self, code, reason)
         return code, reason

@@ -2,6 +2,8 @@
 # real forward and backward of the model, for every residual kind and MGT form. The counter sees the
 # matmuls the model actually runs, so a projection the formula forgets (or counts twice) shows up here.
 # Also: the MFU formula of the metrics callback, and the peak FLOP/s lookup.
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -80,6 +82,7 @@ class _Logger:
 
 class _Trainer:
     is_main, start_time = True, 0.0
+    cfg = SimpleNamespace(train=SimpleNamespace(max_steps=10))
 
 
 @pytest.mark.parametrize("world_size", [1, 4])
