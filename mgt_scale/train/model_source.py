@@ -34,8 +34,10 @@ class Loaded:
 def load_state_checked(model: torch.nn.Module, sd: dict[str, torch.Tensor], weights: str | Path,
                        config_path: str | Path, tied: bool, given: bool = True) -> None:
     """Load `sd` into `model` (built from `config_path`) or raise SourceError naming the first tensor
-    whose shape differs, or the first one missing on either side. `given`: the user passed the config."""
-    hint = ("pass the config the weights were trained with (or leave --config out to use the one saved with them)"
+    whose shape differs, or the first one missing on either side. `given`: the user chose the config
+    (--config or --set), so the hint says how to use the saved one."""
+    hint = ("pass the config the weights were trained with (or leave out --config and --set model.* to use the "
+            "one saved with them)"
             if given else "the config saved with the weights does not describe them: pass the right one with --config")
     own = model.state_dict()
     for name, t in own.items():
@@ -115,5 +117,5 @@ def open_model(source: str | Path, config: str | Path | None = None, overrides=(
     cfg = _load_config(config_path, overrides)
     model = build_model(cfg.model, seed=0)
     load_state_checked(model, {k: v.to(torch.float32) for k, v in sd.items()}, weights, config_path,
-                       cfg.model.tie_embeddings, given=config is not None)
+                       cfg.model.tie_embeddings, given=config is not None or bool(overrides))
     return Loaded(model.to(dtype).eval(), cfg, config_path, tokenizer or _data_tokenizer(cfg), origin)
