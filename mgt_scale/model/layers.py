@@ -1,11 +1,32 @@
 # Sublayers of a block: causal self-attention with rotary position embeddings (through
-# scaled_dot_product_attention) and the GELU feed-forward network; and the one random draw every
-# initialiser uses. Pure torch, no parallelism.
+# scaled_dot_product_attention; optionally appending to a KV cache for incremental decoding) and the GELU
+# feed-forward network; and the one random draw every initialiser uses. Pure torch, no parallelism.
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+class LayerKV:
+    """One attention layer's cache for incremental decoding: the rotated keys and the values of every
+    position seen so far, [B, H, P, D] each (grown by concatenation: decoding is bounded by
+    max_seq_len, so the copies stay small next to the matmuls)."""
+
+    def __init__(self):
+        self.k: Optional[torch.Tensor] = None
+        self.v: Optional[torch.Tensor] = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k = k if self.k is None else torch.cat((self.k, k), dim=2)
+        self.v = v if self.v is None else torch.cat((self.v, v), dim=2)
+        return self.k, self.v
 
 
 def normal_from_cpu_(t: torch.Tensor, std: float, gen: torch.Generator) -> None:
@@ -18,11 +39,13 @@ def normal_from_cpu_(t: torch.Tensor, std: float, gen: torch.Generator) -> None:
     t.copy_(torch.empty(t.shape, dtype=torch.float32).normal_(0.0, std, generator=gen).to(t))
 
 
-def rotary_tables(seq_len: int, head_dim: int, base: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [seq_len, head_dim/2] for rotary embeddings (computed, never stored, so no
-    buffer has to be initialised or checkpointed)."""
+def rotary_tables(seq_len: int, head_dim: int, base: float, device, dtype,
+                  start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [seq_len, head_dim/2] for positions start .. start+seq_len-1 (computed, never
+    stored, so no buffer has to be initialised or checkpointed). Each entry depends on its position
+    alone, so the rows for an offset equal the same rows of a longer table bit for bit."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    t = torch.arange(seq_len, device=device, dtype=torch.float32)
+    t = torch.arange(start, start + seq_len, device=device, dtype=torch.float32)
     freqs = torch.outer(t, inv_freq)
     return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
@@ -42,12 +65,26 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Optional[LayerKV] = None) -> torch.Tensor:
+        """x: [B, T, C]. With `cache` (incremental decoding), x holds the T positions that follow the
+        cache's P cached ones: rotary positions start at P, the new keys/values are appended to the
+        cache, and each new position attends to the P cached ones and the new ones up to itself."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        cos, sin = rotary_tables(T, self.head_dim, self.rope_base, x.device, q.dtype)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if cache is None:
+            cos, sin = rotary_tables(T, self.head_dim, self.rope_base, x.device, q.dtype)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            P = cache.length
+            cos, sin = rotary_tables(T, self.head_dim, self.rope_base, x.device, q.dtype, start=P)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            k, v = cache.append(k, v)
+            if P == 0 or T == 1:  # prefill: the usual causal mask; one new position: it sees every key
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=P == 0)
+            else:  # query i (absolute position P+i) sees keys 0 .. P+i
+                mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(B, T, C))
 
 

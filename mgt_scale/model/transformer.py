@@ -2,6 +2,8 @@
 # Written so a pipeline can cut it: embedding, blocks and head are separate modules with stable names
 # (`embed.*`, `blocks.{i}.*`, `head.*`), and each is initialised from its own seeded generator, so a
 # block gets the same weights whichever rank or stage builds it. Pure torch: no DeepSpeed import.
+# `forward(tokens, cache=KVCache(...))` decodes incrementally (mgt_scale.train.generate); without a cache
+# the forward is the training one, unchanged.
 from __future__ import annotations
 
 import functools
@@ -13,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mgt_scale.config import ModelConfig
-from mgt_scale.model.layers import CausalSelfAttention, FeedForward, normal_from_cpu_
+from mgt_scale.model.layers import CausalSelfAttention, FeedForward, LayerKV, normal_from_cpu_
 from mgt_scale.model.recompute import checkpoint_segment
 from mgt_scale.model.residual import ResidualOp, deepnorm_constants
 
@@ -54,8 +56,10 @@ class Block(nn.Module):
         self.attn_res = ResidualOp(cfg)
         self.ffn_res = ResidualOp(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.attn_res(x, self.attn)
+    def forward(self, x: torch.Tensor, cache: Optional[LayerKV] = None) -> torch.Tensor:
+        # every residual kind updates each position from that position alone: only attention needs
+        # the cache
+        x = self.attn_res(x, self.attn if cache is None else functools.partial(self.attn, cache=cache))
         return self.ffn_res(x, self.ffn)
 
     @torch.no_grad()
@@ -93,6 +97,20 @@ class Head(nn.Module):
     def init_weights(self, cfg: ModelConfig, gen: torch.Generator) -> None:
         self.norm.reset_parameters()
         normal_from_cpu_(self.proj.weight, cfg.init_std, gen)
+
+
+class KVCache:
+    """Keys and values of every block for incremental decoding: pass the same KVCache to successive
+    `MGTModel.forward(new_tokens, cache=...)` calls, each with the tokens that follow the cached ones.
+    Positions are absolute (rotary offset = `length`), so `length` + new tokens must stay within
+    max_seq_len; past that the caller recomputes on a cut window with a fresh cache."""
+
+    def __init__(self, num_layers: int):
+        self.layers = [LayerKV() for _ in range(num_layers)]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length if self.layers else 0
 
 
 class MGTModel(nn.Module):
@@ -139,8 +157,12 @@ class MGTModel(nn.Module):
         else:
             self.head.norm.reset_parameters()
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
         x = self.embed(tokens)
+        if cache is not None:  # incremental decoding (inference only: no activation checkpointing)
+            for block, layer_cache in zip(self.blocks, cache.layers):
+                x = block(x, layer_cache)
+            return self.head(x)
         k = self.checkpoint_every
         if k and self.training and torch.is_grad_enabled():
             ckpt = self.checkpoint_fn or functools.partial(checkpoint_segment, policy=self.checkpoint_policy)

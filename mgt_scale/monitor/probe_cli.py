@@ -1,5 +1,8 @@
-# `mgt probe`: geometry of a freshly initialised (or checkpointed) model without training: a per-layer
+# `mgt probe`: geometry of a freshly initialised (or trained) model without training: a per-layer
 # table on screen and, with --json, {"layers": [{"layer", "eff_rank", "eff_rank_norm", ...}, ...]}.
+# --checkpoint takes an export, a model.safetensors, a checkpoint directory or a run directory
+# (mgt_scale.train.model_source); --config is then optional (default: the config saved with the weights)
+# and, when given, is checked against the weights. Bad input exits 2.
 from __future__ import annotations
 
 import argparse
@@ -10,15 +13,18 @@ from pathlib import Path
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mgt probe", description=__doc__ or "Per-layer geometry of a model.")
-    ap.add_argument("--config", required=True)
+    ap.add_argument("--config", default=None, help="model config (optional with a --checkpoint that carries "
+                    "its config: an export, checkpoint or run directory)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--checkpoint", default="", help="a model.safetensors (from `mgt export`) or an export dir")
+    ap.add_argument("--checkpoint", default="", help="trained weights: an export dir (`mgt export`), a "
+                    "model.safetensors, a checkpoint dir or a run dir (its latest good checkpoint)")
     ap.add_argument("--json", default="", help="write the per-layer metrics to this file")
     ap.add_argument("--seed", type=int, default=None, help="init seed (default: train.seed)")
     return ap
 
 
 def load_weights(model, path: str) -> None:
+    """Load an export's weights into an already built model (scripts/centred_rank.py)."""
     from safetensors.torch import load_file
     p = Path(path)
     if p.is_dir():
@@ -34,23 +40,30 @@ def load_weights(model, path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from mgt_scale.config import ConfigError, load_config
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    import torch
-    from mgt_scale.model import build_model
-    from mgt_scale.monitor.probe import probe_geometry
-    from mgt_scale.train.monitor_callback import probe_tokens
-    model = build_model(cfg.model, seed=cfg.train.seed if args.seed is None else args.seed)
+    from mgt_scale.exit_codes import CONFIG_ERROR
+    from mgt_scale.train.model_source import SourceError, open_model
+    if args.config is None and not args.checkpoint:
+        print("error: pass --config FILE (a fresh model) or --checkpoint PATH (trained weights)", file=sys.stderr)
+        return CONFIG_ERROR
     try:
         if args.checkpoint:
-            load_weights(model, args.checkpoint)
+            src = open_model(args.checkpoint, args.config, args.overrides)
+            model, cfg = src.model, src.cfg
+        else:
+            from mgt_scale.model import build_model
+            cfg = load_config(args.config, args.overrides)
+            model = build_model(cfg.model, seed=cfg.train.seed if args.seed is None else args.seed)
+    except (ConfigError, SourceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return CONFIG_ERROR
+    import torch
+    from mgt_scale.monitor.probe import probe_geometry
+    from mgt_scale.train.monitor_callback import probe_tokens
+    try:
         tokens = probe_tokens(cfg, cfg.model.vocab_size)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return CONFIG_ERROR
     with torch.no_grad():
         geo = probe_geometry(model, tokens, step=0, center=cfg.monitor.geometry_center)
     print(f"{cfg.model.residual}, {cfg.model.num_layers} layers, d={cfg.model.d_model}; probe "

@@ -1,9 +1,10 @@
 # `mgt ckpt`: inspect and repair checkpoints without starting a run.
 #   mgt ckpt list RUN_DIR            every checkpoint with its status (good / incomplete / damaged)
-#   mgt ckpt verify CKPT_DIR|RUN_DIR sha256 of every file against the manifest; non-zero exit if bad
+#   mgt ckpt verify CKPT_DIR|RUN_DIR sha256 of every file against the manifest; exit 2 if bad or none
 #   mgt ckpt reshard RUN_DIR [--tag step_XXXXXXXX]
 #                                    convert a zero3 checkpoint to DeepSpeed's universal format so that
 #                                    `mgt train --resume auto` continues it on another number of ranks
+# Bad input (no checkpoint at the path, a damaged one, no latest_good to reshard) exits 2 (mgt_scale.exit_codes.CONFIG_ERROR).
 from __future__ import annotations
 
 import argparse
@@ -11,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from mgt_scale.exit_codes import CONFIG_ERROR
 from mgt_scale.train.checkpoint import (LATEST, MANIFEST, TAG_RE, CheckpointError, make_universal,
                                         universal_dir, verify_checkpoint)
 
@@ -56,8 +58,8 @@ def _ckpt_root(path: Path) -> Path:
 def cmd_list(args) -> int:
     rows = list_checkpoints(args.run_dir, full=not args.quick)
     if not rows:
-        print(f"{args.run_dir}: no checkpoints")
-        return 1
+        print(f"{args.run_dir}: no checkpoints", file=sys.stderr)
+        return CONFIG_ERROR
     print(f"{'tag':<16} {'status':<11} {'world':>5} {'mode':<9} {'MB':>8}  notes")
     for r in rows:
         notes = []
@@ -80,7 +82,7 @@ def cmd_verify(args) -> int:
         dirs = sorted(p for p in root.iterdir() if TAG_RE.match(p.name) and p.is_dir()) if root.is_dir() else []
     if not dirs:
         print(f"{path}: no checkpoint found", file=sys.stderr)
-        return 1
+        return CONFIG_ERROR
     bad = 0
     for d in dirs:
         problems = verify_checkpoint(d, full=True)
@@ -91,7 +93,7 @@ def cmd_verify(args) -> int:
                 print(f"  {p}")
         else:
             print(f"{d}: ok")
-    return 1 if bad else 0
+    return CONFIG_ERROR if bad else 0
 
 
 def cmd_reshard(args) -> int:
@@ -101,7 +103,7 @@ def cmd_reshard(args) -> int:
         latest = root / LATEST
         if not latest.is_file():
             print(f"{root}: no {LATEST} pointer: pass --tag", file=sys.stderr)
-            return 1
+            return CONFIG_ERROR
         tag = latest.read_text().strip()
     try:
         out = make_universal(root / tag, force=args.force)

@@ -1,7 +1,8 @@
 # `mgt export RUN_DIR|CKPT_DIR --output DIR [--dtype fp32|bf16]`: a consolidated, DeepSpeed-free copy
 # of a checkpoint's weights: model.safetensors (canonical names `embed.*`, `blocks.{i}.*`, `head.*`),
 # config.yaml (the run's resolved config) and tokenizer.model (copied from the data directory when it
-# has one). `load_exported(DIR)` rebuilds the model with mgt_scale.model alone.
+# has one). `load_exported(DIR)` rebuilds the model with mgt_scale.model alone. Bad input (no checkpoint
+# at the path, a damaged one) exits 2 (CONFIG_ERROR).
 from __future__ import annotations
 
 import argparse
@@ -119,11 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", required=True, help="output directory")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     args = ap.parse_args(argv)
+    from mgt_scale.exit_codes import CONFIG_ERROR
     try:
         export(args.source, args.output, args.dtype)
-    except (ExportError, OSError) as e:
+    except (ExportError, OSError) as e:  # no checkpoint there, a damaged one, an unwritable --output
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return CONFIG_ERROR
     return 0
 
 

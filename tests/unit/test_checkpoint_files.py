@@ -1,5 +1,5 @@
 # A real ZeRO-3 checkpoint (one in-process rank, fp32 CPU) written by CheckpointManager: it verifies;
-# a deleted shard or a flipped byte is rejected with the file named (`mgt ckpt verify` exits 1,
+# a deleted shard or a flipped byte is rejected with the file named (`mgt ckpt verify` exits 2,
 # `mgt ckpt list` shows it damaged, find_resume falls back to the older good one); the RNG file loads
 # with weights_only=True; and `mgt export` gives a model.safetensors that plain torch loads with the
 # training model's logits (1e-5), then `mgt generate` samples from it; a checkpoint whose recorded parameter
@@ -115,7 +115,7 @@ def test_damaged_checkpoint_rejected_naming_file(saved, tmp_path, damage):
     assert len(problems) == 1 and str(shard) in problems[0]
     assert ("missing" if damage == "delete" else "sha256 mismatch") in problems[0]
     r = mgt("ckpt", "verify", str(tag))
-    assert r.returncode == 1 and str(shard) in r.stdout
+    assert r.returncode == 2 and str(shard) in r.stdout  # bad input: CONFIG_ERROR
     r = mgt("ckpt", "list", str(copy))
     line = next(l for l in r.stdout.splitlines() if l.startswith("step_00000002"))
     assert "damaged" in line and shard.name in line

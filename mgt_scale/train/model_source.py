@@ -1,0 +1,121 @@
+# Opening a trained model for `mgt generate` and `mgt probe`: from an export directory (`mgt export`), a
+# model.safetensors file, a checkpoint directory or a run directory (its latest good checkpoint). The
+# config is the one saved with the weights (export: config.yaml; checkpoint: its resolved config, or the
+# run's), or one the user passes, which is checked against the weights tensor by tensor first, so a
+# mismatch is one line naming the config file, the tensor and both shapes instead of torch's
+# size-mismatch traceback. Checkpoints are consolidated in memory (export.consolidated_from_checkpoint):
+# nothing is written into the run directory.
+from __future__ import annotations
+
+import contextlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+WEIGHTS = "model.safetensors"
+
+
+class SourceError(ValueError):
+    """Bad input (a path that holds no model, a config that does not fit the weights): exit 2."""
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module  # eval mode, fp32
+    cfg: object  # mgt_scale.config.Config
+    config_path: Path  # the config the model was built from
+    tokenizer: Optional[Path]  # tokenizer.model next to an export, else in the config's data directory
+    origin: str  # "export", "file" or the checkpoint directory
+
+
+def load_state_checked(model: torch.nn.Module, sd: dict[str, torch.Tensor], weights: str | Path,
+                       config_path: str | Path, tied: bool, given: bool = True) -> None:
+    """Load `sd` into `model` (built from `config_path`) or raise SourceError naming the first tensor
+    whose shape differs, or the first one missing on either side. `given`: the user chose the config
+    (--config or --set), so the hint says how to use the saved one."""
+    hint = ("pass the config the weights were trained with (or leave out --config and --set model.* to use the "
+            "one saved with them)"
+            if given else "the config saved with the weights does not describe them: pass the right one with --config")
+    own = model.state_dict()
+    for name, t in own.items():
+        if name in sd and tuple(sd[name].shape) != tuple(t.shape):
+            raise SourceError(f"config {config_path} does not fit the weights in {weights}: {name} has shape "
+                              f"{list(sd[name].shape)} there but {list(t.shape)} in this config's model; {hint}")
+    try:
+        result = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # a shape mismatch the loop above cannot see (older layouts)
+        first = next((l.strip() for l in str(e).splitlines() if "size mismatch" in l), str(e).splitlines()[0])
+        raise SourceError(f"config {config_path} does not fit the weights in {weights}: {first}; {hint}") from None
+    missing = [k for k in result.missing_keys if not (tied and k == "head.proj.weight")]
+    if missing:
+        raise SourceError(f"config {config_path} does not fit the weights in {weights}: {missing[0]} is "
+                          f"not in the weights ({len(missing)} missing); {hint}")
+    if result.unexpected_keys:
+        raise SourceError(f"config {config_path} does not fit the weights in {weights}: "
+                          f"{result.unexpected_keys[0]} is not in this config's model "
+                          f"({len(result.unexpected_keys)} unknown); {hint}")
+
+
+def _load_config(path: Path, overrides=()):
+    from mgt_scale.config import ConfigError, load_config
+    try:
+        return load_config(path, list(overrides))
+    except ConfigError as e:
+        raise SourceError(str(e)) from None
+    except OSError as e:
+        raise SourceError(f"{path}: cannot read config: {e.strerror or e}") from None
+
+
+def _data_tokenizer(cfg) -> Optional[Path]:
+    tok = Path(cfg.data.path) / "tokenizer.model" if cfg.data.path else None
+    return tok if tok is not None and tok.is_file() else None
+
+
+def open_model(source: str | Path, config: str | Path | None = None, overrides=(),
+               dtype: torch.dtype = torch.float32) -> Loaded:
+    """The model in `source` (export dir, model.safetensors, checkpoint dir or run dir), built from
+    `config` if given (checked against the weights), else from the config saved with the weights."""
+    from safetensors.torch import load_file
+    from mgt_scale.model import build_model
+    from mgt_scale.train.export import (ExportError, checkpoint_config, consolidated_from_checkpoint,
+                                        resolve_checkpoint)
+    p = Path(source)
+    if not p.exists():
+        raise SourceError(f"{p}: no such file or directory (expected an export directory, a model.safetensors, "
+                          f"a checkpoint directory or a run directory)")
+    tokenizer = None
+    if p.is_file() or (p / WEIGHTS).is_file():  # an export (directory) or a bare weights file
+        wfile = p if p.is_file() else p / WEIGHTS
+        saved = wfile.parent / "config.yaml"
+        if config is None and not saved.is_file():
+            raise SourceError(f"{wfile}: no config.yaml next to it: pass --config")
+        try:
+            sd = load_file(str(wfile))
+        except Exception as e:  # safetensors raises its own error types for a damaged file
+            raise SourceError(f"{wfile}: not a readable safetensors file ({e})") from None
+        if (wfile.parent / "tokenizer.model").is_file():
+            tokenizer = wfile.parent / "tokenizer.model"
+        origin, weights = ("file" if p.is_file() else "export"), wfile
+    else:
+        from mgt_scale.train.checkpoint import LATEST, MANIFEST
+        root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+        if not (p / MANIFEST).is_file() and not (root / LATEST).is_file():
+            raise SourceError(f"{p}: neither an export directory ({WEIGHTS}), a checkpoint directory "
+                              f"({MANIFEST}) nor a run directory with checkpoints/{LATEST}")
+        try:
+            tag = resolve_checkpoint(p)
+            saved_cfg, saved = checkpoint_config(tag)
+            with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's reader prints progress: keep stdout
+                sd = consolidated_from_checkpoint(tag, saved_cfg)  # in memory: the run directory is untouched
+        except ExportError as e:
+            raise SourceError(str(e)) from None
+        origin, weights = str(tag), tag
+    config_path = Path(config) if config is not None else saved
+    cfg = _load_config(config_path, overrides)
+    model = build_model(cfg.model, seed=0)
+    load_state_checked(model, {k: v.to(torch.float32) for k, v in sd.items()}, weights, config_path,
+                       cfg.model.tie_embeddings, given=config is not None or bool(overrides))
+    return Loaded(model.to(dtype).eval(), cfg, config_path, tokenizer or _data_tokenizer(cfg), origin)
