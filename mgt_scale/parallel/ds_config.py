@@ -93,6 +93,6 @@ def deepspeed_config(cfg: Config, plan: BatchPlan, precision: str, profile: Opti
             ds["zero_allow_untested_optimizer"] = True
         ds["pipeline"] = {"activation_checkpoint_interval": p.checkpoint_every_layers
                           if p.activation_checkpointing else 0}
-    if precision == "bf16":
+    if precision == "bf16" and profile == "gpu":  # the cpu profile keeps DeepSpeed's bf16 defaults
         ds.update(bf16_settings(cfg))
     return ds

@@ -185,9 +185,9 @@ def describe(cfg: Config, plan: BatchPlan, precision: str, profile: str, shape: 
         if bubble_warning(cfg, plan):
             lines.append(bubble_warning(cfg, plan))
     if precision == "bf16":
-        if bf16_settings(cfg):
+        if profile == "gpu" and bf16_settings(cfg):
             lines.append("  bf16: gradients accumulate (data_types.grad_accum_dtype) and reduce "
                          "(communication_data_type) in fp32")
         else:
-            lines.append("  bf16: DeepSpeed accumulates and reduces gradients in bf16 (pipeline ZeRO-0)")
+            lines.append("  bf16: DeepSpeed accumulates and reduces gradients in bf16 (its default)")
     return lines

@@ -97,6 +97,8 @@ def test_cpu_profile_unchanged_and_auto_is_cpu_without_cuda():
     assert z == {"stage": 3, "contiguous_gradients": True, "overlap_comm": False,
                  "stage3_gather_16bit_weights_on_model_save": False, "reduce_scatter": True,
                  "memory_efficient_linear": True}
+    # bf16 under the cpu profile keeps DeepSpeed's defaults (how a run saved before the gpu profile resumes)
+    assert "data_types" not in deepspeed_config(cfg, plan_batch(cfg, 2), "bf16", "cpu")
 
 
 def dry_run(tmp_path, capsys, *args, sets=()):
