@@ -135,7 +135,14 @@ class ParallelConfig:
     mode: Literal["zero3", "pipeline"] = "zero3"
     zero_stage: int = num(3, ge=0, le=3)  # zero3 mode: 3 (1 and 2 allowed for experiments); pipeline mode: 0 or 1 only
     pipeline_stages: int = num(1, ge=1)
-    partition_method: Literal["parameters", "uniform", "type:Block"] = "parameters"
+    # how pipeline stages are cut: "flops" balances the training FLOPs of each stage's layers (blocks,
+    # LM head; the embedding lookup costs ~0), mgt_scale.parallel.pipeline.layer_costs; "parameters"
+    # (DeepSpeed's: equal parameter counts, the embedding counted like a block), "uniform" (equal layer
+    # counts), "type:Block" (equal block counts)
+    partition_method: Literal["flops", "parameters", "uniform", "type:Block"] = "flops"
+    # pipeline bubble (stages - 1) / (micro batches + stages - 1) above which a run warns; fewer micro
+    # batches than stages is refused (mgt_scale.parallel.topology.plan_batch)
+    bubble_warn_fraction: float = num(0.25, ge=0, le=1)
     offload_optimizer: Literal["none", "cpu"] = "none"
     offload_params: Literal["none", "cpu"] = "none"
     activation_checkpointing: bool = False
@@ -148,6 +155,14 @@ class ParallelConfig:
     # as one unit (DeepSpeed z3 leaf modules: one hook pair per block); "module" is DeepSpeed's
     # default, hooks on every nn.Module (about 10 per block). Same numbers, fewer hooks.
     zero3_fetch: Literal["block", "module"] = "block"
+    # DeepSpeed settings profile (mgt_scale/parallel/gpu_profile.py): "gpu" overlaps ZeRO's communication
+    # with compute and sizes its buckets from the largest block; "cpu" keeps the settings the CPU (gloo)
+    # runs were measured with; "auto": gpu when CUDA is the accelerator
+    profile: Literal["auto", "cpu", "gpu"] = "auto"
+    # ZeRO-3 on several nodes (gpu profile): "node" keeps a second copy of the parameters partitioned over
+    # each node's GPUs (ZeRO++ hpZ, zero_hpz_partition_size = GPUs per node), so the backward's all-gathers
+    # stay on NVLink; "none": every all-gather spans all nodes
+    hierarchical_partition: Literal["node", "none"] = "node"
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 # The one guard for every change mgt-scale makes to DeepSpeed's code: the ZeRO-3 optimizer fixes
-# (mgt_scale/parallel/ds_zero3_fixes.py) and the pipeline engine's clipping over all stages and its
-# non-finite step skip (mgt_scale/train/pipeline_engine.py). A patch is installed only when
+# (mgt_scale/parallel/ds_zero3_fixes.py), the pipeline engine's clipping over all stages and its
+# non-finite step skip (mgt_scale/train/pipeline_engine.py), and the pipeline partition given by FLOPs
+# (mgt_scale/parallel/pipeline.py). A patch is installed only when
 #   - its group's off switch (an environment variable) is not "0", and
 #   - the source of every DeepSpeed function it replaces or relies on has the sha256 recorded here, the
 #     one of DeepSpeed CHECKED_VERSION, the version pyproject.toml pins and the tests ran against;
@@ -20,6 +21,7 @@ CHECKED_VERSION = "0.19.8"
 
 _STAGE3 = "deepspeed.runtime.zero.stage3:DeepSpeedZeroOptimizer_Stage3"
 _ENGINE = "deepspeed.runtime.engine:DeepSpeedEngine"
+_PIPE_MODULE = "deepspeed.runtime.pipe.module:PipelineModule"
 
 
 @dataclass(frozen=True)
@@ -30,8 +32,10 @@ class Patch:
     sha256: str  # of those functions' dedented sources joined by "\n", in DeepSpeed CHECKED_VERSION
 
 
-SWITCHES = {"zero3": "MGT_DS_ZERO3_FIXES", "pipeline": "MGT_DS_PIPELINE_FIXES"}
-LABELS = {"zero3": "ZeRO-3 optimizer fixes", "pipeline": "pipeline engine fixes"}
+SWITCHES = {"zero3": "MGT_DS_ZERO3_FIXES", "pipeline": "MGT_DS_PIPELINE_FIXES",
+            "partition": "MGT_DS_GIVEN_PARTITION"}
+LABELS = {"zero3": "ZeRO-3 optimizer fixes", "pipeline": "pipeline engine fixes",
+          "partition": "pipeline partition by FLOPs"}
 
 PATCHES = {p.name: p for p in (
     # ds_zero3_fixes: the method it wraps (and whose defective device comparison it works around)
@@ -46,6 +50,11 @@ PATCHES = {p.name: p for p in (
     # pipeline_engine: wraps optimizer.step; _take_model_step reads optimizer.overflow after it
     Patch("pipeline-nonfinite-skip", "pipeline", (f"{_ENGINE}._take_model_step",),
           "b5e1145cf37b0f2a7e131ec0d9cd40c89f6caaf6444a1969e7caa8f523413ae4"),
+    # pipeline.GivenPartitionModule: replaces _partition_layers, which __init__ calls once to set `parts`
+    # and this stage's bounds (_set_bounds); a refusal falls back to DeepSpeed's "parameters" partition
+    Patch("pipeline-given-partition", "partition",
+          (f"{_PIPE_MODULE}.__init__", f"{_PIPE_MODULE}._partition_layers", f"{_PIPE_MODULE}._set_bounds"),
+          "9e0a57f1a8b476a2a9114c780b0acfbf691bd96605ebf6b458211a2a7d05f24c"),
 )}
 
 

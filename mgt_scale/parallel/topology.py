@@ -1,5 +1,6 @@
 # The one place that does the batch arithmetic: micro batch x gradient accumulation x data-parallel
-# size = global batch, tokens per step, and world size = pipeline stages x data-parallel size.
+# size = global batch, tokens per step, and world size = pipeline stages x data-parallel size; the
+# pipeline bubble (fewer micro batches than stages is refused, a large bubble warned about).
 # Errors say which number to change.
 from __future__ import annotations
 
@@ -45,6 +46,31 @@ def plan_batch(cfg: Config, world_size: int) -> BatchPlan:
             f"train.global_batch_size={t.global_batch_size} is not micro_batch_size ({t.micro_batch_size}) x "
             f"grad_accum x data_parallel ({dp}): set train.global_batch_size to a multiple of {per_step} "
             f"or change train.micro_batch_size")
+    accum = t.global_batch_size // per_step
+    if stages > 1 and accum < stages:
+        raise ConfigError(
+            f"parallel.pipeline_stages={stages} with {accum} micro batch(es) per step (train.global_batch_size="
+            f"{t.global_batch_size} / (micro_batch_size {t.micro_batch_size} x data-parallel {dp})): a pipeline "
+            f"needs at least as many micro batches as stages, else stages idle most of the step (bubble "
+            f"{bubble_fraction(stages, accum):.0%}); set train.global_batch_size >= {stages * per_step} or "
+            f"lower parallel.pipeline_stages")
     return BatchPlan(world_size=world_size, pipeline_stages=stages, data_parallel=dp,
-                     micro_batch=t.micro_batch_size, grad_accum=t.global_batch_size // per_step,
+                     micro_batch=t.micro_batch_size, grad_accum=accum,
                      global_batch=t.global_batch_size, seq_len=cfg.data.seq_len)
+
+
+def bubble_fraction(stages: int, micro_batches: int) -> float:
+    """Idle share of a 1F1B pipeline step: (stages - 1) / (micro batches + stages - 1)."""
+    return (stages - 1) / (micro_batches + stages - 1)
+
+
+def bubble_warning(cfg: Config, plan: BatchPlan) -> str:
+    """A warning line when the pipeline bubble exceeds parallel.bubble_warn_fraction, else ""."""
+    if plan.pipeline_stages < 2:
+        return ""
+    bubble = bubble_fraction(plan.pipeline_stages, plan.grad_accum)
+    if bubble <= cfg.parallel.bubble_warn_fraction:
+        return ""
+    return (f"warning: pipeline bubble {bubble:.0%} ({plan.pipeline_stages} stages, {plan.grad_accum} micro batches "
+            f"per step; above parallel.bubble_warn_fraction={cfg.parallel.bubble_warn_fraction}): raise "
+            f"train.global_batch_size or lower train.micro_batch_size for more micro batches per step")

@@ -23,6 +23,11 @@ def build_parser(prog: str = "mgt train") -> argparse.ArgumentParser:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="dotted override, e.g. --set train.lr=3e-4 (repeatable)")
     ap.add_argument("--dry-run", action="store_true", help="print the resolved config and DeepSpeed JSON, then exit")
+    ap.add_argument("--nodes", type=int, default=None, metavar="N",
+                    help="with --dry-run: plan a GPU job of N nodes (default 1): world size, partition, sizes, the "
+                         "DeepSpeed JSON it gets (parallel.profile auto = gpu, precision auto = bf16)")
+    ap.add_argument("--gpus-per-node", type=int, default=None, metavar="G", help="with --dry-run: GPUs per node "
+                    "of the planned job (default 8)")
     ap.add_argument("--resume", default="", metavar="auto|PATH",
                     help="auto: continue from the newest good checkpoint in run.dir (fresh start if none); "
                          "PATH: a checkpoint directory")
@@ -113,18 +118,32 @@ def main(argv: list[str] | None = None) -> int:
                       f"launched world of {denv.world_size} (launcher '{denv.launcher}' set RANK/WORLD_SIZE or "
                       f"SLURM_PROCID); drop --num-ranks under a launcher, or unset those variables")
     world = denv.world_size if _launched() else max(1, args.num_ranks)
-    from mgt_scale.parallel.ds_config import deepspeed_config, detect_precision
+    from mgt_scale.parallel import gpu_profile
+    from mgt_scale.parallel.ds_config import deepspeed_config, detect_precision, resolve_precision
     from mgt_scale.parallel.topology import plan_batch
+    shape = None
+    if args.nodes is not None or args.gpus_per_node is not None:  # a GPU job planned on any machine
+        shape = gpu_profile.JobShape(1 if args.nodes is None else args.nodes,
+                                     8 if args.gpus_per_node is None else args.gpus_per_node)
+        if not args.dry_run or shape.nodes < 1 or shape.gpus_per_node < 1:
+            return _error(f"--nodes {shape.nodes} --gpus-per-node {shape.gpus_per_node}: both >= 1, and only with "
+                          "--dry-run (a launched job takes its shape from the launcher)")
+        world = shape.world_size
     try:
         plan = plan_batch(cfg, world)
-        precision = detect_precision(cfg.parallel.precision)
-        ds_json = deepspeed_config(cfg, plan, precision)
+        precision = (resolve_precision(cfg.parallel.precision, True, True) if shape
+                     else detect_precision(cfg.parallel.precision))
+        profile = (gpu_profile.resolve_profile(cfg.parallel.profile, True) if shape
+                   else gpu_profile.detect_profile(cfg.parallel.profile))
+        shape = shape or gpu_profile.shape_from_env(world)
+        ds_json = deepspeed_config(cfg, plan, precision, profile, shape)
     except (ConfigError, ValueError) as e:
         return _error(f"{args.config}: {e}")
     if args.dry_run:
         import yaml
         print("# resolved config\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False))
         print(f"# batch plan: {plan.describe()}; precision {precision}")
+        print("# plan\n" + "\n".join(gpu_profile.describe(cfg, plan, precision, profile, shape)))
         print("# DeepSpeed config\n" + json.dumps(ds_json, indent=2))
         return 0
     apply(denv)

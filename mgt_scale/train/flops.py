@@ -8,7 +8,12 @@ from mgt_scale.config import ModelConfig
 
 def matmul_params(cfg: ModelConfig) -> int:
     """Parameters that take part in a matmul per token (embedding lookup excluded, LM head included)."""
-    d, L = cfg.d_model, cfg.num_layers
+    return cfg.num_layers * block_matmul_params(cfg) + cfg.d_model * cfg.vocab_size
+
+
+def block_matmul_params(cfg: ModelConfig) -> int:
+    """Matmul parameters of one block (attention, FFN, and the residual operators' projections)."""
+    d = cfg.d_model
     per_block = 3 * d * d + d * d + 2 * d * cfg.d_ff
     if cfg.residual in ("mgt", "mhc_gate", "ddl"):
         m = cfg.mgt
@@ -16,13 +21,18 @@ def matmul_params(cfg: ModelConfig) -> int:
                ((d if m.beta_shape == "channel" else 1) if cfg.residual in ("mgt", "ddl") else 0)
         per_op = m.proj_rank * (d + rows) if m.proj_rank else rows * d
         per_block += 2 * per_op
-    return L * per_block + d * cfg.vocab_size
+    return per_block
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Forward + backward FLOPs per trained token: 6 * N_matmul + 12 * L * d * T_avg (causal attention
     QK^T and AV, counted at the full sequence length as in the PaLM/Megatron MFU convention)."""
     return 6.0 * matmul_params(cfg) + 12.0 * cfg.num_layers * cfg.d_model * seq_len
+
+
+def block_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """The share of `flops_per_token` one block does (what a pipeline stage pays per block)."""
+    return 6.0 * block_matmul_params(cfg) + 12.0 * cfg.d_model * seq_len
 
 
 # dense bf16 peak FLOP/s by a substring of torch.cuda.get_device_name(), the first match counting: the

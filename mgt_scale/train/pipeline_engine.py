@@ -3,7 +3,7 @@
 # pipeline engine rejects ZeRO-2/3; see mgt_scale.parallel.pipeline). With fp32 and ZeRO-0 it patches two
 # things of DeepSpeed's engine, each through mgt_scale.parallel.ds_patches' guard (source checked,
 # MGT_DS_PIPELINE_FIXES=0 turns both off): gradient clipping over all stages, and the skip of a step with
-# non-finite gradients.
+# non-finite gradients. Under bf16 DeepSpeed's optimizer skips such a step itself; the engine checks it did.
 from __future__ import annotations
 
 import math
@@ -53,7 +53,15 @@ class PipelineEngine:
                 self._clipping = True
             if ds_patches.guard("pipeline-nonfinite-skip"):
                 self._guard_optimizer_step()
+        elif precision == "bf16" and getattr(self.engine.optimizer, "check_grad_overflow", True):
+            # bf16: DeepSpeed's own optimizer skips a step whose gradient norm (BF16 optimizer) or overflow
+            # flag (ZeRO-1) is non-finite, taken over the model-parallel group, i.e. all stages of the replica
+            # (tests/unit/test_pipeline_balance.py); an update applied on a non-finite loss is then a fault
+            self._guarded = True
         self._warned_unguarded = False
+        from mgt_scale.parallel.topology import bubble_warning
+        if bubble_warning(cfg, plan) and dist.get_rank() == 0:
+            print(bubble_warning(cfg, plan), flush=True)
 
     # -- interface ---------------------------------------------------------------------------------
     @property
