@@ -70,14 +70,25 @@ class MGTConfig:
     start close to a well-behaved pre-LN residual (beta clearly positive, no erasure: alpha = 0) and
     let training move beta anywhere in (eps - lam, eps + lam), including below zero (erasure).
     beta = lam * tanh(X @ W_beta + b_beta) + eps, so with lam=1, eps=0, b_beta=0.5 the initial
-    beta is tanh(0.5) ~= 0.46 per channel, perturbed by the small W_beta.
+    beta is tanh(0.5) ~= 0.46 per channel, perturbed by W_beta.
+
+    Projection init (`proj_init`): `fan_in` (default) draws W_gate and W_beta from N(0, 1/d_model), so
+    X @ W has the per-entry variance of the stream X itself (init_std^2 = 4e-4 at the embedding, 40x
+    LayerNorm's eps 1e-5): the gate's LN rescales it to unit variance and the gate varies, sigmoid(N(0,
+    1)) = 0.50 +- 0.20; beta = tanh(0.5 + X W_beta) varies with the stream's scale (0.46 +- 0.016 at
+    width 64, init_std 0.02). `std` draws them from N(0, gate_init_std) and N(0, beta_init_std): the
+    previous default, 1e-3, leaves X @ W_gate at variance ~2.6e-8, far below LN's eps, so LN does not
+    rescale it and the gate is 0.500 +- 0.013 and beta 0.4621 +- 1e-4 at init: MGT then starts as
+    pre-LN with its branch scaled by ~0.23 (docs/RESULTS.md, finding 4). The std fields are read only
+    with `proj_init: std`.
     """
 
     lam: float = num(1.0, ge=0)  # fixed amplitude of beta's tanh; beta ranges over (eps - lam, eps + lam)
     eps: float = num(0.0)  # fixed offset of beta
     beta_bias_init: float = num(0.5)  # initial b_beta (every entry)
-    beta_init_std: float = num(1e-3, ge=0)  # std of W_beta at init
-    gate_init_std: float = num(1e-3, ge=0)  # std of W_gate at init (LN after the projection makes the gate scale-free)
+    proj_init: Literal["fan_in", "std"] = "fan_in"  # W_gate, W_beta ~ N(0, 1/d_model), or N(0, *_init_std)
+    beta_init_std: float = num(1e-3, ge=0)  # std of W_beta at init with proj_init: std
+    gate_init_std: float = num(1e-3, ge=0)  # std of W_gate at init with proj_init: std (1e-3: gate dead at init)
     alpha_init: float = num(0.0)  # initial erasure strength alpha (learnable)
     beta_shape: Literal["channel", "token"] = "channel"  # beta per channel, or one scalar per token
     alpha_shape: Literal["scalar", "channel"] = "scalar"
@@ -466,6 +477,11 @@ def validate(cfg: Config, source: Source = "<config>") -> None:
               "model.d_model")
     if d.seq_len > m.max_seq_len:
         _fail(source, "data.seq_len", f"{d.seq_len} exceeds model.max_seq_len={m.max_seq_len}", "model.max_seq_len")
+    if m.mgt.proj_init == "fan_in":
+        for key in ("gate_init_std", "beta_init_std"):
+            if getattr(m.mgt, key) != getattr(MGTConfig, key):
+                _fail(source, f"model.mgt.{key}", f"is only read with model.mgt.proj_init: std (now fan_in): "
+                      "set model.mgt.proj_init=std to draw the projections with this std", "model.mgt.proj_init")
     if m.mgt.proj_rank >= m.d_model:
         _fail(source, "model.mgt.proj_rank", f"must be in [0, d_model), got {m.mgt.proj_rank}", "model.d_model")
     if t.global_batch_size % t.micro_batch_size:

@@ -1,11 +1,14 @@
 #!/usr/bin/env python
 # Post-hoc geometry of a finished sweep with the mean-centred probe next to the raw one: for every
 # finished cell, export its last checkpoint (`mgt export`), load it into the plain model and probe the
-# monitor's batch twice (monitor.geometry_center false / true), at init (same seed) and trained.
+# monitor's batch twice (raw and mean-centred, with rho; float64 forward), at init (same seed) and trained.
 # Writes <runs_dir>/centred_rank.md and .json. Usage: python scripts/centred_rank.py RUNS_DIR
 """Why: the collapse monitor reads the raw (uncentred) effective rank. Early in LM training the
 residual stream grows one large shared direction (the token cosine goes to ~1), which alone drives
-the raw rank to ~1/d; the centred rank says whether the token-specific part has collapsed too."""
+the raw rank to ~1/d; the centred rank says whether the token-specific part has collapsed too. The probe
+runs in float64 and the centred rank is undefined where the centred energy rho is below 1.2e-4 (what an
+fp32 model resolves; mgt_scale.monitor.metrics): an fp32 forward read 0.60 for a post-LN stack whose
+float64 centred rank was 0.02 at rho 7e-10."""
 from __future__ import annotations
 
 import json
@@ -19,19 +22,19 @@ def probe_both(cfg, model) -> dict:
     """One forward over the monitor's probe batch; its residual states read raw and mean-centred."""
     import torch
 
-    from mgt_scale.monitor.metrics import layer_geometry
-    from mgt_scale.monitor.probe import capture_hidden_states
+    import math
+
+    from mgt_scale.monitor.probe import probe_geometry
     from mgt_scale.train.monitor_callback import probe_tokens
     tokens = probe_tokens(cfg, cfg.model.vocab_size)
-    with torch.no_grad():
-        hiddens = capture_hidden_states(model, tokens)
-    out = {}
-    for name, center in (("raw", False), ("centred", True)):
-        layers = layer_geometry(hiddens, center=center)
-        ranks = [l["eff_rank_norm"] for l in layers]
-        out[name] = {"last": ranks[-1], "min": min(ranks)}
-        if not center:  # cosine is always on the raw tokens (monitor/metrics.py)
-            out["cosine_last"] = layers[-1]["cosine"]
+    # float64 forward; the centred rank is NaN where rho is below what the fp32 model resolves
+    layers = probe_geometry(model, tokens, 0, float64=True)["layers"]
+    out = {"cosine_last": layers[-1]["cosine"], "rho_last": layers[-1]["centred_energy"],
+           "rho_min": min(l["centred_energy"] for l in layers)}
+    for name, key in (("raw", "eff_rank_norm_raw"), ("centred", "eff_rank_norm_centred")):
+        ranks = [l[key] for l in layers]
+        finite = [r for r in ranks if math.isfinite(r)]
+        out[name] = {"last": ranks[-1], "min": min(finite) if finite else math.nan}
     return out
 
 
@@ -56,12 +59,14 @@ def cell_geometry(run_dir: Path) -> dict | None:
 
 def render(runs: Path, rows: list[dict]) -> None:
     lines = ["| cell | residual | L | init raw last | init centred last | trained raw last | trained centred last "
-             "| trained centred min | trained token cosine (last) |", "|---|---|---|---|---|---|---|---|---|"]
+             "| trained rho last | trained centred min | trained token cosine (last) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    f = lambda v: "undefined" if v != v else f"{v:.4f}"  # NaN: rho below the fp32 threshold
     for r in rows:
         i, t = r["init"], r["trained"]
         lines.append(f"| {r['cell']} | {r['residual']} | {r['depth']} | {i['raw']['last']:.4f} | "
-                     f"{i['centred']['last']:.4f} | {t['raw']['last']:.4f} | {t['centred']['last']:.4f} | "
-                     f"{t['centred']['min']:.4f} | {t['cosine_last']:.4f} |")
+                     f"{f(i['centred']['last'])} | {t['raw']['last']:.4f} | {f(t['centred']['last'])} | "
+                     f"{t['rho_last']:.3g} | {f(t['centred']['min'])} | {t['cosine_last']:.4f} |")
     (runs / "centred_rank.md").write_text(
         f"# Raw vs mean-centred normalised effective rank: {runs}\n\n"
         f"Command: `python scripts/centred_rank.py {runs}`; probe = the monitor's batch (validation split).\n\n"
@@ -81,9 +86,10 @@ def main(argv: list[str]) -> int:
             continue
         rows.append(row)
         print(f"{row['cell']}: trained raw {row['trained']['raw']['last']:.4f} "
-              f"centred {row['trained']['centred']['last']:.4f}", flush=True)
+              f"centred {row['trained']['centred']['last']:.4f} rho {row['trained']['rho_last']:.3g}", flush=True)
     rows.sort(key=lambda r: (r["residual"], r["depth"], r["cell"]))
-    (runs / "centred_rank.json").write_text(json.dumps(rows, indent=1))
+    from mgt_scale.monitor.loggers import json_safe  # NaN (undefined) -> null
+    (runs / "centred_rank.json").write_text(json.dumps(json_safe(rows), indent=1))
     render(runs, rows)
     print(f"wrote {runs / 'centred_rank.md'}")
     return 0

@@ -19,12 +19,12 @@ LATEST = "latest_good"
 def init_geometry(cfg: Config) -> dict[str, Any]:
     """Geometry record (see mgt_scale.monitor.loggers) of the freshly initialised model exactly as
     the trainer builds it (build_model(cfg.model, seed=cfg.train.seed)), on the monitor's fixed probe
-    batch. Deterministic: same config -> same numbers."""
+    batch, forward pass in float64. Deterministic: same config -> same numbers."""
     from mgt_scale.monitor.probe import probe_geometry
     from mgt_scale.train.monitor_callback import probe_tokens
     model = build_model(cfg.model, seed=cfg.train.seed)
     tokens = probe_tokens(cfg, cfg.model.vocab_size)
-    return probe_geometry(model, tokens, 0, center=cfg.monitor.geometry_center)
+    return probe_geometry(model, tokens, 0, center=cfg.monitor.geometry_center, float64=True)
 
 
 def final_checkpoint(run_dir: str | Path) -> Path | None:
@@ -105,5 +105,5 @@ def evaluate_run(cfg: Config, run_dir: str | Path, need_geometry: bool) -> dict[
         from mgt_scale.monitor.probe import probe_geometry
         from mgt_scale.train.monitor_callback import probe_tokens
         out["final_geometry"] = probe_geometry(model, probe_tokens(cfg, cfg.model.vocab_size), cfg.train.max_steps,
-                                               center=cfg.monitor.geometry_center)
+                                               center=cfg.monitor.geometry_center, float64=True)
     return out

@@ -222,9 +222,12 @@ class ResidualOp(nn.Module):
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def init_weights(self, cfg: ModelConfig, gen: torch.Generator) -> None:
-        """LN weight 1 / bias 0; gate rows of W ~ N(0, gate_init_std), beta rows ~ N(0, beta_init_std);
-        low-rank factors: down ~ N(0, d^-1/2), up rows ~ N(0, std * r^-1/2 * d^1/2) so that the product has
-        the same per-entry scale as the full form; b_beta = beta_bias_init; alpha = alpha_init."""
+        """LN weight 1 / bias 0; gate and beta rows of W ~ N(0, d^-1/2) with `mgt.proj_init: fan_in` (the
+        default: X @ W then has the variance of the stream's entries, well above the gate LN's eps, so the
+        gate varies at init), or gate rows ~ N(0, gate_init_std), beta rows ~ N(0, beta_init_std) with
+        `proj_init: std`; low-rank factors: down ~ N(0, d^-1/2), up rows ~ N(0, std * r^-1/2 * d^1/2) so
+        that the product has the same per-entry scale as the full form; b_beta = beta_bias_init; alpha =
+        alpha_init. Measured spreads at init: MGTConfig's docstring and docs/RESULTS.md."""
         m = cfg.mgt
         fill = {"norm_weight": 1.0, "norm_bias": 0.0, "gate_norm_weight": 1.0, "gate_norm_bias": 0.0,
                 "beta_bias": m.beta_bias_init, "alpha": m.alpha_init}
@@ -233,8 +236,9 @@ class ResidualOp(nn.Module):
         rows = self.gate_rows + self.beta_rows
         if not rows:
             return
-        stds = torch.cat([torch.full((self.gate_rows, 1), m.gate_init_std),
-                          torch.full((self.beta_rows, 1), m.beta_init_std)])
+        fan_in = cfg.d_model ** -0.5
+        gate_std, beta_std = (fan_in, fan_in) if m.proj_init == "fan_in" else (m.gate_init_std, m.beta_init_std)
+        stds = torch.cat([torch.full((self.gate_rows, 1), gate_std), torch.full((self.beta_rows, 1), beta_std)])
         if self.proj_rank:
             d, r = cfg.d_model, self.proj_rank
             normal_from_cpu_(self.gate_beta_down, d ** -0.5, gen)

@@ -14,6 +14,14 @@ Conventions (read these before comparing numbers with a paper):
   "all tokens equal" state at rank 1 instead of turning it into a zero matrix whose spectrum is
   rounding noise. ``center=True`` subtracts each sequence's mean token first (for the three SVD
   metrics only; cosine similarity and token norm are always on the raw tokens).
+* **Raw and centred, side by side.** Every layer also carries ``eff_rank_norm_raw``,
+  ``eff_rank_norm_centred`` and the centred energy ``centred_energy`` = rho = ||A - 1 mean^T||_F /
+  ||A||_F (the batch minimum). Where the stream has collapsed onto one token (rho ~ 1e-7 relative) the
+  centred matrix is the forward pass's rounding error, and its "rank" says nothing about the model
+  (a post-LN stack read 0.60 from an fp32 forward and 0.02 from an fp64 one). The centred metrics are
+  therefore NaN (undefined; ``null`` in JSON) where rho is below :func:`centred_energy_threshold` of
+  the dtype the forward pass ran in. Final numbers come from a float64 forward pass
+  (``mgt_scale.monitor.probe.probe_geometry(..., float64=True)``).
 * ``rank1_residual`` is ``sqrt(sum_{i>1} s_i^2) / ||A||_F``: the relative Frobenius distance to
   the *best* rank-1 approximation (Eckart-Young), uncentred. Dong et al. 2021 ("Attention is not
   all you need") measure the distance to the nearest matrix of the special rank-1 form
@@ -48,7 +56,10 @@ BETA_HIST_EDGES: np.ndarray = np.linspace(-1.5, 1.5, 31)
 GATE_SATURATION_LOW = 0.05
 GATE_SATURATION_HIGH = 0.95
 
-LAYER_KEYS = ("layer", "eff_rank", "eff_rank_norm", "stable_rank", "cosine", "rank1_residual", "norm")
+LAYER_KEYS = ("layer", "eff_rank", "eff_rank_norm", "stable_rank", "cosine", "rank1_residual", "norm",
+              "eff_rank_norm_raw", "eff_rank_norm_centred", "centred_energy")
+MIN_OVER_BATCH = ("centred_energy",)  # reduced over the batch by its minimum (the others: mean)
+CENTRED_ENERGY_ULPS = 1000.0  # centred metrics need rho >= this many eps of the forward dtype
 OP_KEYS = ("beta_mean", "beta_std", "beta_frac_negative", "beta_hist", "gate_mean", "gate_saturation",
            "alpha_mean", "update_ratio")
 
@@ -56,16 +67,56 @@ OP_KEYS = ("beta_mean", "beta_std", "beta_frac_negative", "beta_hist", "gate_mea
 DEFAULT_MAX_ELEMENTS = 1 << 26
 
 
-def per_sequence_geometry(x: Tensor, center: bool = False) -> dict[str, Tensor]:
+def _spectral(s: Tensor, t: int, d: int) -> dict[str, Tensor]:
+    """eff_rank, eff_rank_norm, stable_rank, rank1_residual from singular values ``s: [N, min(t, d)]``."""
+    s_sum = s.sum(dim=-1)
+    ok = s_sum > 0
+    safe_sum = torch.where(ok, s_sum, torch.ones_like(s_sum))
+    p = s / safe_sum.unsqueeze(-1)
+    entropy = -torch.xlogy(p, p).sum(dim=-1)
+    zero = torch.zeros_like(s_sum)
+    eff_rank = torch.where(ok, torch.exp(entropy), zero)
+    s2 = s.pow(2)
+    fro2 = s2.sum(dim=-1)
+    s1_sq = torch.where(ok, s2[:, 0], torch.ones_like(s_sum))
+    stable_rank = torch.where(ok, fro2 / s1_sq, zero)
+    tail = s2[:, 1:].sum(dim=-1)
+    rank1_residual = torch.where(ok, torch.sqrt(tail / torch.where(ok, fro2, torch.ones_like(fro2))), zero)
+    return {"eff_rank": eff_rank, "eff_rank_norm": eff_rank / min(t, d), "stable_rank": stable_rank,
+            "rank1_residual": rank1_residual}
+
+
+def centred_energy_threshold(dtype: torch.dtype) -> float:
+    """Smallest centred energy rho = ||A - mean||_F / ||A||_F at which the centred rank of hidden states
+    computed in ``dtype`` is read; below it the centred part is (or may be) rounding noise of the forward
+    pass and the centred metrics are undefined (NaN).
+
+    ``CENTRED_ENERGY_ULPS`` machine epsilons of the forward dtype: fp32 1.2e-4, fp64 2.2e-13, bf16 1.0
+    (never defined: bf16 states cannot resolve a centred part). Why 1000 ulps: the stream's rounding
+    error grows with width and depth, about eps * sqrt(d) * L (64 blocks of width 64: ~1e-4 relative in
+    fp32), and the measurement in docs/RESULTS.md ("The metric") found fp32 centred ranks off by up to
+    0.6 where the fp64 rho was 7e-8 and within 0.01 of the fp64 value from rho ~ 1e-4 up."""
+    if not dtype.is_floating_point:
+        return 0.0
+    return min(1.0, CENTRED_ENERGY_ULPS * torch.finfo(dtype).eps)
+
+
+def per_sequence_geometry(x: Tensor, center: bool = False, min_centred_energy: float | None = None) -> dict[str, Tensor]:
     """All metrics for a stack of matrices ``x: [N, tokens, width]``, one value per matrix.
 
     Returns float64 tensors of shape ``[N]`` keyed eff_rank, eff_rank_norm, stable_rank, cosine,
-    rank1_residual, norm. One batched ``torch.linalg.svdvals`` call does all N matrices.
+    rank1_residual, norm (SVD metrics raw, or mean-centred with ``center``), eff_rank_norm_raw,
+    eff_rank_norm_centred and centred_energy (rho = ||A - mean token||_F / ||A||_F). Where rho <
+    ``min_centred_energy`` (default: :func:`centred_energy_threshold` of ``x``'s dtype, so pass the
+    dtype the forward pass ran in) the centred metrics are NaN: the centred part is rounding noise
+    there. One batched ``torch.linalg.svdvals`` call does the raw and the centred matrices.
     """
     if x.dim() == 2:
         x = x.unsqueeze(0)
     if x.dim() != 3:
         raise ValueError(f"expected [N, tokens, width], got shape {tuple(x.shape)}")
+    if min_centred_energy is None:
+        min_centred_energy = centred_energy_threshold(x.dtype)
     x = x.detach().to(torch.float64)
     n, t, d = x.shape
     finite = torch.isfinite(x).all(dim=(1, 2))
@@ -83,32 +134,29 @@ def per_sequence_geometry(x: Tensor, center: bool = False) -> dict[str, Tensor]:
     diag = nonzero.sum(dim=-1).to(x.dtype)
     cosine = (total - diag) / (t * (t - 1)) if t > 1 else torch.full_like(mean_norm, math.nan)
 
-    a = x - x.mean(dim=1, keepdim=True) if center else x
-    s = torch.linalg.svdvals(a)  # [N, min(T, D)], descending
-    s_sum = s.sum(dim=-1)
-    ok = s_sum > 0
-    safe_sum = torch.where(ok, s_sum, torch.ones_like(s_sum))
-    p = s / safe_sum.unsqueeze(-1)
-    entropy = -torch.xlogy(p, p).sum(dim=-1)
-    zero = torch.zeros_like(s_sum)
-    eff_rank = torch.where(ok, torch.exp(entropy), zero)
-    s2 = s.pow(2)
-    fro2 = s2.sum(dim=-1)
-    s1_sq = torch.where(ok, s2[:, 0], torch.ones_like(s_sum))
-    stable_rank = torch.where(ok, fro2 / s1_sq, zero)
-    tail = s2[:, 1:].sum(dim=-1)
-    rank1_residual = torch.where(ok, torch.sqrt(tail / torch.where(ok, fro2, torch.ones_like(fro2))), zero)
+    a = x - x.mean(dim=1, keepdim=True)
+    fro = torch.linalg.vector_norm(x, dim=(1, 2))
+    rho = torch.where(fro > 0, torch.linalg.vector_norm(a, dim=(1, 2)) / torch.where(fro > 0, fro, 1.0),
+                      torch.zeros_like(fro))
+    s = torch.linalg.svdvals(torch.cat([x, a]))  # [2N, min(T, D)], descending: raw, then centred
+    raw, cen = _spectral(s[:n], t, d), _spectral(s[n:], t, d)
+    nan = torch.full_like(mean_norm, math.nan)
+    defined = rho >= min_centred_energy
+    cen = {k: torch.where(defined, v, nan) for k, v in cen.items()}
+    spectral = cen if center else raw
 
     out = {
-        "eff_rank": eff_rank,
-        "eff_rank_norm": eff_rank / min(t, d),
-        "stable_rank": stable_rank,
+        "eff_rank": spectral["eff_rank"],
+        "eff_rank_norm": spectral["eff_rank_norm"],
+        "stable_rank": spectral["stable_rank"],
         "cosine": cosine,
-        "rank1_residual": rank1_residual,
+        "rank1_residual": spectral["rank1_residual"],
         "norm": mean_norm,
+        "eff_rank_norm_raw": raw["eff_rank_norm"],
+        "eff_rank_norm_centred": cen["eff_rank_norm"],
+        "centred_energy": rho,
     }
     if not all_finite:
-        nan = torch.full_like(mean_norm, math.nan)
         out = {k: torch.where(finite, v, nan) for k, v in out.items()}
     return out
 
@@ -116,20 +164,23 @@ def per_sequence_geometry(x: Tensor, center: bool = False) -> dict[str, Tensor]:
 def _batch_mean(per_seq: dict[str, Tensor], num_layers: int, batch: int) -> list[dict[str, float]]:
     """[num_layers * batch] values -> one dict of batch means per layer (one device sync)."""
     keys = list(per_seq)
-    stacked = torch.stack([per_seq[k].reshape(num_layers, batch).mean(dim=1) for k in keys])  # [K, L]
+    reduce = {k: (lambda v: v.min(dim=1).values) if k in MIN_OVER_BATCH else (lambda v: v.mean(dim=1)) for k in keys}
+    stacked = torch.stack([reduce[k](per_seq[k].reshape(num_layers, batch)) for k in keys])  # [K, L]
     rows = stacked.T.cpu().tolist()
     return [dict(zip(keys, row)) for row in rows]
 
 
-def hidden_geometry(h: Tensor, center: bool = False) -> dict[str, float]:
-    """Batch-averaged metrics of one layer's hidden states ``h: [batch, tokens, width]``."""
+def hidden_geometry(h: Tensor, center: bool = False, min_centred_energy: float | None = None) -> dict[str, float]:
+    """Batch-averaged metrics of one layer's hidden states ``h: [batch, tokens, width]`` (centred_energy:
+    the minimum over the batch, so a layer's centred rank is defined only where every sequence's is)."""
     if h.dim() == 2:
         h = h.unsqueeze(0)
-    return _batch_mean(per_sequence_geometry(h, center), 1, h.shape[0])[0]
+    return _batch_mean(per_sequence_geometry(h, center, min_centred_energy), 1, h.shape[0])[0]
 
 
 def layer_geometry(hiddens: Sequence[Tensor], center: bool = False,
-                   max_elements: int = DEFAULT_MAX_ELEMENTS) -> list[dict[str, Any]]:
+                   max_elements: int = DEFAULT_MAX_ELEMENTS,
+                   min_centred_energy: float | None = None) -> list[dict[str, Any]]:
     """Per-layer geometry of the residual stream.
 
     ``hiddens``: the input of every block followed by the final block output, each
@@ -137,22 +188,27 @@ def layer_geometry(hiddens: Sequence[Tensor], center: bool = False,
     equal shape are stacked and sent through one batched SVD (in chunks of at most
     ``max_elements`` float64 elements), so the cost is one kernel call, not one per sequence.
 
-    Returns one dict per layer with keys ``layer, eff_rank, eff_rank_norm, stable_rank, cosine,
-    rank1_residual, norm`` (Python floats; ``layer`` is the list index).
+    Returns one dict per layer with the keys LAYER_KEYS (Python floats; ``layer`` is the list index):
+    ``eff_rank, eff_rank_norm, stable_rank, rank1_residual`` raw, or mean-centred with ``center``;
+    ``eff_rank_norm_raw`` and ``eff_rank_norm_centred`` always; ``centred_energy`` = the batch minimum of
+    rho = ||A - mean token||_F / ||A||_F. Centred metrics are NaN where rho < ``min_centred_energy``
+    (default: :func:`centred_energy_threshold` of each layer's dtype, i.e. of the forward pass).
     """
     hs = [h.detach() if h.dim() == 3 else h.detach().unsqueeze(0) for h in hiddens]
     results: list[dict[str, Any] | None] = [None] * len(hs)
     # group consecutive layers of equal shape/device (normally: all of them)
     i = 0
     while i < len(hs):
-        shape, device = hs[i].shape, hs[i].device
+        shape, device, dtype = hs[i].shape, hs[i].device, hs[i].dtype
         per_layer = max(1, max_elements // max(1, hs[i].numel()))
         j = i
-        while j < len(hs) and j - i < per_layer and hs[j].shape == shape and hs[j].device == device:
+        while (j < len(hs) and j - i < per_layer and hs[j].shape == shape and hs[j].device == device
+               and hs[j].dtype == dtype):
             j += 1
         group = torch.stack([h.to(torch.float64) for h in hs[i:j]])  # [G, B, T, D]
         g, b = group.shape[0], group.shape[1]
-        stats = per_sequence_geometry(group.reshape(g * b, *group.shape[2:]), center)
+        thr = centred_energy_threshold(dtype) if min_centred_energy is None else min_centred_energy
+        stats = per_sequence_geometry(group.reshape(g * b, *group.shape[2:]), center, thr)
         for k, row in enumerate(_batch_mean(stats, g, b)):
             results[i + k] = {"layer": i + k, **row}
         i = j

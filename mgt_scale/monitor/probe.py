@@ -14,12 +14,13 @@ gathers the per-stage results into the same record.
 """
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from mgt_scale.monitor.metrics import layer_geometry, make_geometry_record, mgt_op_stats
+from mgt_scale.monitor.metrics import centred_energy_threshold, layer_geometry, make_geometry_record, mgt_op_stats
 
 
 def _blocks(model: nn.Module) -> nn.ModuleList:
@@ -92,7 +93,28 @@ def capture_hidden_states(model: nn.Module, tokens: Tensor) -> list[Tensor]:
     return capture_probe(model, tokens, ops=False)[0]
 
 
-def probe_geometry(model: nn.Module, tokens: Tensor, step: int, center: bool = False) -> dict[str, Any]:
-    """One geometry.jsonl record for ``model`` on the probe batch ``tokens`` at ``step``."""
+def float64_copy(model: nn.Module) -> nn.Module:
+    """A float64 copy of a plain (unpartitioned) model, for a probe whose forward pass must not add
+    fp32 rounding to the residual stream: the weights are the same numbers (fp32 -> fp64 is exact),
+    only the arithmetic is wider. Costs a second copy of the model at twice the bytes."""
+    inner = getattr(model, "module", model)
+    return copy.deepcopy(inner).to(torch.float64)
+
+
+def probe_geometry(model: nn.Module, tokens: Tensor, step: int, center: bool = False,
+                   float64: bool = False) -> dict[str, Any]:
+    """One geometry.jsonl record for ``model`` on the probe batch ``tokens`` at ``step``.
+
+    ``float64``: run the probe's forward pass on a float64 copy of the model (:func:`float64_copy`;
+    plain models only, not ZeRO-3-partitioned ones). Either way the centred metrics are undefined (NaN)
+    where the centred energy is below the threshold of the *model's* parameter dtype
+    (:func:`~mgt_scale.monitor.metrics.centred_energy_threshold`, 1.2e-4 for fp32): a token-specific part
+    that small is below what the model itself resolves. Above it, a float64 forward gives the centred
+    rank to ~1e-9, an fp32 one to ~5e-4 (docs/RESULTS.md, "The metric"). ``mgt probe`` and the experiment
+    runner use float64; the in-training monitor uses the training dtype (ZeRO-3 partitions the model)."""
+    # the centred part must be resolvable in the dtype the model itself computes in, whatever the probe's
+    thr = centred_energy_threshold(next(iter(model.parameters())).dtype)
+    if float64:
+        model = float64_copy(model)
     hiddens, ops = capture_probe(model, tokens)
-    return make_geometry_record(step, layer_geometry(hiddens, center=center), ops)
+    return make_geometry_record(step, layer_geometry(hiddens, center=center, min_centred_energy=thr), ops)

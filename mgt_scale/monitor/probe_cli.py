@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return CONFIG_ERROR
     import torch
+    from mgt_scale.monitor.metrics import centred_energy_threshold
     from mgt_scale.monitor.probe import probe_geometry
     from mgt_scale.train.monitor_callback import probe_tokens
     try:
@@ -65,15 +67,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return CONFIG_ERROR
     with torch.no_grad():
-        geo = probe_geometry(model, tokens, step=0, center=cfg.monitor.geometry_center)
+        geo = probe_geometry(model, tokens, step=0, center=cfg.monitor.geometry_center, float64=True)
     print(f"{cfg.model.residual}, {cfg.model.num_layers} layers, d={cfg.model.d_model}; probe "
-          f"{tuple(tokens.shape)}; layer i = input of block i, last = final block output")
-    print(f"{'layer':>5} {'eff_rank':>9} {'norm':>7} {'stable':>8} {'cosine':>7} {'rank1_res':>9} {'|x|':>9}")
+          f"{tuple(tokens.shape)}, float64 forward; layer i = input of block i, last = final block output; "
+          f"rho = centred energy, centred rank undefined (-) where rho < {centred_energy_threshold(torch.float32):.2g}")
+    print(f"{'layer':>5} {'eff_rank':>9} {'norm':>7} {'raw':>7} {'centred':>7} {'rho':>9} {'stable':>8} {'cosine':>7} "
+          f"{'rank1_res':>9} {'|x|':>9}")
     for l in geo["layers"]:
-        print(f"{l['layer']:>5} {l['eff_rank']:>9.3f} {l['eff_rank_norm']:>7.4f} {l['stable_rank']:>8.3f} "
-              f"{l['cosine']:>7.4f} {l['rank1_residual']:>9.4f} {l['norm']:>9.3f}")
+        c = l["eff_rank_norm_centred"]
+        c = f"{c:>7.4f}" if math.isfinite(c) else f"{'-':>7}"
+        print(f"{l['layer']:>5} {l['eff_rank']:>9.3f} {l['eff_rank_norm']:>7.4f} {l['eff_rank_norm_raw']:>7.4f} {c} "
+              f"{l['centred_energy']:>9.3g} {l['stable_rank']:>8.3f} {l['cosine']:>7.4f} {l['rank1_residual']:>9.4f} "
+              f"{l['norm']:>9.3f}")
     if args.json:
         out = {"residual": cfg.model.residual, "num_layers": cfg.model.num_layers, "layers": geo["layers"],
                "ops": geo.get("ops", [])}
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        from mgt_scale.monitor.loggers import json_safe  # NaN (undefined centred rank) -> null
+        Path(args.json).write_text(json.dumps(json_safe(out), indent=1, allow_nan=False))
     return 0
