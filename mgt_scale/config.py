@@ -480,7 +480,7 @@ def validate(cfg: Config, source: Source = "<config>") -> None:
     if m.mgt.proj_init == "fan_in":
         for key in ("gate_init_std", "beta_init_std"):
             if getattr(m.mgt, key) != getattr(MGTConfig, key):
-                _fail(source, f"model.mgt.{key}", f"is only read with model.mgt.proj_init: std (now fan_in): "
+                _fail(source, f"model.mgt.{key}", "is only read with model.mgt.proj_init: std (now fan_in): "
                       "set model.mgt.proj_init=std to draw the projections with this std", "model.mgt.proj_init")
     if m.mgt.proj_rank >= m.d_model:
         _fail(source, "model.mgt.proj_rank", f"must be in [0, d_model), got {m.mgt.proj_rank}", "model.d_model")

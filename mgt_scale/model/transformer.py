@@ -142,8 +142,10 @@ class MGTModel(nn.Module):
           depth_scaled_init (GPT-2 / Megatron scaling of the residual-branch outputs), else N(0, init_std)
         - deepnorm: xavier normal with gain (8L)^-1/4 for v, out, ffn.up, ffn.down; gain 1 for q, k
         - every LayerNorm: weight 1, bias 0
-        - MGT operators (blocks.i.{attn,ffn}_res.*): see ResidualOp.init_weights (gate rows ~ N(0,
-          gate_init_std), beta rows ~ N(0, beta_init_std), beta_bias = beta_bias_init, alpha = alpha_init)
+        - MGT operators (blocks.i.{attn,ffn}_res.*): see ResidualOp.init_weights (gate and beta rows ~
+          N(0, d^-1/2) with mgt.proj_init: fan_in, the default, so gate and beta vary at init; with
+          proj_init: std, N(0, gate_init_std) and N(0, beta_init_std); beta_bias = beta_bias_init,
+          alpha = alpha_init)
         - head.proj.weight ~ N(0, init_std) (unless tied to the embedding)
         Each unit draws from its own generator (seed, unit index): the weights do not depend on how
         the stack is partitioned across pipeline stages or on the order units are built.
