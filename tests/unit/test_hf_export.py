@@ -78,10 +78,12 @@ def exported(tmp_path_factory):
     return {name: {**res[str(d)], **refs[name]} for name, d in dirs.items()}, res["mgt_scale_modules"]
 
 
+@pytest.mark.slow
 def test_no_mgt_scale_needed(exported):
     assert exported[1] == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_logits_equal_ours(exported, variant):
     r = exported[0][variant]
@@ -90,6 +92,7 @@ def test_logits_equal_ours(exported, variant):
     assert r["cached_diff"] <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_generate_cached_equals_uncached_and_ours(exported, variant):
     r = exported[0][variant]
