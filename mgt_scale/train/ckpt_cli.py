@@ -11,8 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from mgt_scale.train.checkpoint import (LATEST, MANIFEST, TAG_RE, CheckpointError, make_universal,
-                                        universal_dir, verify_checkpoint)
+from mgt_scale.train.ckpt_format import LATEST, MANIFEST, TAG_RE, CheckpointError, universal_dir, verify_checkpoint
+from mgt_scale.train.ckpt_universal import make_universal
 
 
 def checkpoint_status(tag_dir: Path, full: bool = True) -> tuple[str, list[str], dict]:
