@@ -95,8 +95,15 @@ def verify_data_once(data_cfg) -> None:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
     dirs = [p for p, _ in _shard_dirs(data_cfg)]
-    work = [(d, f) for d in dirs for f in shard_files(d)]
-    mine = work[local_rank::local_world]
+    # largest first, each to the least loaded rank of the node: about equal bytes per rank
+    work = sorted(((os.path.getsize(Path(d) / f) if (Path(d) / f).is_file() else 0, d, f)
+                   for d in dirs for f in shard_files(d)), key=lambda w: (-w[0], w[1], w[2]))
+    load, mine = [0] * local_world, []
+    for size, d, f in work:
+        r = min(range(local_world), key=lambda i: (load[i], i))
+        load[r] += size
+        if r == local_rank:
+            mine.append((d, f))
     problems = []
     for d in dirs:
         problems += check_output(d, full=True, only={f for dd, f in mine if dd == d})
