@@ -376,8 +376,10 @@ class CheckpointManager:
 
     def load(self, engine, tag_dir: Path, log=print) -> dict:
         """Load model/optimizer into the engine and return our client state (RNG already restored).
-        A checkpoint saved with another zero3 world size is converted to DeepSpeed's universal format
-        (once, by rank 0, under checkpoints/universal/) and loaded from there."""
+        A checkpoint saved with another zero3 world size, or a pipeline x ZeRO-1 one with another
+        data-parallel size, is converted to DeepSpeed's universal format (once, by rank 0 with
+        checkpoint.reshard_workers processes, under checkpoints/universal/; `mgt ckpt reshard` does it
+        ahead of the job) and loaded from there."""
         self.wait()
         tag_dir = Path(tag_dir)
         manifest = read_manifest(tag_dir)
@@ -385,11 +387,20 @@ class CheckpointManager:
         where = (f"{tag_dir}: saved with world size {manifest['world_size']} ({manifest['mode']}, "
                  f"{manifest.get('pipeline_stages', 1)} stages), resuming with {self.world_size} "
                  f"({self.cfg.parallel.mode}, {self.cfg.parallel.pipeline_stages} stages)")
-        if not same and (manifest["mode"] != "zero3" or self.cfg.parallel.mode != "zero3"):
-            raise CheckpointError(f"{where}: automatic resharding covers zero3 -> zero3 only; resume with the "
-                                  "saved layout, or export the weights (`mgt export`)")
-        # under ZeRO-3 every rank records the whole model, so rank 0's record serves any world size
-        saved_file = rank_file(tag_dir, self.rank if same else 0)
+        stages = self.cfg.parallel.pipeline_stages
+        zero3 = manifest["mode"] == "zero3" and self.cfg.parallel.mode == "zero3"
+        # pipeline x ZeRO-1: another data-parallel size over the same stages (DeepSpeed's universal format)
+        pipe = (manifest["mode"] == "pipeline" == self.cfg.parallel.mode and self.cfg.parallel.zero_stage == 1
+                and manifest.get("pipeline_stages", 1) == stages)
+        if not same and not (zero3 or pipe):
+            raise CheckpointError(f"{where}: automatic resharding covers zero3 -> zero3, and pipeline with "
+                                  "zero_stage 1 -> another data-parallel size over the same stages; resume with "
+                                  "the saved layout, or export the weights (`mgt export`)")
+        # under ZeRO-3 every rank records the whole model, so rank 0's record serves any world size; a
+        # pipeline stage's record is that of the stage's first rank (DeepSpeed places rank = stage x dp + d)
+        old_dp = max(int(manifest["world_size"]) // max(stages, 1), 1)
+        stage_rank = (self.rank // max(self.world_size // max(stages, 1), 1)) * old_dp
+        saved_file = rank_file(tag_dir, self.rank if same else (stage_rank if pipe else 0))
         saved = torch.load(saved_file, weights_only=True).get("param_layout") if saved_file.is_file() else None
         problem = first_problem(layout_problem(tag_dir, saved, param_layout(engine.module)))
         if problem:

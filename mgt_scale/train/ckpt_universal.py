@@ -53,7 +53,8 @@ def make_universal(tag_dir: Path, log=print, force: bool = False, workers: int =
         shutil.rmtree(tmp)
     n = reshard_workers(workers)
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-           "--output_folder", str(tmp), "--num_extract_workers", str(n), "--num_merge_workers", str(n)]
+           "--output_folder", str(tmp), "--num_extract_workers", str(n), "--num_merge_workers", str(n),
+           "--inject_missing_state"]  # pipeline x ZeRO-1 saves carry no universal_checkpoint_info
     log("converting: " + " ".join(cmd))
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
