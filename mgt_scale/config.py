@@ -174,6 +174,9 @@ class ParallelConfig:
     # each node's GPUs (ZeRO++ hpZ, zero_hpz_partition_size = GPUs per node), so the backward's all-gathers
     # stay on NVLink; "none": every all-gather spans all nodes
     hierarchical_partition: Literal["node", "none"] = "node"
+    # timeout of every collective of the process group (torch's default is 10 minutes for NCCL): long
+    # enough for a rank-0 step that others wait on at scale (a universal conversion at resume)
+    dist_timeout_minutes: float = num(60.0, gt=0, le=10080)
 
 
 @dataclass(frozen=True)
@@ -208,6 +211,13 @@ class CheckpointConfig:
     keep_last: int = num(2, ge=1)
     keep_every: int = num(0, ge=0)  # also keep every M-th step's checkpoint (0: none)
     save_at_end: bool = True
+    # write the files in a background thread while training goes on (the step loop waits only for a copy
+    # of the state in host memory); the manifest and `latest_good` move once every rank's write is done
+    async_save: bool = False
+    # at resume each rank hashes only its own share of the chosen checkpoint ("shared"), or every file
+    # ("full": paranoid, I/O = ranks x checkpoint size); `mgt ckpt verify` always checks everything
+    verify: Literal["shared", "full"] = "shared"
+    reshard_workers: int = num(0, ge=0, le=1024)  # ds_to_universal worker processes (0: this node's CPUs, up to 32)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import importlib
 
 _EXPORTS = {
     "build_train_loader": "loader", "build_valid_batches": "loader", "dataset_vocab_size": "loader",
-    "data_tokenizer_identity": "loader",
+    "data_tokenizer_identity": "loader", "verify_data_once": "loader",
     "TrainLoader": "loader", "ShardSampleSource": "loader", "build_sampler": "loader", "open_shards": "loader",
     "GlobalSampler": "sampler", "SampleOrder": "sampler", "build_blending_indices": "sampler",
     "rank_slice": "sampler",

@@ -3,6 +3,7 @@
 # contiguously from a split's token stream; their order comes from mgt_scale.data.sampler.
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import warnings
@@ -77,6 +78,43 @@ def _open_sets(data_cfg, vocab_size: int | None) -> list[tuple[ShardSet, float]]
                 raise DataError(f"{s.manifest_path}: data vocab_size {s.vocab_size} exceeds the model's "
                                 f"vocab_size {vocab_size}; set model.vocab_size >= {s.vocab_size}")
     return sets
+
+
+def verify_data_once(data_cfg) -> None:
+    """Collective (every rank calls it, after the process group exists): the sha256 check of every
+    shard (data.verify_checksums), done once per node in parallel, instead of by every rank each time it
+    opens the data (train loader, validation batches, monitor probe). The shard files of all sources are
+    dealt out to the ranks of this node (LOCAL_RANK of LOCAL_WORLD_SIZE: node-local copies are covered
+    too), the problems gathered over the world, and every rank raises the same DataError if any. Later
+    opens in this process then check sizes and counts only (shards.is_verified)."""
+    import torch.distributed as dist
+
+    from mgt_scale.data.shards import check_output, mark_verified, shard_files
+    if data_cfg.synthetic != "none" or not bool(getattr(data_cfg, "verify_checksums", True)):
+        return
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    dirs = [p for p, _ in _shard_dirs(data_cfg)]
+    # largest first, each to the least loaded rank of the node: about equal bytes per rank
+    work = sorted(((os.path.getsize(Path(d) / f) if (Path(d) / f).is_file() else 0, d, f)
+                   for d in dirs for f in shard_files(d)), key=lambda w: (-w[0], w[1], w[2]))
+    load, mine = [0] * local_world, []
+    for size, d, f in work:
+        r = min(range(local_world), key=lambda i: (load[i], i))
+        load[r] += size
+        if r == local_rank:
+            mine.append((d, f))
+    problems = []
+    for d in dirs:
+        problems += check_output(d, full=True, only={f for dd, f in mine if dd == d})
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, problems)
+        problems = list(dict.fromkeys(p for rank_problems in every for p in rank_problems))
+    if problems:
+        raise DataError("; ".join(problems))
+    for d in dirs:
+        mark_verified(d)
 
 
 def dataset_vocab_size(data_cfg) -> int | None:

@@ -197,10 +197,39 @@ def describe_tokenizer(ident: dict) -> str:
     return f"tokenizer sha256 {ident['tokenizer_sha256']} (vocab {ident.get('vocab_size')}{where})"
 
 
-def check_output(path: str | Path, full: bool) -> list[str]:
+# prep outputs whose shards this process has seen verified in full (by itself or, in a training job,
+# by the ranks of its node together: loader.verify_data_once), by absolute path -> manifest identity
+_VERIFIED: dict[str, tuple] = {}
+
+
+def _manifest_ident(path: str | Path) -> tuple | None:
+    try:
+        st = (Path(path) / MANIFEST).stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def mark_verified(path: str | Path) -> None:
+    _VERIFIED[str(Path(path).absolute())] = _manifest_ident(path)
+
+
+def is_verified(path: str | Path) -> bool:
+    ident = _manifest_ident(path)
+    return ident is not None and _VERIFIED.get(str(Path(path).absolute())) == ident
+
+
+def shard_files(path: str | Path) -> list[str]:
+    """The shard and index files of a prep output (relative names), in a fixed order."""
+    m = load_manifest(path)
+    return [name for split in sorted(m["splits"]) for s in m["splits"][split]["shards"]
+            for name in (s["file"], s["index"])]
+
+
+def check_output(path: str | Path, full: bool, only: set | None = None) -> list[str]:
     """All problems found in a prep output dir, one line each naming the file ([] = fine).
     Always: manifest, tokenizer hash, shard and index sizes and token/document counts.
-    `full`: also the sha256 of every shard and index file."""
+    `full`: also the sha256 of every shard and index file (`only`: of these relative names)."""
     d = Path(path)
     try:
         m = load_manifest(d)
@@ -222,6 +251,8 @@ def check_output(path: str | Path, full: bool) -> list[str]:
         for s in info["shards"]:
             f = d / s["file"]
             idx = d / s["index"]
+            hash_f = full and (only is None or s["file"] in only)
+            hash_idx = full and (only is None or s["index"] in only)
             if not f.is_file():
                 problems.append(f"{f}: shard file missing")
                 continue
@@ -232,12 +263,12 @@ def check_output(path: str | Path, full: bool) -> list[str]:
                 problems.append(f"{f}: {kind}: {have} bytes, manifest says {s['num_tokens']} tokens "
                                 f"= {want} bytes")
                 continue
-            if full and sha256_file(f) != s["sha256"]:
+            if hash_f and sha256_file(f) != s["sha256"]:
                 problems.append(f"{f}: sha256 checksum mismatch (the shard was modified or damaged)")
             if not idx.is_file():
                 problems.append(f"{idx}: index file missing")
                 continue
-            if full and sha256_file(idx) != s["index_sha256"]:
+            if hash_idx and sha256_file(idx) != s["index_sha256"]:
                 problems.append(f"{idx}: sha256 checksum mismatch")
                 continue
             try:
@@ -250,7 +281,7 @@ def check_output(path: str | Path, full: bool) -> list[str]:
                 problems.append(f"{idx}: document index does not match the manifest "
                                 f"({s['num_documents']} documents, {s['num_tokens']} tokens)")
                 continue
-            if full and s["num_documents"]:
+            if hash_f and s["num_documents"]:
                 # every document ends with EOS: a cheap semantic check on top of the checksum
                 toks = np.memmap(f, dtype=dt, mode="r")
                 if not np.all(toks[np.asarray(offs[1:]) - 1] == m["eos_id"]):
@@ -262,10 +293,14 @@ def check_output(path: str | Path, full: bool) -> list[str]:
 
 
 def verify_output(path: str | Path, full: bool = True) -> dict:
-    """Raise DataError (all problems, one per line) unless the output dir is intact; return its manifest."""
-    problems = check_output(path, full)
+    """Raise DataError (all problems, one per line) unless the output dir is intact; return its manifest.
+    A dir verified in full before in this process (same manifest) gets the cheap checks only."""
+    deep = full and not is_verified(path)
+    problems = check_output(path, deep)
     if problems:
         raise DataError("; ".join(problems))
+    if deep:
+        mark_verified(path)
     return load_manifest(path)
 
 

@@ -40,18 +40,22 @@ def import_deepspeed():
     return deepspeed
 
 
-def init_distributed(deepspeed) -> None:
+def init_distributed(deepspeed, timeout_minutes: float | None = None) -> None:
     """`deepspeed.init_distributed` (a no-op if the process group exists already); every entry point that
     starts a process group calls this, not DeepSpeed. On GPUs the rank's device (LOCAL_RANK) is made
     current first, so that nothing before DeepSpeed's engine (which sets it too) works on GPU 0 from
     every rank, and the NCCL collectives of mgt_scale.parallel.collectives find their device.
     `MGT_DIST_BACKEND` replaces DeepSpeed's backend (NCCL on GPUs, gloo on CPUs) with any backend
-    string torch accepts, such as `cpu:gloo,cuda:nccl` or, on CPUs, `cpu:gloo` (the tests run that)."""
+    string torch accepts, such as `cpu:gloo,cuda:nccl` or, on CPUs, `cpu:gloo` (the tests run that).
+    `timeout_minutes` (parallel.dist_timeout_minutes) bounds every collective of the group, instead of
+    torch's default (10 minutes under NCCL), which a long rank-0 step at scale would exceed."""
     import os
+    from datetime import timedelta
 
     from deepspeed.accelerator import get_accelerator
     acc = get_accelerator()
     if acc.device_name() == "cuda":
         acc.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     backend = os.environ.get("MGT_DIST_BACKEND", "").strip() or None
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    kwargs = {} if timeout_minutes is None else {"timeout": timedelta(minutes=float(timeout_minutes))}
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, **kwargs)

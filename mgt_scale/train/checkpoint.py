@@ -1,172 +1,41 @@
 # Checkpoint manager on DeepSpeed's sharded save_checkpoint: our client state (step, data position,
 # RNG, monitor, config + hash, library versions) in every checkpoint, a manifest (files, sizes,
-# sha256, world layout) written last, a `latest` pointer moved by atomic rename only after every rank
-# has finished, retention (last K that verify, plus every M-th), selection of the newest *good*
-# checkpoint, and each rank's parameter layout recorded and checked before anything loads. A completed
-# checkpoint is never deleted before its replacement (a new save of the same step) is complete; one
-# that fails verification is moved to checkpoints/damaged/ (never resumed from, never counted).
-# DeepSpeed's own `latest` file is never written or read.
+# sha256 hashed by the rank that wrote each file, world layout) written last, a `latest` pointer moved
+# by atomic rename only after every rank has finished (with checkpoint.async_save, once the background
+# writes of every rank are complete: a kill before that leaves `latest` on the previous checkpoint),
+# retention (last K that verify, plus every M-th), the resume choice made by rank 0 and broadcast, each
+# rank hashing only its own share (ckpt_collective), and each rank's parameter layout recorded and
+# checked before anything loads. A completed checkpoint is never deleted before its replacement (a new
+# save of the same step) is complete; one that fails verification is moved to checkpoints/damaged/
+# (never resumed from, never counted). DeepSpeed's own `latest` file is never written or read.
+# The format (manifest, hashing, tags) is in ckpt_format.py, resharding in ckpt_universal.py.
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import random
-import re
 import shutil
 import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
-import torch.distributed as dist
 
 from mgt_scale.config import Config, config_hash, to_dict
+from mgt_scale.parallel.collectives import any_rank
+from mgt_scale.train.ckpt_collective import barrier, broadcast_obj, choose_step, first_problem, gather_obj, verify_shared
+from mgt_scale.train.ckpt_format import (LATEST, MANIFEST, TAG_RE, CheckpointError, file_record, layout_problem,
+                                         library_versions, rank_file, read_manifest, rng_state, set_rng_state,
+                                         tag_for, universal_dir, verify_checkpoint, write_manifest)
+from mgt_scale.train.ckpt_universal import make_universal
+from mgt_scale.train.ckpt_writer import BackgroundWriter, own_files
 from mgt_scale.train.failure import writing
 from mgt_scale.train.optim import param_layout
 from mgt_scale.train.retention import REASON, move_damaged, plan_retention
-
-MANIFEST = "mgt_manifest.json"
-LATEST = "latest_good"
-TAG_RE = re.compile(r"^step_(\d{8})$")
-
-
-class CheckpointError(RuntimeError):
-    pass
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
-
-def rng_state() -> dict:
-    """RNG states of python, numpy and torch as plain lists/ints/floats/tensors, so the file loads
-    with `torch.load(..., weights_only=True)` (no pickled numpy objects). On GPUs, the CUDA state of
-    this rank's device only: `get_rng_state_all` would create a context on every visible GPU from every
-    rank, and its list could not be restored on a node with fewer GPUs (a resharded resume hands rank
-    0's state to ranks that have no file of their own)."""
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": [int(version), [int(v) for v in internal], gauss],
-             "numpy": [str(name), [int(v) for v in keys], int(pos), int(has_gauss), float(cached)],
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((int(version), tuple(int(v) for v in internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
-    torch.set_rng_state(state["torch"])
-    cuda = state.get("cuda")
-    if cuda is not None and torch.cuda.is_available():
-        if isinstance(cuda, (list, tuple)):  # earlier versions kept one state per visible device
-            device = torch.cuda.current_device()
-            cuda = cuda[device] if device < len(cuda) else None
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda)
 
 
 def _fault_step(var: str) -> int | None:
     """Fault injection for tests: the step named by environment variable `var`, if set."""
     v = os.environ.get(var, "")
     return int(v) if v.strip() else None
-
-
-def library_versions() -> dict:
-    import deepspeed
-    return {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "numpy": np.__version__}
-
-
-def rank_file(tag_dir: Path, rank: int) -> Path:
-    """Our per-rank file in a checkpoint: that rank's RNG state and parameter layout."""
-    return tag_dir / f"rng_rank{rank:05d}.pt"
-
-
-def layout_problem(tag_dir: Path, saved: Optional[list], current: list) -> Optional[str]:
-    """Why the parameters recorded in a checkpoint (`optim.param_layout`) are not the model's, or None.
-    DeepSpeed checks none of this: ZeRO's flat partitions of the same total size load into renamed or
-    reordered parameters without an error."""
-    if saved is None:
-        return (f"{tag_dir}: records no parameter layout: it was written by mgt-scale 0.1, whose residual "
-                "operators kept one parameter per LayerNorm weight and bias, b_beta and alpha (0.2 packs them "
-                "into `vectors`), so its flat optimizer state would load into the wrong parameters. Resume it "
-                "with mgt-scale 0.1, or export its weights with `mgt export` (which reads both layouts)")
-    if saved == current:
-        return None
-    # the first entry that differs, or where the shorter list ends
-    i = next((i for i, (a, b) in enumerate(zip(saved, current)) if a != b), min(len(saved), len(current)))
-
-    def entry(seq: list) -> str:
-        return f"{seq[i][1]} {seq[i][2]} (group {seq[i][0]})" if i < len(seq) else "none"
-
-    return (f"{tag_dir}: its parameters are not this model's ({len(saved)} tensors saved, {len(current)} in the "
-            f"model); first difference at #{i}: checkpoint {entry(saved)}, model {entry(current)}. Resume "
-            "with the model config and mgt-scale version that wrote it")
-
-
-def _first_problem(problem: Optional[str]) -> Optional[str]:
-    """Collective: the first rank's problem, on every rank (so that all ranks raise, or none)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        every = [None] * dist.get_world_size()
-        dist.all_gather_object(every, problem)
-        return next((p for p in every if p), None)
-    return problem
-
-
-def write_manifest(tag_dir: Path, meta: dict) -> None:
-    files = {}
-    for p in sorted(tag_dir.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            rel = str(p.relative_to(tag_dir))
-            files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
-    if not files:
-        raise CheckpointError(f"{tag_dir}: no files were written")
-    manifest = dict(meta, files=files, written_at=time.time())
-    tmp = tag_dir / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(tmp, tag_dir / MANIFEST)
-
-
-def verify_checkpoint(tag_dir: Path, full: bool = True) -> list[str]:
-    """Problems with a checkpoint directory (empty list = good). Names every bad file."""
-    mpath = tag_dir / MANIFEST
-    if not mpath.is_file():
-        return [f"{mpath}: missing (checkpoint incomplete: a save was interrupted)"]
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        return [f"{mpath}: unreadable ({e})"]
-    problems = []
-    for rel, info in manifest.get("files", {}).items():
-        p = tag_dir / rel
-        if not p.is_file():
-            problems.append(f"{p}: missing")
-        elif p.stat().st_size != info["size"]:
-            problems.append(f"{p}: size {p.stat().st_size} != {info['size']} in the manifest")
-        elif full and sha256_file(p) != info["sha256"]:
-            problems.append(f"{p}: sha256 mismatch (corrupted)")
-    return problems
 
 
 class CheckpointManager:
@@ -179,9 +48,13 @@ class CheckpointManager:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.ckpt = cfg.checkpoint
         # what this process knows about its checkpoints, by step, with the identity of the manifest it
-        # was learnt from (a step can be written again): fully verified (or written here), or damaged
+        # was learnt from (a step can be written again): verified (or written here), or damaged
         self._verified: dict[int, tuple] = {}
         self._damaged: dict[int, tuple[tuple, list[str]]] = {}
+        # checkpoint.async_save: the thread that writes this rank's files, and the save in flight
+        self._writer: Optional[BackgroundWriter] = None
+        self._pending: Optional[dict] = None
+        self.last_blocked_s = 0.0  # seconds the last save() kept the caller (the step loop) waiting
 
     # -- listing ---------------------------------------------------------------------------------
     def steps(self) -> list[int]:
@@ -199,20 +72,48 @@ class CheckpointManager:
         return Path(tag_dir).resolve() in (mine.resolve(), universal_dir(mine).resolve())
 
     def find_resume(self, log=print) -> Optional[Path]:
-        """Newest checkpoint whose manifest verifies; damaged or incomplete newer ones are reported.
-        Damaged ones (complete, but failing verification) are remembered: set_aside_damaged() and
-        retention move them to checkpoints/damaged/."""
-        for step in reversed(self.steps()):
+        """Collective. The newest checkpoint that verifies, the same on every rank: rank 0 picks the
+        newest whose manifest and sizes check out and broadcasts its step, then every rank hashes its
+        own share of it (ckpt_collective.verify_shared); if any rank finds a problem, the next older one
+        is tried. Damaged or incomplete newer ones are reported; damaged ones (complete, but failing
+        verification) are remembered: set_aside_damaged() and retention move them to checkpoints/damaged/."""
+        self.wait()  # a save in flight (checkpoint.async_save) completes first
+        tried: set[int] = set()
+        while True:
+            candidates = [s for s in reversed(self.steps()) if s not in tried] if self.rank == 0 else []
+            step, skipped = choose_step(candidates, self._cheap_problems, self.rank)
+            for s, problems in skipped.items():
+                tried.add(s)
+                self._rejected(s, problems, log)
+            if step is None:
+                return None
             tag_dir = self.dir / tag_for(step)
-            problems = verify_checkpoint(tag_dir)
+            problems = self.verify(tag_dir)
             if not problems:
                 self._verified[step] = self._manifest_id(step)
                 return tag_dir
-            if (tag_dir / MANIFEST).is_file():  # no manifest: an interrupted save, replaced by the next one
-                self._damaged[step] = (self._manifest_id(step), problems)
-            for p in problems:
-                log(f"checkpoint {tag_dir.name} rejected: {p}")
-        return None
+            tried.add(step)
+            self._rejected(step, problems, log)
+
+    def verify(self, tag_dir: Path) -> list[str]:
+        """Collective: problems of `tag_dir` (same list on every rank), each rank hashing its share, or
+        everything with checkpoint.verify=full."""
+        return verify_shared(Path(tag_dir), self.rank, self.world_size, full=self.ckpt.verify == "full")
+
+    def _cheap_problems(self, step: int) -> list[str]:
+        """Rank 0's choice: manifest and sizes (a stat per file), or what is known of it already."""
+        known = self._damaged.get(step)
+        if known is not None and known[0] == self._manifest_id(step):
+            return known[1]
+        return verify_checkpoint(self.dir / tag_for(step), full=False)
+
+    def _rejected(self, step: int, problems: list[str], log) -> None:
+        tag_dir = self.dir / tag_for(step)
+        if (tag_dir / MANIFEST).is_file():  # no manifest: an interrupted save, replaced by the next one
+            self._damaged[step] = (self._manifest_id(step), problems)
+            self._verified.pop(step, None)
+        for p in problems:
+            log(f"checkpoint {tag_dir.name} rejected: {p}")
 
     def _manifest_id(self, step: int) -> Optional[tuple]:
         """Identity of a checkpoint's manifest file (a new save of the step writes a new one)."""
@@ -223,8 +124,8 @@ class CheckpointManager:
         return (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def _problems(self, step: int) -> list[str]:
-        """verify_checkpoint for retention: hashes each checkpoint once per process; one written or
-        verified here before gets the cheap check (files present, sizes as in the manifest)."""
+        """verify_checkpoint for retention (rank 0): hashes each checkpoint once per process; one
+        written or verified here before gets the cheap check (files present, sizes as in the manifest)."""
         ident = self._manifest_id(step)
         known = self._damaged.get(step)
         if known is not None and ident is not None and known[0] == ident:
@@ -240,11 +141,43 @@ class CheckpointManager:
 
     # -- saving ----------------------------------------------------------------------------------
     def save(self, engine, step: int, client_state: dict) -> Path:
-        """Collective: every rank calls it. Returns the checkpoint directory."""
-        with writing(self.dir / tag_for(step)):  # a failed write (disk full) names the checkpoint
-            return self._save(engine, step, client_state)
+        """Collective: every rank calls it. Returns the checkpoint directory. With checkpoint.async_save
+        it returns once the state is copied to host memory; the files are written in the background and
+        the checkpoint counts (manifest, `latest_good`) once poll() or wait() sees every rank done."""
+        tic = time.perf_counter()
+        self.wait()
+        tag_dir = self.dir / tag_for(step)
+        with writing(tag_dir):  # a failed write (disk full) names the checkpoint
+            self._start_save(engine, step, client_state)
+            if self._writer is None:
+                self._finish_save()
+        self.last_blocked_s = time.perf_counter() - tic
+        return tag_dir
 
-    def _save(self, engine, step: int, client_state: dict) -> Path:
+    def pending(self) -> Optional[int]:
+        """The step of the save in flight (async), or None."""
+        return None if self._pending is None else self._pending["step"]
+
+    def poll(self) -> bool:
+        """Collective, cheap (one all-reduce of a flag); call at a step boundary. Completes the save in
+        flight if every rank's writes are done. True if one was completed."""
+        if self._pending is None:
+            return False
+        busy = self._writer is not None and not self._writer.idle()
+        if any_rank(busy):
+            return False
+        self.wait()
+        return True
+
+    def wait(self) -> None:
+        """Collective when a save is in flight: wait for this rank's writes, then complete it (manifest,
+        `latest_good`, retention). A preemption or the end of the run calls it before exiting."""
+        if self._pending is None:
+            return
+        with writing(self._pending["tag_dir"]):
+            self._finish_save()
+
+    def _start_save(self, engine, step: int, client_state: dict) -> None:
         tag = tag_for(step)
         tag_dir = self.dir / tag
         replaced = self._replaced_dir(tag)
@@ -259,35 +192,69 @@ class CheckpointManager:
             elif tag_dir.exists():  # a leftover from an interrupted save of the same step
                 shutil.rmtree(tag_dir)
             shutil.rmtree(universal_dir(tag_dir), ignore_errors=True)  # a conversion of other contents
-        _barrier()
+        barrier()
         state = dict(client_state)
         state.update({"step": step, "rng": rng_state(), "config": to_dict(self.cfg),
                       "config_hash": config_hash(self.cfg), "versions": library_versions(),
                       "world_size": self.world_size})
         if self.data_tokenizer is not None:
             state["data_tokenizer"] = dict(self.data_tokenizer)
-        # per-rank RNG: DeepSpeed stores client_state from rank 0 only, so every rank keeps its own file
+        if self.ckpt.async_save and self._writer is None:
+            self._writer = BackgroundWriter()
+        own = own_files(engine, self.rank)
+        if own is not None:
+            own.start(tag_dir, self._writer)
         engine.save(str(self.dir), tag, state)
-        torch.save({"rng": rng_state(), "param_layout": param_layout(engine.module)}, rank_file(tag_dir, self.rank))
-        _barrier()  # every rank has finished writing its shards
+        # per-rank RNG: DeepSpeed stores client_state from rank 0 only, so every rank keeps its own file
+        mine = rank_file(tag_dir, self.rank)
+        torch.save({"rng": rng_state(), "param_layout": param_layout(engine.module)}, mine)
+        self._pending = {"step": step, "tag_dir": tag_dir, "replaced": replaced, "own": own,
+                         "records": {mine.name: file_record(mine, self.rank)}}
+
+    def _finish_save(self) -> None:
+        """Collective: every rank's file records are gathered (after its background writes, if any);
+        rank 0 writes the manifest (hashing only files no rank claimed), moves `latest_good`, prunes."""
+        p, self._pending = self._pending, None
+        err = None
+        try:
+            if self._writer is not None:
+                self._writer.wait()
+        except Exception as e:  # every rank must reach the gather below, or the others hang in it
+            err = e
+        records = dict(p["records"])
+        if p["own"] is not None:
+            records.update(p["own"].records)
+            p["own"].start(p["tag_dir"], None)
+        every = gather_obj((records, None if err is None else f"{type(err).__name__}: {err}"))
+        if err is not None:
+            raise err
+        failed = [(r, msg) for r, (_, msg) in enumerate(every) if msg]
+        if failed:
+            raise CheckpointError(f"{p['tag_dir']}: rank {failed[0][0]} failed to write its files "
+                                  f"({failed[0][1]}): checkpoint left incomplete, {LATEST} not moved")
+        step, tag_dir = p["step"], p["tag_dir"]
         if self.rank == 0 and _fault_step("MGT_FAULT_KILL_DURING_SAVE") == step:
-            print(f"fault injection: killing rank 0 while saving {tag} (DeepSpeed files written, no manifest)",
-                  flush=True)
+            print(f"fault injection: killing rank 0 while saving {tag_dir.name} (DeepSpeed files written, "
+                  "no manifest)", flush=True)
             os._exit(137)
         if self.rank == 0:
             from mgt_scale.config import save_config
             save_config(self.cfg, tag_dir / "config.yaml")  # every checkpoint carries its resolved config
+            hashed = {rel: rec for recs, _ in every for rel, rec in recs.items()}
             write_manifest(tag_dir, {"step": step, "world_size": self.world_size, "mode": self.cfg.parallel.mode,
                                      "pipeline_stages": self.cfg.parallel.pipeline_stages,
                                      "config_hash": config_hash(self.cfg)}
-                           | ({"data_tokenizer": self.data_tokenizer} if self.data_tokenizer is not None else {}))
-            self._verified[step] = self._manifest_id(step)  # hashed from the files just written
+                           | ({"data_tokenizer": self.data_tokenizer} if self.data_tokenizer is not None else {}),
+                           hashed=hashed)
+            if _fault_step("MGT_FAULT_KILL_AFTER_MANIFEST") == step:
+                print(f"fault injection: killing rank 0 after the manifest of {tag_dir.name}", flush=True)
+                os._exit(137)
             self._damaged.pop(step, None)
-            self._point_latest(tag)
-            shutil.rmtree(replaced, ignore_errors=True)
+            self._point_latest(tag_dir.name)
+            shutil.rmtree(p["replaced"], ignore_errors=True)
             self._prune(step)
-        _barrier()
-        return tag_dir
+        barrier()
+        self._verified[step] = self._manifest_id(step)  # hashed from the files just written
 
     def _replaced_dir(self, tag: str) -> Path:
         """Where save() keeps the completed checkpoint it is replacing (a dot name: no step folder)."""
@@ -312,7 +279,7 @@ class CheckpointManager:
                 os.replace(kept, tag_dir)
                 restored.append(tag)
                 log(f"checkpoint {tag}: its replacement was interrupted; put the completed one back")
-        _barrier()
+        barrier()
         return restored
 
     def _point_latest(self, tag: str) -> None:
@@ -353,7 +320,7 @@ class CheckpointManager:
                 log(f"resumed from {resumed_from} with later checkpoints in this run: moved "
                     f"{', '.join(tag_for(s) for s in newer)} to {dest} (the branch this run leaves; "
                     "not resumed from, not pruned: delete it when no longer needed)")
-        _barrier()
+        barrier()
         return dest
 
     def set_aside_damaged(self, log=print) -> list[Path]:
@@ -361,13 +328,13 @@ class CheckpointManager:
         find_resume() rejected (still the same files) to checkpoints/damaged/ (see _move_damaged), once
         every rank has finished reading them, and points `latest` at the newest completed one left.
         Returns the folders (rank 0), else []."""
-        _barrier()
+        barrier()
         moved = []
         if self.rank == 0:
             for step, (ident, problems) in sorted(self._damaged.items()):
                 if ident is not None and self._manifest_id(step) == ident:
                     moved.append(self._move_damaged(step, problems, log))
-        _barrier()
+        barrier()
         return moved
 
     def _move_damaged(self, step: int, problems: list[str], log=print) -> Path:
@@ -409,21 +376,33 @@ class CheckpointManager:
 
     def load(self, engine, tag_dir: Path, log=print) -> dict:
         """Load model/optimizer into the engine and return our client state (RNG already restored).
-        A checkpoint saved with another zero3 world size is converted to DeepSpeed's universal format
-        (once, by rank 0, under checkpoints/universal/) and loaded from there."""
+        A checkpoint saved with another zero3 world size, or a pipeline x ZeRO-1 one with another
+        data-parallel size, is converted to DeepSpeed's universal format (once, by rank 0 with
+        checkpoint.reshard_workers processes, under checkpoints/universal/; `mgt ckpt reshard` does it
+        ahead of the job) and loaded from there."""
+        self.wait()
         tag_dir = Path(tag_dir)
-        manifest = json.loads((tag_dir / MANIFEST).read_text())
+        manifest = read_manifest(tag_dir)
         same = self.same_layout(manifest)
         where = (f"{tag_dir}: saved with world size {manifest['world_size']} ({manifest['mode']}, "
                  f"{manifest.get('pipeline_stages', 1)} stages), resuming with {self.world_size} "
                  f"({self.cfg.parallel.mode}, {self.cfg.parallel.pipeline_stages} stages)")
-        if not same and (manifest["mode"] != "zero3" or self.cfg.parallel.mode != "zero3"):
-            raise CheckpointError(f"{where}: automatic resharding covers zero3 -> zero3 only; resume with the "
-                                  "saved layout, or export the weights (`mgt export`)")
-        # under ZeRO-3 every rank records the whole model, so rank 0's record serves any world size
-        saved_file = rank_file(tag_dir, self.rank if same else 0)
+        stages = self.cfg.parallel.pipeline_stages
+        zero3 = manifest["mode"] == "zero3" and self.cfg.parallel.mode == "zero3"
+        # pipeline x ZeRO-1: another data-parallel size over the same stages (DeepSpeed's universal format)
+        pipe = (manifest["mode"] == "pipeline" == self.cfg.parallel.mode and self.cfg.parallel.zero_stage == 1
+                and manifest.get("pipeline_stages", 1) == stages)
+        if not same and not (zero3 or pipe):
+            raise CheckpointError(f"{where}: automatic resharding covers zero3 -> zero3, and pipeline with "
+                                  "zero_stage 1 -> another data-parallel size over the same stages; resume with "
+                                  "the saved layout, or export the weights (`mgt export`)")
+        # under ZeRO-3 every rank records the whole model, so rank 0's record serves any world size; a
+        # pipeline stage's record is that of the stage's first rank (DeepSpeed places rank = stage x dp + d)
+        old_dp = max(int(manifest["world_size"]) // max(stages, 1), 1)
+        stage_rank = (self.rank // max(self.world_size // max(stages, 1), 1)) * old_dp
+        saved_file = rank_file(tag_dir, self.rank if same else (stage_rank if pipe else 0))
         saved = torch.load(saved_file, weights_only=True).get("param_layout") if saved_file.is_file() else None
-        problem = _first_problem(layout_problem(tag_dir, saved, param_layout(engine.module)))
+        problem = first_problem(layout_problem(tag_dir, saved, param_layout(engine.module)))
         if problem:
             raise CheckpointError(problem)
         if same:
@@ -434,10 +413,10 @@ class CheckpointManager:
             err = None
             if self.rank == 0:
                 try:
-                    uni = make_universal(tag_dir, log=log)
+                    uni = make_universal(tag_dir, log=log, workers=self.ckpt.reshard_workers)
                 except CheckpointError as e:
                     err = str(e)
-            err = _broadcast_obj(err)
+            err = broadcast_obj(err)
             if err:
                 raise CheckpointError(f"{err}\n(run `mgt ckpt reshard {tag_dir.parent.parent} --tag {tag_dir.name}` "
                                       "to retry the conversion by hand)")
@@ -449,82 +428,3 @@ class CheckpointManager:
         rng = torch.load(own, weights_only=True)["rng"] if own.is_file() else state["rng"]
         set_rng_state(rng)
         return state
-
-
-def data_tokenizer_problem(tag_dir: Path, current: dict) -> tuple[Optional[str], Optional[str]]:
-    """(error, warning) of resuming `tag_dir` on data whose tokenizer identity is `current`
-    (mgt_scale.data.data_tokenizer_identity). Another tokenizer's ids name other pieces: the weights
-    would train on what is noise to them (the loss jumps back up) without any error. A checkpoint
-    written before identities were recorded gives a warning only. Reads the checkpoint's manifest, so
-    every rank comes to the same answer without loading anything."""
-    from mgt_scale.data.shards import describe_tokenizer, same_tokenizer
-    tag_dir = Path(tag_dir)
-    try:
-        saved = json.loads((tag_dir / MANIFEST).read_text()).get("data_tokenizer")
-    except (OSError, json.JSONDecodeError):
-        saved = None
-    if not isinstance(saved, dict):
-        return None, (f"{tag_dir}: records no data tokenizer identity (written by an older mgt-scale): cannot "
-                      f"check that it was trained on data with the current {describe_tokenizer(current)}")
-    if same_tokenizer(saved, current):
-        return None, None
-    return (f"{tag_dir}: trained on data with {describe_tokenizer(saved)}, but the configured data has "
-            f"{describe_tokenizer(current)}: its token ids name other pieces, so resuming would train the weights "
-            "on garbage. Resume with the data it was trained on (point data.path or data.blend at it again), "
-            "or start a new run (another run.dir, without --resume)"), None
-
-
-def _broadcast_obj(obj):
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return obj
-
-
-def universal_dir(tag_dir: Path) -> Path:
-    """Where the universal (world-size independent) form of a checkpoint lives."""
-    tag_dir = Path(tag_dir)
-    return tag_dir.parent / "universal" / tag_dir.name
-
-
-def make_universal(tag_dir: Path, log=print, force: bool = False) -> Path:
-    """Convert a verified sharded zero3 checkpoint with DeepSpeed's ds_to_universal (single process).
-    The output gets its own manifest, which records the sha256 of the source's manifest (itself a list
-    of every file's sha256). An existing verified conversion is reused only if it was made from these
-    very files: a step directory can be written again with other contents (a run resumed from an
-    older checkpoint reaches that step anew), and the stale conversion would load the old weights."""
-    import subprocess
-    import sys
-    tag_dir = Path(tag_dir)
-    out = universal_dir(tag_dir)
-    source = sha256_file(tag_dir / MANIFEST) if (tag_dir / MANIFEST).is_file() else None
-    if not force and out.is_dir() and not verify_checkpoint(out):
-        made_from = json.loads((out / MANIFEST).read_text()).get("source_manifest_sha256")
-        if source is not None and made_from == source:
-            return out
-        log(f"{out}: converted from other contents of {tag_dir.name}: converting again")
-    problems = verify_checkpoint(tag_dir)
-    if problems:
-        raise CheckpointError(f"{tag_dir}: cannot reshard a damaged checkpoint: " + "; ".join(problems))
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-           "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
-    log("converting: " + " ".join(cmd))
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise CheckpointError(f"{tag_dir}: ds_to_universal failed (exit {r.returncode}):\n"
-                              + (r.stdout[-2000:] + r.stderr[-2000:]))
-    for f in tag_dir.glob("rng_rank*.pt"):
-        shutil.copy2(f, tmp / f.name)
-    (out.parent / "latest_universal").unlink(missing_ok=True)
-    manifest = json.loads((tag_dir / MANIFEST).read_text())
-    write_manifest(tmp, {k: v for k, v in manifest.items() if k not in ("files", "written_at")}
-                   | {"universal_of": tag_dir.name, "source_manifest_sha256": source})
-    os.replace(tmp, out)
-    return out

@@ -2,7 +2,7 @@
 #   mgt ckpt list RUN_DIR            every checkpoint with its status (good / incomplete / damaged)
 #   mgt ckpt verify CKPT_DIR|RUN_DIR sha256 of every file against the manifest; exit 2 if bad or none
 #   mgt ckpt reshard RUN_DIR [--tag step_XXXXXXXX]
-#                                    convert a zero3 checkpoint to DeepSpeed's universal format so that
+#                                    convert a zero3 (or pipeline ZeRO-1) checkpoint to DeepSpeed's universal format so that
 #                                    `mgt train --resume auto` continues it on another number of ranks
 # Bad input (no checkpoint at the path, a damaged one, no latest_good to reshard) exits 2 (mgt_scale.exit_codes.CONFIG_ERROR).
 from __future__ import annotations
@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from mgt_scale.exit_codes import CONFIG_ERROR
-from mgt_scale.train.checkpoint import (LATEST, MANIFEST, TAG_RE, CheckpointError, make_universal,
-                                        universal_dir, verify_checkpoint)
+from mgt_scale.train.ckpt_format import LATEST, MANIFEST, TAG_RE, CheckpointError, universal_dir, verify_checkpoint
+from mgt_scale.train.ckpt_universal import make_universal
 
 
 def checkpoint_status(tag_dir: Path, full: bool = True) -> tuple[str, list[str], dict]:
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("verify", help="check every file of a checkpoint (or of all a run's checkpoints)")
     p.add_argument("path", help="a checkpoint directory (checkpoints/step_XXXXXXXX) or a run directory")
     p.set_defaults(fn=cmd_verify)
-    p = sub.add_parser("reshard", help="convert a zero3 checkpoint to DeepSpeed's universal format")
+    p = sub.add_parser("reshard", help="convert a zero3 (or pipeline ZeRO-1) checkpoint to DeepSpeed's universal format")
     p.add_argument("run_dir")
     p.add_argument("--tag", default="", help="checkpoint tag (default: the latest good one)")
     p.add_argument("--force", action="store_true", help="redo an existing conversion")

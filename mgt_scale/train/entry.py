@@ -194,7 +194,7 @@ def _run(cfg: Config, args, denv, plan, precision: str) -> int:
         return _fail(run_dir, rank, str(e))
 
     torch.manual_seed(cfg.train.seed)
-    init_distributed(deepspeed)
+    init_distributed(deepspeed, cfg.parallel.dist_timeout_minutes)
     kernel_line = describe_cpu_kernel(cfg, precision)
     if rank == 0 or "UNAVAILABLE" in kernel_line:
         print(kernel_line if rank == 0 else f"rank {rank}: {kernel_line}", flush=True)
@@ -208,6 +208,8 @@ def _run(cfg: Config, args, denv, plan, precision: str) -> int:
     engine = build_engine(cfg, plan, precision)
     dp_rank, dp_size = engine_dp(engine, plan, rank)
     try:
+        from mgt_scale.data import verify_data_once
+        verify_data_once(cfg.data)  # once per node, in parallel: the opens below check sizes only
         loader = build_train_loader(cfg.data, seq_len=cfg.data.seq_len, global_batch=plan.global_batch,
                                     micro_batch=plan.micro_batch, dp_rank=dp_rank, dp_size=dp_size,
                                     vocab_size=cfg.model.vocab_size)
@@ -217,7 +219,8 @@ def _run(cfg: Config, args, denv, plan, precision: str) -> int:
         return _fail(run_dir, rank, str(e))
 
     from mgt_scale.train.callbacks import MetricsCallback
-    from mgt_scale.train.checkpoint import CheckpointError, CheckpointManager
+    from mgt_scale.train.checkpoint import CheckpointManager
+    from mgt_scale.train.ckpt_format import CheckpointError
     from mgt_scale.train.resume_callbacks import CheckpointCallback, PreemptionCallback
     from mgt_scale.train.trainer import Trainer
 
@@ -232,12 +235,11 @@ def _run(cfg: Config, args, denv, plan, precision: str) -> int:
         if args.resume == "auto":  # what it rejected as damaged goes to checkpoints/damaged/
             manager.set_aside_damaged(log=log)
         if tag_dir is not None and args.resume != "auto":
-            from mgt_scale.train.checkpoint import verify_checkpoint
-            problems = verify_checkpoint(tag_dir)
+            problems = manager.verify(tag_dir)  # collective: each rank hashes its own share
             if problems:
                 return _fail(run_dir, rank, f"--resume {tag_dir}: checkpoint rejected: " + "; ".join(problems))
         if tag_dir is not None:
-            from mgt_scale.train.checkpoint import data_tokenizer_problem
+            from mgt_scale.train.ckpt_format import data_tokenizer_problem
             problem, warning = data_tokenizer_problem(tag_dir, data_tokenizer)
             if problem:
                 return _fail(run_dir, rank, problem)

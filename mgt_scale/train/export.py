@@ -23,7 +23,7 @@ class ExportError(RuntimeError):
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory (with a manifest), or a run directory -> its latest good checkpoint."""
-    from mgt_scale.train.checkpoint import LATEST, MANIFEST, verify_checkpoint
+    from mgt_scale.train.ckpt_format import LATEST, MANIFEST, verify_checkpoint
     p = Path(path)
     if not (p / MANIFEST).is_file():
         root = p / "checkpoints" if (p / "checkpoints").is_dir() else p

@@ -100,7 +100,7 @@ def open_model(source: str | Path, config: str | Path | None = None, overrides=(
             tokenizer = wfile.parent / "tokenizer.model"
         origin, weights = ("file" if p.is_file() else "export"), wfile
     else:
-        from mgt_scale.train.checkpoint import LATEST, MANIFEST
+        from mgt_scale.train.ckpt_format import LATEST, MANIFEST
         root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
         if not (p / MANIFEST).is_file() and not (root / LATEST).is_file():
             raise SourceError(f"{p}: neither an export directory ({WEIGHTS}), a checkpoint directory "

@@ -112,9 +112,16 @@ class PipelineEngine:
     def save(self, save_dir: str, tag: str, client_state: dict) -> None:
         self.engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
 
-    def load(self, load_dir: str, tag: str) -> Optional[dict]:
-        _, client_state = self.engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
-                                                      load_lr_scheduler_states=False)
+    def load(self, load_dir: str, tag: str, universal: bool = False) -> Optional[dict]:
+        """`universal`: the directory holds a DeepSpeed universal checkpoint (another data-parallel size)."""
+        conf = self.engine._config
+        before = conf.load_universal_checkpoint
+        conf.load_universal_checkpoint = universal
+        try:
+            _, client_state = self.engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+                                                          load_lr_scheduler_states=False)
+        finally:
+            conf.load_universal_checkpoint = before
         return client_state
 
     # -- internals ---------------------------------------------------------------------------------

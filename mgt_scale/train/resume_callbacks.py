@@ -39,10 +39,19 @@ class CheckpointCallback(Callback):
         self.last_save_time = time.time() - tic
         self.last_saved = step
         if trainer.is_main:
-            print(f"checkpoint saved: {path} ({self.last_save_time:.1f}s)", flush=True)
+            how = " (writing in the background)" if self.manager.pending() == step else ""
+            print(f"checkpoint saved: {path} ({self.last_save_time:.1f}s){how}", flush=True)
+
+    def wait(self, trainer: Trainer) -> None:
+        """Completes a save in flight (checkpoint.async_save) before the run stops."""
+        pending = self.manager.pending()
+        self.manager.wait()
+        if pending is not None and trainer.is_main:
+            print(f"checkpoint step {pending} complete", flush=True)
 
     def on_step_end(self, trainer: Trainer, record: dict) -> None:
         n = trainer.cfg.checkpoint.interval
+        self.manager.poll()  # a background save whose writes are done on every rank completes here
         if "rollback_to" in record:
             return  # the state was just restored from a checkpoint
         if n and trainer.state.step % n == 0 and trainer.state.step < trainer.cfg.train.max_steps:
@@ -58,6 +67,7 @@ class CheckpointCallback(Callback):
     def on_end(self, trainer: Trainer, exit_code: int, reason: str) -> None:
         if exit_code == exit_codes.FINISHED and trainer.cfg.checkpoint.save_at_end:
             self.save(trainer)
+        self.wait(trainer)
 
 
 class PreemptionCallback(Callback):
@@ -87,4 +97,5 @@ class PreemptionCallback(Callback):
         if trainer.is_main:
             print(f"preempted ({reason}): checkpointing step {trainer.state.step}", flush=True)
         self.checkpoint.save(trainer)
+        self.checkpoint.wait(trainer)  # the write in flight, if any, completes before the exit
         raise StopTraining(exit_codes.PREEMPTED, f"preempted: {reason}")

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from mgt_scale.config import load_config
-from mgt_scale.train.checkpoint import LATEST, MANIFEST, CheckpointManager, verify_checkpoint
+from mgt_scale.train.checkpoint import CheckpointManager
+from mgt_scale.train.ckpt_format import LATEST, MANIFEST, verify_checkpoint
 
 
 class Killed(Exception):

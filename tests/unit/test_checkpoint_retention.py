@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from mgt_scale.config import load_config
-from mgt_scale.train.checkpoint import LATEST, MANIFEST, CheckpointManager, tag_for, verify_checkpoint
+from mgt_scale.train.checkpoint import CheckpointManager
+from mgt_scale.train.ckpt_format import LATEST, MANIFEST, tag_for, verify_checkpoint
 from mgt_scale.train.retention import DAMAGED, REASON, plan_retention
 
 

@@ -117,3 +117,15 @@ def test_auto_precision_takes_bf16_only_where_the_gpu_runs_it_natively(monkeypat
     assert detect_precision("auto") == expected
     assert asked in ([], [False])  # never the emulating default
     assert detect_precision("fp32") == "fp32" and detect_precision("bf16") == "bf16"
+
+
+def test_the_configured_timeout_is_passed_to_deepspeed(monkeypatch):
+    from datetime import timedelta
+
+    from mgt_scale.config import load_config
+    monkeypatch.delenv("MGT_DIST_BACKEND", raising=False)
+    cfg = load_config(None, ["data.synthetic=copy", "parallel.dist_timeout_minutes=90"])
+    ds = FakeDeepSpeed()
+    ds_runtime.init_distributed(ds, cfg.parallel.dist_timeout_minutes)
+    assert ds.calls == [{"dist_backend": None, "verbose": False, "timeout": timedelta(minutes=90)}]
+    assert load_config(None, ["data.synthetic=copy"]).parallel.dist_timeout_minutes == 60  # default

@@ -1,0 +1,95 @@
+# Data shards are hashed once per node at start (loader.verify_data_once: the shard files dealt out to
+# the node's ranks by size), not by every rank each time it opens them: before, a start hashed the
+# whole data set three times per rank (train loader, validation batches, monitor probe).
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mgt_scale.config import load_config
+
+
+def make_data(out: Path) -> Path:
+    from mgt_scale.data import shards
+    out.mkdir(parents=True)
+    (out / shards.TOKENIZER_FILE).write_bytes(b"t" * 1024)
+    rng = np.random.default_rng(0)
+    splits = {}
+    for split, n in (("train", 1 << 16), ("valid", 1 << 13)):
+        w = shards.SplitWriter(out, split, np.dtype(np.uint16), shard_tokens=n // 4)
+        toks = rng.integers(1, 500, size=n, dtype=np.uint16)
+        lengths = np.full(n // 256, 256)
+        toks[np.cumsum(lengths) - 1] = 0
+        w.add(toks, lengths)
+        splits[split] = w.finish()
+    shards.write_manifest(out, {"format": shards.FORMAT_NAME, "format_version": shards.FORMAT_VERSION,
+                                "vocab_size": 512, "dtype": "uint16", "eos_id": 0,
+                                "tokenizer": {"file": shards.TOKENIZER_FILE,
+                                              "sha256": shards.sha256_file(out / shards.TOKENIZER_FILE)},
+                                "splits": splits})
+    return out
+
+
+@pytest.fixture
+def hashed(monkeypatch):
+    real, count = hashlib.sha256, [0]
+
+    class Counting:
+        def __init__(self, *a):
+            self._h = real(*a)
+
+        def update(self, b):
+            count[0] += len(b)
+            self._h.update(b)
+
+        def hexdigest(self):
+            return self._h.hexdigest()
+    monkeypatch.setattr(hashlib, "sha256", Counting)
+    from mgt_scale.data import shards
+    monkeypatch.setattr(shards, "_VERIFIED", {})
+    return count
+
+
+def data_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.iterdir() if f.suffix in (".bin", ".npy"))
+
+
+def test_a_start_hashes_the_data_once_and_later_opens_check_sizes_only(tmp_path, hashed, monkeypatch):
+    from mgt_scale.data import build_train_loader, build_valid_batches, verify_data_once
+    d = make_data(tmp_path / "data")
+    hashed[0] = 0  # writing the shards hashed them too
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cfg = load_config(None, [f"data.path={d}", "data.seq_len=16", "model.vocab_size=512"])
+    verify_data_once(cfg.data)
+    assert hashed[0] >= data_bytes(d)
+    hashed[0] = 0
+    loader = build_train_loader(cfg.data, seq_len=16, global_batch=4, micro_batch=2, dp_rank=0, dp_size=1,
+                                vocab_size=512, prefetch=0)
+    build_valid_batches(cfg.data, 16, 2, 2, 512)
+    build_valid_batches(cfg.data, 16, 2, 1, 512)  # the monitor probe
+    loader.close()
+    assert hashed[0] < 4 * 1024  # the tokenizer file at most: before, the whole data set per open
+
+
+@pytest.mark.parametrize("local_rank", [0, 1])
+def test_the_ranks_of_a_node_share_the_hashing_and_a_damaged_shard_is_found(tmp_path, hashed, monkeypatch, local_rank):
+    from mgt_scale.data import DataError, verify_data_once
+    d = make_data(tmp_path / "data")
+    hashed[0] = 0  # writing the shards hashed them too
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    cfg = load_config(None, [f"data.path={d}"])
+    verify_data_once(cfg.data)
+    total = data_bytes(d)
+    assert 0.3 * total < hashed[0] < 0.7 * total + 4096  # about half each
+    from mgt_scale.data import shards
+    monkeypatch.setattr(shards, "_VERIFIED", {})
+    for f in sorted(d.glob("*.bin")):  # damage every shard: each rank finds those of its share
+        data = bytearray(f.read_bytes())
+        data[10] ^= 1
+        f.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="sha256 checksum mismatch"):
+        verify_data_once(cfg.data)
