@@ -466,7 +466,8 @@ def mfu_table(args, base, out) -> None:
     from mgt_scale.train.flops import flops_per_token
     extra = {"ckpt": None if args.mfu_ckpt == "off" else args.mfu_ckpt, "compile": args.mfu_compile}
     variants = {"preln": dict(base, residual="preln", **extra), "mgt full": dict(base, **extra),
-                "mgt low-rank r=16, token beta": dict(base, mgt={"proj_rank": 16, "beta_shape": "token"}, **extra)}
+                "mgt low-rank r=16, token beta": dict(base, mgt={"proj_rank": 16, "beta_shape": "token"}, **extra),
+                "mhc (n=4)": dict(base, residual="mhc", **extra), "ddl_delta": dict(base, residual="ddl_delta", **extra)}
     peak, source = mfu_peak(args)
     best = best_of_rounds(args.rounds, {name: lambda s=spec: run_plain(s) for name, spec in variants.items()})
     tok = args.batch * args.seq

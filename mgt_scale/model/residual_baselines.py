@@ -38,12 +38,16 @@ def sinkhorn_knopp(logits: torch.Tensor, num_iters: int) -> torch.Tensor:
     """Sinkhorn-Knopp on exp(logits) over the last two dims [..., n, n]: alternately normalise the columns,
     then the rows, to sum to 1, `num_iters` times (M <- T_r(T_c(M))). The result is non-negative with rows
     summing to 1 exactly (to rounding) and columns to within the iteration's residual. exp is taken after
-    subtracting each matrix's maximum (the result does not change: the normalisation removes any scale)."""
-    m = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))
+    subtracting each matrix's maximum (the result does not change: the normalisation removes any scale).
+    The iterations run on an [n, n, tokens] copy, so that every sum and scaling is a contiguous vector op
+    over the tokens (half the time, forward and backward, of broadcasting over trailing dims of size n)."""
+    n = logits.shape[-1]
+    z = logits.reshape(-1, n, n)
+    m = torch.exp(z - z.amax(dim=(-2, -1), keepdim=True)).permute(1, 2, 0).contiguous()  # [n, n, N]
     for _ in range(num_iters):
-        m = m / m.sum(dim=-2, keepdim=True)
-        m = m / m.sum(dim=-1, keepdim=True)
-    return m
+        m = m * m.sum(dim=0, keepdim=True).reciprocal()  # columns
+        m = m * m.sum(dim=1, keepdim=True).reciprocal()  # rows
+    return m.permute(2, 0, 1).contiguous().view(logits.shape)
 
 
 def delta_update(x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
