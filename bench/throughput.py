@@ -2,7 +2,8 @@
 #   1. engine overhead: a plain PyTorch loop vs our trainer in zero3 (1 rank; block and per-module
 #      parameter fetch), zero3 (2 ranks), pipeline (2 stages); then the plain loop and the zero3
 #      engine's training step in one process, steps interleaved, with our ZeRO-3 fixes and without (section engine1)
-#   2. mgt (full, and efficient forms) vs preln: measured step-time ratio next to the FLOP ratio
+#   2. mgt (full, and efficient forms), the published mhc and ddl_delta vs preln: measured step-time ratio
+#      next to the FLOP ratio (--kinds picks rows)
 #   3. activation checkpointing on vs off: time and peak-RSS ratios
 #   4. depth 12 -> 200 at fixed width: time per layer and its slope
 #   5. tokens/s, model TFLOP/s, MFU and peak memory of preln and the full and efficient MGT (section mfu,
@@ -14,7 +15,7 @@
 #                              [--depth 48] [--sections engines,engine1,kinds,ckpt,depth(,mfu)] [--rounds 3]
 #                              [--ckpt-depths 50,100,200] [--malloc retain|glibc-default]
 #                              [--heads H] [--vocab V] [--peak-flops F] [--mfu-ckpt off|full|selective]
-#                              [--mfu-compile]
+#                              [--mfu-compile] [--kinds 'mgt full,mhc (n=4),ddl_delta']
 from __future__ import annotations
 
 import argparse
@@ -244,6 +245,8 @@ def main() -> None:
                                                         "--quick 50,200)")
     ap.add_argument("--malloc", default="retain", choices=["retain", "glibc-default"],
                     help="glibc malloc settings of the worker processes (see RETAIN_MALLOC_ENV)")
+    ap.add_argument("--kinds", default="", help="kinds section: only these rows, comma-separated (e.g. "
+                    "'mgt full,mhc (n=4),ddl_delta'; preln always)")
     ap.add_argument("--_worker", default="", choices=["", *WORKERS])
     ap.add_argument("_spec", nargs="?", default="")
     args = ap.parse_args()
@@ -354,7 +357,14 @@ def kinds_table(args, base, out) -> None:
                 "mgt low-rank r=16, token beta": dict(base, mgt=r16t),
                 "mgt low-rank r=16, token beta, torch ops": dict(base, mgt=dict(r16t, **torch_ops)),
                 "mgt low-rank r=16, token beta, reference": dict(base, mgt=dict(r16t, **ref)),
-                "mhc_gate": dict(base, residual="mhc_gate"), "ddl": dict(base, residual="ddl")}
+                "mhc_gate": dict(base, residual="mhc_gate"), "ddl": dict(base, residual="ddl"),
+                "mhc (n=4)": dict(base, residual="mhc"), "ddl_delta": dict(base, residual="ddl_delta")}
+    if args.kinds:  # a subset of the rows (preln, the reference, always)
+        wanted = ["preln", *(k.strip() for k in args.kinds.split(",") if k.strip() != "preln")]
+        unknown = [k for k in wanted if k not in variants]
+        if unknown:
+            sys.exit(f"--kinds: unknown row(s) {unknown}; known: {list(variants)}")
+        variants = {k: variants[k] for k in wanted}
     steps = base["steps"] * args.rounds
     best = run_plain({name: dict(spec, steps=steps) for name, spec in variants.items()}, mode="interleaved")
     f_pre = flops_per_token(cfg_of(variants["preln"]), args.seq)
@@ -456,7 +466,8 @@ def mfu_table(args, base, out) -> None:
     from mgt_scale.train.flops import flops_per_token
     extra = {"ckpt": None if args.mfu_ckpt == "off" else args.mfu_ckpt, "compile": args.mfu_compile}
     variants = {"preln": dict(base, residual="preln", **extra), "mgt full": dict(base, **extra),
-                "mgt low-rank r=16, token beta": dict(base, mgt={"proj_rank": 16, "beta_shape": "token"}, **extra)}
+                "mgt low-rank r=16, token beta": dict(base, mgt={"proj_rank": 16, "beta_shape": "token"}, **extra),
+                "mhc (n=4)": dict(base, residual="mhc", **extra), "ddl_delta": dict(base, residual="ddl_delta", **extra)}
     peak, source = mfu_peak(args)
     best = best_of_rounds(args.rounds, {name: lambda s=spec: run_plain(s) for name, spec in variants.items()})
     tok = args.batch * args.seq

@@ -20,7 +20,7 @@ import yaml
 
 from mgt_scale import strict_yaml
 
-RESIDUAL_KINDS = ("mgt", "mhc_gate", "ddl", "preln", "postln", "deepnorm")
+RESIDUAL_KINDS = ("mgt", "mhc_gate", "ddl", "preln", "postln", "deepnorm", "mhc", "ddl_delta")
 MGT_FAMILY = ("mgt", "mhc_gate", "ddl")
 
 
@@ -100,6 +100,34 @@ class MGTConfig:
 
 
 @dataclass(frozen=True)
+class MHCConfig:
+    """DeepSeek's manifold-constrained hyper-connections (`residual: mhc`, arXiv 2512.24880), the published
+    mechanism that MGT's gate simplifies. The choices the paper leaves open are documented in
+    mgt_scale.model.residual_baselines.MHCResidual."""
+
+    num_streams: int = num(4, ge=1)  # n parallel residual streams (the paper: 4); 1 degenerates to pre-LN
+    sinkhorn_iters: int = num(20, ge=1)  # Sinkhorn-Knopp iterations projecting H_res on the doubly stochastic matrices
+    coef_scale_init: float = num(0.01, ge=0)  # a_pre, a_post, a_res at init (the paper's appendix: 0.01)
+    # static logits at init: b_pre +g on stream (sublayer index mod n), -g elsewhere (HC's one-hot cycling);
+    # b_res 0 on the diagonal, -g off it (H_res leaning to the identity); b_post 0 (H_post = 1, HC's B = 1).
+    # g = 2: with g = 4, 20 Sinkhorn iterations leave column sums 1.4e-4 off at init (1e-10 with g = 2)
+    init_logit_gap: float = num(2.0, ge=0)
+
+
+@dataclass(frozen=True)
+class DDLDeltaConfig:
+    """Deep Delta Learning's delta operator (`residual: ddl_delta`, arXiv 2601.00417), value dimension 1:
+    X + beta k (v - k^T X), the published mechanism that MGT's erasure term simplifies."""
+
+    beta_init: float = num(1.0, gt=0, lt=2)  # beta = 2 sigmoid(w^T c + b) at init (b = logit(beta_init / 2))
+    # v: "stream" = value_scale * sigmoid(w_v^T X + b_v) (the authors' code); "norm" = w_v^T LN(X) + b_v (the
+    # paper's projection of c); "sublayer" = w_v^T F(LN(X)) + b_v (a value read from the sublayer output)
+    value: Literal["stream", "norm", "sublayer"] = "stream"
+    value_scale: float = num(4.0, gt=0)  # the authors' code's 4 in 4 sigmoid(.) (value: stream only)
+    k_eps: float = num(1e-5, gt=0)  # k = F / sqrt(||F||^2 + k_eps^2)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Shape and residual kind of the Transformer stack (see mgt_scale.model.init_weights for init)."""
 
@@ -109,13 +137,20 @@ class ModelConfig:
     d_ff: int = num(512, ge=1)
     vocab_size: int = num(2048, ge=2)
     max_seq_len: int = num(256, ge=1)
-    residual: Literal["mgt", "mhc_gate", "ddl", "preln", "postln", "deepnorm"] = "mgt"
+    residual: Literal["mgt", "mhc_gate", "ddl", "preln", "postln", "deepnorm", "mhc", "ddl_delta"] = "mgt"
     init_std: float = num(0.02, gt=0)
     depth_scaled_init: bool = True  # output projections get std * (2 * num_layers) ** -0.5
     tie_embeddings: bool = False
     norm_eps: float = num(1e-5, gt=0)  # LayerNorm's epsilon: 0 divides by zero on a constant row
     rope_base: float = num(10000.0, gt=1)  # rotary base: <= 1 gives no decreasing frequencies
     mgt: MGTConfig = field(default_factory=MGTConfig)
+    mhc: MHCConfig = field(default_factory=MHCConfig)  # residual: mhc (DeepSeek's mHC)
+    ddl_delta: DDLDeltaConfig = field(default_factory=DDLDeltaConfig)  # residual: ddl_delta (DDL's delta operator)
+
+    @property
+    def stream_width(self) -> int:
+        """Width of the residual stream between blocks: d_model, or num_streams * d_model for `mhc`."""
+        return self.d_model * (self.mhc.num_streams if self.residual == "mhc" else 1)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import numpy as np
 
 from mgt_scale.experiments.collect import _mean, synergy
 
-KIND_ORDER = ("postln", "preln", "deepnorm", "mhc_gate", "ddl", "mgt")
+KIND_ORDER = ("postln", "preln", "deepnorm", "mhc", "mhc_gate", "ddl_delta", "ddl", "mgt")
 
 
 def _plt():

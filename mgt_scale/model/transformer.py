@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from mgt_scale.config import ModelConfig
 from mgt_scale.model.layers import CausalSelfAttention, FeedForward, LayerKV, normal_from_cpu_
 from mgt_scale.model.recompute import checkpoint_segment
-from mgt_scale.model.residual import ResidualOp, deepnorm_constants
+from mgt_scale.model.residual import deepnorm_constants
+from mgt_scale.model.residual_baselines import expand_streams, make_residual_op, num_streams, reduce_streams
 
 
 def module_generator(seed: int, index: int) -> torch.Generator:
@@ -33,12 +34,15 @@ def _xavier_(t: torch.Tensor, gain: float, gen: torch.Generator) -> None:
 
 
 class TokenEmbedding(nn.Module):
+    """Token lookup; for `mhc`, expanded to the n residual streams ([B, T, n*d])."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.num_streams = num_streams(cfg)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.tok(tokens)
+        return expand_streams(self.tok(tokens), self.num_streams)
 
     @torch.no_grad()
     def init_weights(self, cfg: ModelConfig, gen: torch.Generator) -> None:
@@ -53,8 +57,8 @@ class Block(nn.Module):
         self.layer_idx = layer_idx
         self.attn = CausalSelfAttention(cfg.d_model, cfg.num_heads, cfg.rope_base)
         self.ffn = FeedForward(cfg.d_model, cfg.d_ff)
-        self.attn_res = ResidualOp(cfg)
-        self.ffn_res = ResidualOp(cfg)
+        self.attn_res = make_residual_op(cfg, 2 * layer_idx)
+        self.ffn_res = make_residual_op(cfg, 2 * layer_idx + 1)
 
     def forward(self, x: torch.Tensor, cache: Optional[LayerKV] = None) -> torch.Tensor:
         # every residual kind updates each position from that position alone: only attention needs
@@ -83,15 +87,17 @@ class Block(nn.Module):
 
 
 class Head(nn.Module):
-    """Final LayerNorm and the LM projection (its weight may be tied to the embedding's)."""
+    """Final LayerNorm and the LM projection (its weight may be tied to the embedding's); for `mhc`, the
+    streams are summed first."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.proj = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.num_streams = num_streams(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.norm(x))
+        return self.proj(self.norm(reduce_streams(x, self.num_streams)))
 
     @torch.no_grad()
     def init_weights(self, cfg: ModelConfig, gen: torch.Generator) -> None:
@@ -146,6 +152,7 @@ class MGTModel(nn.Module):
           N(0, d^-1/2) with mgt.proj_init: fan_in, the default, so gate and beta vary at init; with
           proj_init: std, N(0, gate_init_std) and N(0, beta_init_std); beta_bias = beta_bias_init,
           alpha = alpha_init)
+        - mhc / ddl_delta operators: see MHCResidual / DeltaResidual.init_weights (residual_baselines.py)
         - head.proj.weight ~ N(0, init_std) (unless tied to the embedding)
         Each unit draws from its own generator (seed, unit index): the weights do not depend on how
         the stack is partitioned across pipeline stages or on the order units are built.

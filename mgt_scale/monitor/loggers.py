@@ -27,6 +27,8 @@ run that re-logs steps after its checkpoint come out right.
               "beta_hist": [0, ..., 0],                             # 30 counts over beta_hist_edges
               "gate_mean": 0.5, "gate_saturation": 0.0, "alpha_mean": 0.0,
               "update_ratio": 0.21}, ...],                          # [] for non-MGT residuals
+             # mhc adds h_res_row_dev, h_res_col_dev, h_res_diag_mean, h_res_min, h_pre_mean, h_post_mean;
+             # ddl_delta adds beta_quantiles [min, p10, p50, p90, max], delta_value_mean, delta_proj_mean
      "beta_hist_edges": [-1.5, -1.4, ..., 1.5]}                    # present only when ops is not []
 
 ``layers[i]`` is the input of block i, the last entry the output of the last block. A
@@ -56,7 +58,8 @@ METRICS_FILE = "metrics.jsonl"
 GEOMETRY_FILE = "geometry.jsonl"
 WANDB_ID_FILE = "wandb_run_id"
 DEFAULT_LAYER_KEYS = ("eff_rank_norm", "cosine", "rank1_residual", "norm")
-DEFAULT_OP_KEYS = ("beta_mean", "beta_frac_negative", "gate_saturation", "alpha_mean", "update_ratio")
+DEFAULT_OP_KEYS = ("beta_mean", "beta_frac_negative", "gate_saturation", "alpha_mean", "update_ratio",
+                   "h_res_row_dev", "h_res_col_dev", "h_res_diag_mean")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -317,3 +317,42 @@ def make_geometry_record(step: int, layers: Sequence[Mapping[str, Any]],
     if ops:
         rec["beta_hist_edges"] = [float(e) for e in BETA_HIST_EDGES]
     return rec
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics of the published baselines' residual operators (mgt_scale.model.residual_baselines)
+
+BASELINE_OP_KEYS = ("h_res_row_dev", "h_res_col_dev", "h_res_diag_mean", "h_res_min", "h_pre_mean", "h_post_mean",
+                    "beta_quantiles", "delta_value_mean", "delta_proj_mean")
+BETA_QUANTILES = (0.0, 0.1, 0.5, 0.9, 1.0)
+
+
+def baseline_op_stats(cap: Mapping[str, Any]) -> dict[str, Any]:
+    """Statistics of one `mhc` or `ddl_delta` sublayer from its capture; {} for any other operator.
+
+    mhc (captures h_pre [B, T, n], h_post [B, T, n], h_res [B, T, n, n]): ``h_res_row_dev`` and
+    ``h_res_col_dev`` = the largest |row sum - 1| and |column sum - 1| of H_res over all tokens (how far
+    Sinkhorn-Knopp is from doubly stochastic), ``h_res_diag_mean`` (1 = identity mixing, 1/n = uniform),
+    ``h_res_min``, ``h_pre_mean``, ``h_post_mean``.
+    ddl_delta (captures beta [B, T, 1] in (0, 2), delta_value, delta_proj [B, T, 1]): ``beta_quantiles`` =
+    beta's [min, 10 %, median, 90 %, max] (beta_mean/std/hist come from :func:`mgt_op_stats`, whose
+    histogram stops at 1.5), ``delta_value_mean`` (v) and ``delta_proj_mean`` (k^T X).
+    """
+    out: dict[str, Any] = {}
+    h_res = cap.get("h_res")
+    if h_res is not None:
+        h = h_res.detach().to(torch.float64)
+        vals = torch.stack([(h.sum(dim=-1) - 1).abs().max(), (h.sum(dim=-2) - 1).abs().max(),
+                            h.diagonal(dim1=-2, dim2=-1).mean(), h.min()]).cpu().tolist()
+        out.update(h_res_row_dev=vals[0], h_res_col_dev=vals[1], h_res_diag_mean=vals[2], h_res_min=vals[3])
+    for key in ("h_pre", "h_post", "delta_value", "delta_proj"):
+        t = cap.get(key)
+        if t is not None:
+            out[f"{key}_mean"] = float(t.detach().to(torch.float64).mean())
+    if cap.get("delta_value") is not None and cap.get("beta") is not None:
+        b = cap["beta"].detach().to(torch.float64).reshape(-1)
+        b = b[torch.isfinite(b)]
+        if b.numel():
+            q = torch.quantile(b, torch.tensor(BETA_QUANTILES, dtype=torch.float64, device=b.device))
+            out["beta_quantiles"] = [float(v) for v in q.cpu().tolist()]
+    return out

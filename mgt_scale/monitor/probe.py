@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mgt_scale.monitor.metrics import centred_energy_threshold, layer_geometry, make_geometry_record, mgt_op_stats
+from mgt_scale.monitor.metrics import (baseline_op_stats, centred_energy_threshold, layer_geometry,
+                                       make_geometry_record, mgt_op_stats)
 
 
 def _blocks(model: nn.Module) -> nn.ModuleList:
@@ -37,9 +38,9 @@ def capture_probe(model: nn.Module, tokens: Tensor, ops: bool = True) -> tuple[l
 
     * hiddens: ``num_blocks + 1`` detached tensors ``[batch, tokens, width]``: the input of every
       block (``hiddens[0]`` = embedding output) and the output of the last block;
-    * op stats: one dict per MGT-family residual sublayer in depth order (``sublayer``, ``block``,
-      ``kind`` "attn"/"ffn", then the statistics of ``mgt_op_stats``); empty for other residuals or
-      with ``ops=False``. Statistics are reduced inside the sink, so no per-sublayer tensors are kept.
+    * op stats: one dict per MGT-family, ``mhc`` or ``ddl_delta`` residual sublayer in depth order
+      (``sublayer``, ``block``, ``kind`` "attn"/"ffn", then the statistics of ``mgt_op_stats`` and
+      ``baseline_op_stats``); empty for other residuals or with ``ops=False``. Statistics are reduced inside the sink, so no per-sublayer tensors are kept.
     """
     blocks = _blocks(model)
     hiddens: list[Tensor] = []
@@ -59,7 +60,8 @@ def capture_probe(model: nn.Module, tokens: Tensor, ops: bool = True) -> tuple[l
     def make_sink(block_idx: int, kind: str):
         def sink(_op, cap: dict) -> None:
             st = mgt_op_stats(cap.get("beta"), cap.get("gate"), cap.get("alpha"), cap.get("update"), cap.get("x"))
-            op_stats.append({"sublayer": len(op_stats), "block": block_idx, "kind": kind, **st})
+            op_stats.append({"sublayer": len(op_stats), "block": block_idx, "kind": kind, **st,
+                             **baseline_op_stats(cap)})
         return sink
 
     was_training = model.training

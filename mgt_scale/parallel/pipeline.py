@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from mgt_scale.config import Config, ModelConfig
 from mgt_scale.model import Block, Head, TokenEmbedding, lm_loss, module_generator
 from mgt_scale.model.recompute import checkpoint_segment
+from mgt_scale.model.residual_baselines import num_streams, reduce_streams
 from mgt_scale.parallel.collectives import all_reduce
 
 
@@ -69,14 +70,15 @@ class HeadPipe(Head):
 
 
 class HeadNormPipe(nn.Module):
-    """Final norm only (tied embeddings: the projection is the tied embedding)."""
+    """Final norm only (tied embeddings: the projection is the tied embedding); `mhc` streams summed first."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.num_streams = num_streams(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x)
+        return self.norm(reduce_streams(x, self.num_streams))
 
 
 def tied_lm_head(module: EmbeddingPipe, x: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from mgt_scale.model import Block
-from mgt_scale.monitor.metrics import layer_geometry, make_geometry_record, mgt_op_stats
+from mgt_scale.monitor.metrics import baseline_op_stats, layer_geometry, make_geometry_record, mgt_op_stats
 
 
 def _run_local_stage(funcs: list, x: Tensor, first_stage: bool) -> tuple[Tensor, list, list[int], list[dict]]:
@@ -35,7 +35,8 @@ def _run_local_stage(funcs: list, x: Tensor, first_stage: bool) -> tuple[Tensor,
     def sink_for(block: int, kind: str):
         def sink(_op, cap: dict) -> None:
             st = mgt_op_stats(cap.get("beta"), cap.get("gate"), cap.get("alpha"), cap.get("update"), cap.get("x"))
-            ops.append({"sublayer": 2 * block + (0 if kind == "attn" else 1), "block": block, "kind": kind, **st})
+            ops.append({"sublayer": 2 * block + (0 if kind == "attn" else 1), "block": block, "kind": kind, **st,
+                        **baseline_op_stats(cap)})
         return sink
 
     try:

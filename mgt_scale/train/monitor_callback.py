@@ -50,7 +50,7 @@ class MonitorCallback(Callback):
         was_training = module.training
         if trainer.engine.mode == "pipeline":
             from mgt_scale.parallel.pipeline_probe import pipeline_probe_geometry
-            geo = pipeline_probe_geometry(module, self.tokens, step, self.cfg.model.d_model,
+            geo = pipeline_probe_geometry(module, self.tokens, step, self.cfg.model.stream_width,
                                           self.cfg.model.num_layers, center=self.cfg.monitor.geometry_center)
         else:
             geo = probe_geometry(module, self.tokens.to(next(module.parameters()).device), step,

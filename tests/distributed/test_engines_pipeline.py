@@ -185,3 +185,40 @@ def test_consolidated_state_converts_between_modes(tmp):
     assert abs(r["pipe_eval_fresh"] - r["zero3_eval"]) > 1e-4  # training moved the weights
     assert abs(r["pipe_eval_loaded"] - r["zero3_eval"]) <= 1e-5
     assert abs(r["zero3_eval_loaded"] - r["pipe_eval_trained"]) <= 1e-5
+
+
+# The published baselines (mhc: n = 4 streams, the stage-to-stage activation [B, T, 4 d]; ddl_delta) at
+# depth 200: the same first loss in pipeline and zero3 mode, both with activation checkpointing (the
+# pipeline with the selective policy), and the same operator statistics in both probes.
+BASELINE_KINDS = ["mhc", "ddl_delta"]
+
+
+@pytest.fixture(scope="module", params=BASELINE_KINDS)
+def deep_baseline_runs(request, tmp):
+    kind = request.param
+    deep = dict(DEEP, model=dict(DEEP["model"], residual=kind))
+    pipe, log = train(with_parallel(deep, dict(PIPE, **AC, partition_method="parameters",
+                                               checkpoint_policy="selective")), tmp, 2, f"deep_pipe_{kind}")
+    zero3, _ = train(with_parallel(deep, dict(ZERO3, **AC)), tmp, 2, f"deep_zero3_{kind}")
+    print(json.dumps({"kind": kind, "pipe": pipe, "zero3": zero3}))
+    return {"kind": kind, "pipe": pipe, "pipe_log": log, "zero3": zero3, "dir": tmp}
+
+
+def test_published_baselines_deep_first_loss_across_modes(deep_baseline_runs):
+    r = deep_baseline_runs
+    for name in ("pipe", "zero3"):
+        assert len(r[name]) == 2 and all(l == l and l < 10 for l in r[name]), (r["kind"], name, r[name])
+    assert abs(r["pipe"][0] - r["zero3"][0]) <= 1e-6 * r["zero3"][0], (r["kind"], r["pipe"], r["zero3"])
+    assert rel_diff(r["pipe"], r["zero3"]) < 1e-4
+    stages = re.findall(r"stage (\d+): layers \[(\d+), (\d+)\)", r["pipe_log"])
+    assert len(stages) == 2 and int(stages[1][2]) == 202, r["pipe_log"][-3000:]
+    pipe, zero3 = geometry(r["dir"] / f"deep_pipe_{r['kind']}"), geometry(r["dir"] / f"deep_zero3_{r['kind']}")
+    keys = ("h_res_row_dev", "h_res_col_dev", "h_res_diag_mean") if r["kind"] == "mhc" else ("beta_mean", "beta_std")
+    for gp, gz in zip(pipe, zero3):
+        assert len(gp["ops"]) == len(gz["ops"]) == 400 and len(gp["layers"]) == 201
+        for op, oz in zip(gp["ops"], gz["ops"]):
+            assert (op["block"], op["kind"]) == (oz["block"], oz["kind"])
+            for key in keys:
+                assert abs(op[key] - oz[key]) <= 1e-5, (r["kind"], op["sublayer"], key, op[key], oz[key])
+        if r["kind"] == "mhc":
+            assert max(o["h_res_col_dev"] for o in gp["ops"]) < 1e-3

@@ -10,8 +10,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-from mgt_scale.config import MGTConfig, ModelConfig
-from mgt_scale.model import build_model, lm_loss
+from mgt_scale.config import DDLDeltaConfig, MGTConfig, MHCConfig, ModelConfig
+from mgt_scale.model import build_model, count_parameters, lm_loss
 from mgt_scale.train import flops
 from mgt_scale.train.callbacks import MetricsCallback
 
@@ -19,7 +19,8 @@ B, T = 2, 16
 FORMS = [("preln", {}), ("postln", {}), ("deepnorm", {}), ("mgt", {}), ("mgt", {"fused": False}),
          ("mgt", {"beta_shape": "token"}), ("mgt", {"proj_rank": 4}), ("mgt", {"proj_rank": 4, "beta_shape": "token"}),
          ("mhc_gate", {}), ("mhc_gate", {"proj_rank": 4}), ("ddl", {}), ("ddl", {"beta_shape": "token"}),
-         ("ddl", {"proj_rank": 4})]
+         ("ddl", {"proj_rank": 4}), ("mhc", {}), ("mhc", {"num_streams": 1}), ("mhc", {"num_streams": 3}),
+         ("ddl_delta", {}), ("ddl_delta", {"value": "norm"}), ("ddl_delta", {"value": "sublayer"})]
 
 
 def _inplace_addmm_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
@@ -40,9 +41,15 @@ def counted_flops_per_token(cfg: ModelConfig) -> float:
     return counter.get_total_flops() / (B * T)
 
 
-def tiny(residual: str, tied: bool = False, **mgt) -> ModelConfig:
+def tiny(residual: str, tied: bool = False, **opts) -> ModelConfig:
+    """opts go to the kind's own sub-config (mgt, mhc or ddl_delta); cpu_kernel always to mgt."""
+    sub = {"mhc": ("mhc", MHCConfig), "ddl_delta": ("ddl_delta", DDLDeltaConfig)}.get(residual, ("mgt", MGTConfig))
+    mgt = {k: opts.pop(k) for k in ("cpu_kernel",) if k in opts and sub[0] != "mgt"}
+    kw = {sub[0]: sub[1](**opts)}
+    if mgt:
+        kw["mgt"] = MGTConfig(**mgt)
     return ModelConfig(num_layers=3, d_model=32, num_heads=4, d_ff=64, vocab_size=50, max_seq_len=T,
-                       residual=residual, tie_embeddings=tied, mgt=MGTConfig(**mgt))
+                       residual=residual, tie_embeddings=tied, **kw)
 
 
 @pytest.mark.parametrize("residual,mgt", FORMS, ids=[f"{r}-{'-'.join(f'{k}={v}' for k, v in m.items())}"
@@ -51,6 +58,31 @@ def tiny(residual: str, tied: bool = False, **mgt) -> ModelConfig:
 def test_flops_per_token_matches_torch_count(residual, mgt, cpu_kernel):
     cfg = tiny(residual, **mgt, cpu_kernel=cpu_kernel)
     assert flops.flops_per_token(cfg, T) == counted_flops_per_token(cfg)
+
+
+@pytest.mark.parametrize("residual,opts", FORMS + [("mgt", {"alpha_shape": "channel"})],
+                         ids=[f"{r}-{'-'.join(f'{k}={v}' for k, v in m.items())}" for r, m in FORMS] + ["mgt-alpha"])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_num_params_matches_the_built_model(residual, opts, tied):
+    cfg = tiny(residual, tied=tied, **opts)
+    assert flops.num_params(cfg) == count_parameters(build_model(cfg))
+
+
+def test_mhc_and_delta_terms_by_hand():
+    """mhc at n=4, d=32: phi is (n d) x (2n + n^2) per sublayer; the mixing adds n d (H_pre x) and n^2 d
+    (H_res x) multiply-adds per sublayer; params add a_* (3), b_pre, b_post (n each), b_res (n^2).
+    ddl_delta: w_beta and w_v (d each) per sublayer, plus b_beta and b_v."""
+    d, L, V, ff, n = 32, 3, 50, 64, 4
+    base = L * (4 * d * d + 2 * d * ff) + d * V
+    mhc = tiny("mhc")
+    assert flops.matmul_params(mhc) == base + L * 2 * (n * d) * (2 * n + n * n)
+    assert flops.stream_mix_macs(mhc) == L * 2 * (n * d + n * n * d)
+    assert flops.flops_per_token(mhc, T) == 6 * (flops.matmul_params(mhc) + flops.stream_mix_macs(mhc)) + 12 * L * d * T
+    assert flops.residual_op_params(mhc) == 2 * d + n * d * (2 * n + n * n) + 3 + 2 * n + n * n
+    delta = tiny("ddl_delta")
+    assert flops.matmul_params(delta) == base + L * 2 * 2 * d
+    assert flops.stream_mix_macs(delta) == 0
+    assert flops.residual_op_params(delta) == 2 * d + 2 * d + 2
 
 
 @pytest.mark.parametrize("residual", ["preln", "mgt"])

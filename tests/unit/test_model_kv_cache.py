@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mgt_scale.config import RESIDUAL_KINDS as KINDS
-from mgt_scale.config import MGTConfig, ModelConfig
+from mgt_scale.config import DDLDeltaConfig, MGTConfig, MHCConfig, ModelConfig
 from mgt_scale.model import KVCache, build_model
 
 VOCAB = 61
@@ -50,6 +50,21 @@ def test_cached_logits_low_rank_and_reference_path(kind):
         cache = KVCache(cfg.num_layers)
         model(toks[:, :5], cache=cache)
         for t in range(5, 16):
+            torch.testing.assert_close(model(toks[:, t:t + 1], cache=cache)[:, -1], full[:, t], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,opts", [("mhc", {"mhc": MHCConfig(num_streams=1)}),
+                                       ("mhc", {"mhc": MHCConfig(num_streams=3, sinkhorn_iters=5)}),
+                                       ("ddl_delta", {"ddl_delta": DDLDeltaConfig(value="norm")}),
+                                       ("ddl_delta", {"ddl_delta": DDLDeltaConfig(value="sublayer")})])
+def test_cached_logits_published_baseline_options(kind, opts):
+    cfg, model = tiny(kind, **opts)
+    toks = torch.randint(0, VOCAB, (2, 14), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(toks)
+        cache = KVCache(cfg.num_layers)
+        model(toks[:, :4], cache=cache)
+        for t in range(4, 14):
             torch.testing.assert_close(model(toks[:, t:t + 1], cache=cache)[:, -1], full[:, t], rtol=0, atol=1e-5)
 
 
