@@ -229,7 +229,7 @@ def test_probe_json_reports_the_operator_statistics(kind, tmp_path):
     # independent: the same model and probe batch, H_res / beta taken from the operators' sinks
     from mgt_scale.train.monitor_callback import probe_tokens
     cfg = load_config(cfg_file)
-    model = build_model(cfg.model, seed=cfg.train.seed).eval()
+    model = build_model(cfg.model, seed=cfg.train.seed).eval().double()  # `mgt probe` runs in float64
     caps = []
     for b in model.blocks:
         for op in (b.attn_res, b.ffn_res):
