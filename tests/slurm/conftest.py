@@ -1,6 +1,7 @@
 # Fixtures for tests/slurm: `slurm_cluster` brings up a real single-node SLURM (own munged, slurmctld,
 # slurmd, generated slurm.conf, all under a temp dir, free ports) once per session and tears it down at
-# the end; `make_run` writes a small run config + stand-in trainer controls and renders the job script.
+# the end; `multi_cluster` does the same for a 2-node cluster in network namespaces (multicluster.py),
+# per test module; `make_run` writes a small run config + stand-in trainer controls and renders the job script.
 from __future__ import annotations
 
 import os
@@ -29,7 +30,7 @@ def slurm_cluster():
         cluster.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def multi_cluster():
     """A 2-node cluster (network namespaces, tests/slurm/multicluster.py), torn down at the end, also
     when a test fails. Skipped only where it cannot run: not root (namespaces, slurmd), or, outside CI,

@@ -1,8 +1,9 @@
 # A throw-away multi-node SLURM cluster on one machine, for tests/slurm/test_multinode.py and for trying
 # multi-node jobs by hand: one munged and one slurmctld (root namespace), and 2-4 `slurmd -N nK`, each in
 # its own network namespace with its own address on a private bridge. The nodes share the filesystem (as
-# cluster nodes share a parallel filesystem) and the hostname; see /work/shared/CLUSTER.md-style notes in
-# docs/OPERATORS.md ("Multi-node").
+# cluster nodes share a parallel filesystem) and the hostname (docs/OPERATORS.md, "Trying it without a
+# cluster"). slurmd starts under `nsenter --net=...`, not `ip netns exec`, which would give it a /sys
+# without the host's cgroup mounts.
 #
 #   python tests/slurm/multicluster.py up --nodes 2   # prints `export SLURM_CONF=...`
 #   python tests/slurm/multicluster.py down [DIR]     # stops it (and any leftovers of a crashed one)
@@ -285,9 +286,8 @@ def start(n: int = 2, cpus: int = 2, timeout: float = 60) -> MultiCluster:
         while time.monotonic() < deadline:
             for name, pid in cluster.procs.items():
                 if name != "munged" and _exited(pid):
-                    log = name if name == "slurmctld" else name.replace("slurmd-", "slurmd-")
-                    raise ClusterError(f"{name} exited at start:\n{_tail(root / 'log' / (log + '.stderr'))}\n"
-                                       f"{cluster.log_tail(log)}")
+                    raise ClusterError(f"{name} exited at start:\n{_tail(root / 'log' / (name + '.stderr'))}\n"
+                                       f"{cluster.log_tail(name)}")
             p = cluster.run("sinfo", "-h", "-N", "-o", "%T", check=False, timeout=15)
             last = (p.stdout + p.stderr).strip()
             if p.returncode == 0 and last.split() == ["idle"] * n:
