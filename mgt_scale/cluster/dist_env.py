@@ -125,6 +125,28 @@ def first_host(nodelist: str, use_scontrol: bool = True) -> str:
     return hosts[0]
 
 
+def node_address(host: str, multi_node: bool = True) -> str:
+    """The address the ranks reach `host` at. Its name when that resolves (to a non-loopback address
+    if the job spans nodes: the usual cluster); else the NodeAddr slurm.conf gives the node (`scontrol
+    show node`): where node names are not in DNS, or every node shares one hostname that resolves to
+    loopback (the test cluster of tests/slurm/multicluster.py), the other nodes would dial 127.0.0.1."""
+    try:
+        resolved = socket.gethostbyname(host)
+        if not (multi_node and resolved.startswith("127.")):
+            return host  # resolves (and, for a job across nodes, not to loopback)
+    except OSError:
+        pass
+    if shutil.which("scontrol"):
+        try:
+            p = subprocess.run(["scontrol", "show", "node", "-o", host], capture_output=True, text=True, timeout=30)
+            m = re.search(r"\bNodeAddr=(\S+)", p.stdout) if p.returncode == 0 else None
+            if m:
+                return m.group(1)
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return host
+
+
 def tasks_on_node(tasks_per_node: str, node_id: int) -> int:
     """Tasks on node `node_id` from SLURM's compressed `SLURM_STEP_TASKS_PER_NODE` (`2(x3),1`)."""
     counts: list[int] = []
@@ -208,6 +230,8 @@ def derive_dist_env(environ: Mapping[str, str] | None = None, use_scontrol: bool
             addr = env["MASTER_ADDR"]
         elif nodelist:
             addr = first_host(nodelist, use_scontrol=use_scontrol)
+            if use_scontrol:
+                addr = node_address(addr, multi_node=world > local_world)
         else:
             raise DistEnvError("srun: none of SLURM_STEP_NODELIST / SLURM_JOB_NODELIST is set")
         port = _int(env, "MASTER_PORT") if env.get("MASTER_PORT") else slurm_port(_int(env, "SLURM_JOB_ID"))

@@ -53,6 +53,7 @@ class JobSpec:
     gpus_per_node: int = 0
     cpus_per_task: int = 0
     reset_start_time: bool = True
+    min_nodes: int = 0  # 0: = nodes. Fewer: a job that lost a node may (re)start on the remaining ones
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,6 +164,8 @@ def render(spec: JobSpec, write_config: bool = True) -> Rendered:
                          ("--cpus-per-task", spec.cpus_per_task, 0)):
         check_int(opt, val, lo)
     check_int("--signal-seconds", spec.signal_seconds, 1, MAX_SIGNAL_SECONDS)
+    check_int("--min-nodes", spec.min_nodes, 0, spec.nodes)
+    min_nodes = spec.min_nodes or spec.nodes
     limit = time_seconds(spec.time)
     if spec.signal_seconds >= limit:
         raise RenderError(f"--signal-seconds: {spec.signal_seconds}s is not shorter than --time {spec.time} "
@@ -180,6 +183,10 @@ def render(spec: JobSpec, write_config: bool = True) -> Rendered:
     config = spec.config.resolve()
 
     cfg, run_dir, job_name = _resolve_run(spec)
+    if min_nodes < spec.nodes and cfg.parallel.mode != "zero3":
+        raise RenderError(f"--min-nodes {min_nodes} < --nodes {spec.nodes}: a job resumed on fewer nodes changes "
+                          f"its world size, which only parallel.mode=zero3 checkpoints can follow (this run is "
+                          f"{cfg.parallel.mode}); drop --min-nodes")
     state_dir = run_dir / "slurm"
     config_copy = state_dir / f"{job_name}.config.yaml"
     log_value = sbatch_escape(log_pattern(state_dir))  # refuse before writing anything
@@ -201,7 +208,8 @@ def render(spec: JobSpec, write_config: bool = True) -> Rendered:
     if spec.chain > 1:
         extra.append("#SBATCH --dependency=singleton  # --chain: one job of this name runs at a time")
 
-    srun_args = ["--kill-on-bad-exit=1", f"--nodes={spec.nodes}", f"--ntasks-per-node={spec.tasks_per_node}"]
+    # --nodes=<the job's node count> is added by the script (with --min-nodes it varies between starts)
+    srun_args = ["--kill-on-bad-exit=1", f"--ntasks-per-node={spec.tasks_per_node}"]
     if spec.cpus_per_task:
         srun_args.append(f"--cpus-per-task={spec.cpus_per_task}")
     train_cmd = [spec.python, "-u", str(entry), "--config", str(config_copy), "--resume", "auto"]
@@ -213,6 +221,8 @@ def render(spec: JobSpec, write_config: bool = True) -> Rendered:
     values = {
         "JOB_NAME": sbatch_escape(job_name),
         "NODES": str(spec.nodes),
+        "MAX_NODES": str(spec.nodes),
+        "MIN_NODES": str(min_nodes),
         "TASKS_PER_NODE": str(spec.tasks_per_node),
         "TIME": spec.time,
         "SIGNAL_SECONDS": str(spec.signal_seconds),
@@ -222,7 +232,6 @@ def render(spec: JobSpec, write_config: bool = True) -> Rendered:
         "WORKDIR": q(str(spec.workdir.resolve())),
         "RUN_DIR": q(str(run_dir)),
         "STATE_DIR": q(str(state_dir / "state")),
-        "NUM_TASKS": str(spec.nodes * spec.tasks_per_node),
         "MAX_REQUEUES": str(spec.max_requeues),
         "MAX_CRASH_RETRIES": str(spec.max_crash_retries),
         "RESET_START_TIME": "1" if spec.reset_start_time else "0",
@@ -278,6 +287,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="dotted config override, repeatable (saved in the resolved copy and passed on)")
         p.add_argument("--nodes", type=int, default=1)
         p.add_argument("--tasks-per-node", type=int, default=1, help="ranks per node (usually GPUs per node)")
+        p.add_argument("--min-nodes", type=int, default=0,
+                       help="fewest nodes a start may get (default: --nodes): after a node failure the requeued job "
+                            "resumes on the remaining nodes with a smaller data-parallel size (zero3 only)")
         p.add_argument("--time", required=True, help="wall limit per job, HH:MM:SS or D-HH:MM:SS")
         p.add_argument("--partition")
         p.add_argument("--account")
@@ -310,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                    job_name=args.job_name, max_requeues=args.max_requeues, max_crash_retries=args.max_crash_retries,
                    signal_seconds=args.signal_seconds, chain=args.chain, entry=args.entry, python=args.python,
                    workdir=args.workdir, gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
-                   reset_start_time=args.reset_start_time)
+                   reset_start_time=args.reset_start_time, min_nodes=args.min_nodes)
     try:
         if args.output is not None:
             check_text("--output", str(args.output))

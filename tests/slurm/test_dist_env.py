@@ -129,3 +129,26 @@ def test_describe_is_one_line():
     d = de.derive_dist_env(_srun_env(), use_scontrol=False)
     line = de.describe(d)
     assert "\n" not in line and "launcher=srun" in line and "world=4" in line and "gpu07:23456" in line
+
+
+FAKE_SCONTROL = """#!/bin/bash
+case "$1 $2" in
+  "show hostnames") echo mgt-unresolvable-a; echo mgt-unresolvable-b;;
+  "show node") echo "NodeName=$4 Arch=x86_64 CoresPerSocket=1 NodeAddr=10.211.9.$( [ "$4" = mgt-unresolvable-a ] && echo 1 || echo 2) NodeHostName=vm";;
+  *) exit 1;;
+esac
+"""
+
+
+def test_srun_master_is_the_first_nodes_address_where_its_name_does_not_resolve(tmp_path, monkeypatch):
+    """Node names outside DNS (the multi-node test cluster, sites without node DNS): MASTER_ADDR is the
+    first node's NodeAddr from `scontrol show node`, not a name the other ranks cannot resolve."""
+    fake = tmp_path / "scontrol"
+    fake.write_text(FAKE_SCONTROL)
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{__import__('os').environ['PATH']}")
+    env = _srun_env(SLURM_STEP_NODELIST="mgt-unresolvable-[a-b]", SLURM_JOB_NODELIST="mgt-unresolvable-[a-b]")
+    d = de.derive_dist_env(env)
+    assert (d.master_addr, d.world_size, d.local_world_size) == ("10.211.9.1", 4, 2)
+    # a name that resolves (here: localhost, for a job on one node) is kept as it is
+    assert de.node_address("localhost", multi_node=False) == "localhost"

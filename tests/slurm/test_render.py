@@ -68,6 +68,9 @@ def test_time_and_names_validation():
     (["--signal-seconds", "3600"], "--signal-seconds"),
     (["--signal-seconds", "70000"], "--signal-seconds"),
     (["--python", "/usr/bin/py\0thon"], "--python"),
+    (["--min-nodes", "2"], "--min-nodes"),  # more than --nodes 1
+    (["--nodes", "2", "--min-nodes", "1", "--set", "parallel.mode=pipeline", "--set", "parallel.pipeline_stages=2",
+      "--set", "parallel.zero_stage=0"], "only parallel.mode=zero3"),  # a pipeline cannot change its world size
 ])
 def test_render_rejects_bad_values(tmp_path, capsys, extra, msg):
     cfg = _config(tmp_path / "cfg.yaml", tmp_path / "run")
