@@ -163,6 +163,9 @@ class ParallelConfig:
     # each node's GPUs (ZeRO++ hpZ, zero_hpz_partition_size = GPUs per node), so the backward's all-gathers
     # stay on NVLink; "none": every all-gather spans all nodes
     hierarchical_partition: Literal["node", "none"] = "node"
+    # "blocks": torch.compile (inductor) each transformer block's forward in place, applied by both engines
+    # (mgt_scale/parallel/compile.py): the MGT update, rotary and GELU chains fused; "none": eager
+    compile: Literal["none", "blocks"] = "none"
 
 
 @dataclass(frozen=True)
@@ -484,6 +487,9 @@ def validate(cfg: Config, source: Source = "<config>") -> None:
               "parallel.mode")
     if p.mode == "zero3" and p.zero_stage not in (1, 2, 3):
         _fail(source, "parallel.zero_stage", f"must be 1, 2 or 3 in zero3 mode, got {p.zero_stage}", "parallel.mode")
+    if p.compile == "blocks" and p.mode == "zero3" and p.zero_stage == 3 and p.zero3_fetch != "block":
+        _fail(source, "parallel.compile", "blocks needs parallel.zero3_fetch=block under ZeRO-3 (per-module "
+              "fetch hooks would run inside the compiled block)", "parallel.zero3_fetch")
     if p.mode == "pipeline" and p.pipeline_stages > m.num_layers:
         _fail(source, "parallel.pipeline_stages", f"{p.pipeline_stages} stages for {m.num_layers} layers",
               "model.num_layers")
