@@ -5,13 +5,15 @@
 #   2. mgt (full, and efficient forms) vs preln: measured step-time ratio next to the FLOP ratio
 #   3. activation checkpointing on vs off: time and peak-RSS ratios
 #   4. depth 12 -> 200 at fixed width: time per layer and its slope
-#   5. tokens/s, model TFLOP/s, MFU and peak memory of preln and the full and efficient MGT (section mfu,
+#   5. eager torch ops vs the C++ kernel vs torch.compile of each block (section compile, not in the default
+#      set: compiling takes minutes here)
+#   6. tokens/s, model TFLOP/s, MFU and peak memory of preln and the full and efficient MGT (section mfu,
 #      not in the default set; it is the GPU table: --device cuda --precision bf16, see bench/RESULTS.md)
 # Every measurement runs in a fresh subprocess (so peak RSS is its own); the residual-kind rows and the
 # checkpointing step times put all their models in one process and step each in turn, so that they share
 # the machine's state (checkpointing memory is measured in one process per model). Usage:
 #   python bench/throughput.py [--quick] [--device cpu|cuda] [--precision fp32|bf16] [--width 128]
-#                              [--depth 48] [--sections engines,engine1,kinds,ckpt,depth(,mfu)] [--rounds 3]
+#                              [--depth 48] [--sections engines,engine1,kinds,ckpt,depth(,compile,mfu)] [--rounds 3]
 #                              [--ckpt-depths 50,100,200] [--malloc retain|glibc-default]
 #                              [--heads H] [--vocab V] [--peak-flops F] [--mfu-ckpt off|full|selective]
 #                              [--mfu-compile]
@@ -56,8 +58,9 @@ def build_plain(spec: dict):
     model = build_model(cfg_of(spec), device=dev, dtype=dtype)
     if spec.get("ckpt"):  # "full" or "selective" (mgt_scale.model.recompute), one block per segment
         model.checkpoint_every, model.checkpoint_policy = 1, spec["ckpt"]
-    if spec.get("compile"):
-        model = torch.compile(model)
+    if spec.get("compile"):  # as `parallel.compile: blocks` does in the trainer: each block's forward
+        from mgt_scale.parallel.compile import compile_blocks
+        compile_blocks(model)
     opt = build_optimizer(model, TrainConfig())
     x = torch.randint(0, spec["vocab"], (spec["batch"], spec["seq"]), device=dev)
     return model, opt, x
@@ -191,8 +194,9 @@ def zero3_interleaved_worker(spec: dict) -> dict:
 
 
 WORKERS = {"one": plain_worker, "interleaved": interleaved_worker, "zero3-interleaved": zero3_interleaved_worker}
-SECTIONS = ("engines", "engine1", "kinds", "ckpt", "depth", "mfu")
-DEFAULT_SECTIONS = SECTIONS[:-1]  # mfu is the GPU table; on this CPU the kinds table answers its question
+SECTIONS = ("engines", "engine1", "kinds", "ckpt", "depth", "compile", "mfu")
+DEFAULT_SECTIONS = SECTIONS[:-2]  # mfu is the GPU table (on this CPU the kinds table answers its question);
+# compile takes minutes to compile on a small CPU
 
 
 def run_trainer(spec: dict, mode: str, ranks: int, tmp: Path, extra_sets: dict | None = None) -> dict:
@@ -276,6 +280,8 @@ def main() -> None:
         ckpt_table(args, base, steps, out)
     if "depth" in sections:
         depth_table(args, base, steps, out)
+    if "compile" in sections:
+        compile_table(args, base, out)
     if "mfu" in sections:
         mfu_table(args, base, out)
 
@@ -364,6 +370,33 @@ def kinds_table(args, base, out) -> None:
     out.append(table(f"Residual kind cost at width {args.width}, depth {args.depth} (plain loop; all models in one "
                      f"process, one step of each in turn, median of {steps} steps each)",
                      ["residual", "step s", "time / preln", "FLOPs / preln"], rows))
+    print(out[-1], flush=True)
+
+
+def compile_table(args, base, out) -> None:
+    """Eager torch ops vs the C++ kernel vs torch.compile of each block (`parallel.compile: blocks`, inductor),
+    every model in one process, steps interleaved (the compiled models compile in the warm-up steps)."""
+    eager, kernel, comp = {"cpu_kernel": False}, {"cpu_kernel": True}, {"cpu_kernel": False}
+    r16t = {"proj_rank": 16, "beta_shape": "token"}
+    variants = {"preln, eager": dict(base, residual="preln"),
+                "preln, compile": dict(base, residual="preln", compile=True)}
+    for name, mgt in (("mgt full", {}), ("mgt low-rank r=16, token beta", r16t)):
+        variants[f"{name}, eager (torch ops)"] = dict(base, mgt=dict(mgt, **eager))
+        variants[f"{name}, C++ kernel"] = dict(base, mgt=dict(mgt, **kernel))
+        variants[f"{name}, compile"] = dict(base, mgt=dict(mgt, **comp), compile=True)
+    steps = base["steps"] * args.rounds
+    best = run_plain({name: dict(spec, steps=steps) for name, spec in variants.items()}, mode="interleaved")
+    t_pre = best["preln, eager"]["step_time"]
+    rows = []
+    for name in variants:
+        t = best[name]["step_time"]
+        family = name.rsplit(", ", 1)[0]
+        eager_t = best.get(f"{family}, eager (torch ops)", best.get(f"{family}, eager"))["step_time"]
+        kernel_t = best.get(f"{family}, C++ kernel", {}).get("step_time")
+        rows.append([name, t, t / t_pre, t / eager_t, t / kernel_t if kernel_t else ""])
+    out.append(table(f"Eager vs C++ kernel vs torch.compile of each block at width {args.width}, depth {args.depth} "
+                     f"(plain loop; all models in one process, one step of each in turn, median of {steps} steps each)",
+                     ["model, path", "step s", "time / preln eager", "x eager", "x C++ kernel"], rows))
     print(out[-1], flush=True)
 
 
