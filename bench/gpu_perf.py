@@ -38,7 +38,7 @@ SHAPE = ["model.num_layers=100", "model.d_model=1024", "model.num_heads=8", "mod
          "train.global_batch_size=4", "parallel.precision=bf16"]
 QUICK = ["model.num_layers=8", "model.d_model=128", "model.num_heads=4", "model.d_ff=512", "model.vocab_size=2048",
          "model.max_seq_len=128", "data.seq_len=128", "train.micro_batch_size=4", "train.global_batch_size=4",
-         "parallel.precision=fp32", "model.mgt.cpu_kernel=false"]
+         "parallel.precision=fp32"]
 COMMON = ["data.synthetic=random", "parallel.activation_checkpointing=true", "monitor.interval=0"]
 
 

@@ -1,15 +1,14 @@
 # Micro-benchmark of one residual operator (forward + backward of an FFN sublayer and its residual
-# update), every residual form, on four paths in one process, calls interleaved so that the machine's slow
+# update), every residual form, on three paths in one process, calls interleaved so that the machine's slow
 # spells hit all rows alike:
 #   reference  the paper's formulas op by op (`mgt.fused: false`), eager
-#   eager      the fused path in torch ops (`mgt.fused: true, mgt.cpu_kernel: false`), eager
-#   kernel     the fused path with the C++ kernel (`mgt.cpu_kernel: true`; fp32 on an AVX2 CPU only)
+#   eager      the fused path (`mgt.fused: true`), eager
 #   compile    the fused path with the sublayer and the update under torch.compile (inductor), as
 #              `parallel.compile: blocks` compiles each block (mgt_scale/parallel/compile.py)
-# Prints one table: median ms per call per path, compile / kernel, compile / eager, and each over pre-LN
-# eager. Usage:
+# (Until commit 9c1b504 a fourth path, the C++ CPU kernel, ran beside them: bench/RESULTS.md section 6.)
+# Prints one table: median ms per call per path, compile / eager, and each over pre-LN eager. Usage:
 #   OMP_NUM_THREADS=1 python bench/residual_op.py [--width 128] [--tokens 1024] [--calls 40]
-#                                                 [--paths reference,eager,kernel,compile]
+#                                                 [--paths reference,eager,compile]
 from __future__ import annotations
 
 import argparse
@@ -29,7 +28,7 @@ FORMS = {  # row name -> (residual kind, mgt options)
     "mhc_gate": ("mhc_gate", {}),
     "ddl": ("ddl", {}),
 }
-PATHS = ("reference", "eager", "kernel", "compile")
+PATHS = ("reference", "eager", "compile")
 
 
 class Sublayer(torch.nn.Module):
@@ -45,12 +44,10 @@ class Sublayer(torch.nn.Module):
 
 def build(kind: str, width: int, path: str, mgt: dict, ffn: torch.nn.Module):
     """The operator of `kind` on `path` around `ffn`, as a callable x -> output; None where the path does
-    not apply (pre-LN has no fused/reference distinction and no kernel)."""
-    if kind == "preln" and path in ("reference", "kernel"):
+    not apply (pre-LN has no fused/reference distinction)."""
+    if kind == "preln" and path == "reference":
         return None
-    opts = {"reference": {"fused": False}, "eager": {"cpu_kernel": False}, "kernel": {"cpu_kernel": True},
-            "compile": {"cpu_kernel": False}}[path]
-    cfg = ModelConfig(residual=kind, d_model=width, mgt=MGTConfig(**opts, **mgt))
+    cfg = ModelConfig(residual=kind, d_model=width, mgt=MGTConfig(fused=path != "reference", **mgt))
     op = ResidualOp(cfg)
     op.init_weights(cfg, torch.Generator().manual_seed(0))
     if op.use_beta:
@@ -79,7 +76,7 @@ def main() -> None:
             if unit is not None:
                 ops[(name, path)] = unit
     tic = time.perf_counter()
-    for unit in ops.values():  # compile (and build the kernel) before any timing
+    for unit in ops.values():  # compile before any timing
         unit(x).sum().backward()
     setup_s = time.perf_counter() - tic
     times: dict = {k: [] for k in ops}
@@ -93,9 +90,9 @@ def main() -> None:
     pre = med.get(("preln", "eager"))
     print(f"# one residual op fwd+bwd, FFN sublayer, width {d}, {args.tokens} tokens, median of {args.calls} "
           f"interleaved calls, {torch.get_num_threads()} thread(s), torch {torch.__version__}; first calls "
-          f"(compile, kernel load) {setup_s:.0f} s")
+          f"(compile) {setup_s:.0f} s")
     cols = [p for p in PATHS if p in paths]
-    ratios = [(a, b) for a, b in (("compile", "kernel"), ("compile", "eager"), ("kernel", "eager")) if a in cols and b in cols]
+    ratios = [(a, b) for a, b in (("compile", "eager"), ("eager", "reference")) if a in cols and b in cols]
     print("| form | " + " | ".join(f"{p} ms" for p in cols) + " | " + " | ".join(f"{a} / {b}" for a, b in ratios)
           + " | " + " | ".join(f"{p} x preln" for p in cols) + " |")
     print("|---" * (1 + 2 * len(cols) + len(ratios)) + "|")

@@ -5,8 +5,8 @@
 #   2. mgt (full, and efficient forms) vs preln: measured step-time ratio next to the FLOP ratio
 #   3. activation checkpointing on vs off: time and peak-RSS ratios
 #   4. depth 12 -> 200 at fixed width: time per layer and its slope
-#   5. eager torch ops vs the C++ kernel vs torch.compile of each block (section compile, not in the default
-#      set: compiling takes minutes here)
+#   5. eager vs torch.compile of each block (section compile, not in the default set: compiling takes
+#      minutes here)
 #   6. tokens/s, model TFLOP/s, MFU and peak memory of preln and the full and efficient MGT (section mfu,
 #      not in the default set; it is the GPU table: --device cuda --precision bf16, see bench/RESULTS.md)
 # Every measurement runs in a fresh subprocess (so peak RSS is its own); the residual-kind rows and the
@@ -350,15 +350,12 @@ def engine_inprocess_table(args, base, out) -> None:
 
 def kinds_table(args, base, out) -> None:
     from mgt_scale.train.flops import flops_per_token
-    torch_ops, ref = {"cpu_kernel": False}, {"fused": False}
+    ref = {"fused": False}
     r16, r16t = {"proj_rank": 16}, {"proj_rank": 16, "beta_shape": "token"}
-    # default rows: fused path, with the C++ kernel on CPU fp32; "torch ops": fused path without the kernel;
-    # "reference": the paper's formulas op by op
-    variants = {"preln": dict(base, residual="preln"), "mgt full": base,
-                "mgt full, torch ops": dict(base, mgt=torch_ops), "mgt full, reference": dict(base, mgt=ref),
+    # default rows: the fused path (eager); "reference": the paper's formulas op by op
+    variants = {"preln": dict(base, residual="preln"), "mgt full": base, "mgt full, reference": dict(base, mgt=ref),
                 "mgt low-rank r=16": dict(base, mgt=r16),
                 "mgt low-rank r=16, token beta": dict(base, mgt=r16t),
-                "mgt low-rank r=16, token beta, torch ops": dict(base, mgt=dict(r16t, **torch_ops)),
                 "mgt low-rank r=16, token beta, reference": dict(base, mgt=dict(r16t, **ref)),
                 "mhc_gate": dict(base, residual="mhc_gate"), "ddl": dict(base, residual="ddl")}
     steps = base["steps"] * args.rounds
@@ -374,29 +371,25 @@ def kinds_table(args, base, out) -> None:
 
 
 def compile_table(args, base, out) -> None:
-    """Eager torch ops vs the C++ kernel vs torch.compile of each block (`parallel.compile: blocks`, inductor),
-    every model in one process, steps interleaved (the compiled models compile in the warm-up steps)."""
-    eager, kernel, comp = {"cpu_kernel": False}, {"cpu_kernel": True}, {"cpu_kernel": False}
+    """Eager vs torch.compile of each block (`parallel.compile: blocks`, inductor), every model in one process,
+    steps interleaved (the compiled models compile in the warm-up steps). Until commit 9c1b504 the C++ CPU
+    kernel of the MGT update ran beside them (bench/RESULTS.md section 6)."""
     r16t = {"proj_rank": 16, "beta_shape": "token"}
-    variants = {"preln, eager": dict(base, residual="preln"),
-                "preln, compile": dict(base, residual="preln", compile=True)}
-    for name, mgt in (("mgt full", {}), ("mgt low-rank r=16, token beta", r16t)):
-        variants[f"{name}, eager (torch ops)"] = dict(base, mgt=dict(mgt, **eager))
-        variants[f"{name}, C++ kernel"] = dict(base, mgt=dict(mgt, **kernel))
-        variants[f"{name}, compile"] = dict(base, mgt=dict(mgt, **comp), compile=True)
+    variants = {}
+    for name, spec in (("preln", dict(base, residual="preln")), ("mgt full", base),
+                       ("mgt low-rank r=16, token beta", dict(base, mgt=r16t))):
+        variants[f"{name}, eager"] = spec
+        variants[f"{name}, compile"] = dict(spec, compile=True)
     steps = base["steps"] * args.rounds
     best = run_plain({name: dict(spec, steps=steps) for name, spec in variants.items()}, mode="interleaved")
     t_pre = best["preln, eager"]["step_time"]
     rows = []
     for name in variants:
-        t = best[name]["step_time"]
-        family = name.rsplit(", ", 1)[0]
-        eager_t = best.get(f"{family}, eager (torch ops)", best.get(f"{family}, eager"))["step_time"]
-        kernel_t = best.get(f"{family}, C++ kernel", {}).get("step_time")
-        rows.append([name, t, t / t_pre, t / eager_t, t / kernel_t if kernel_t else ""])
-    out.append(table(f"Eager vs C++ kernel vs torch.compile of each block at width {args.width}, depth {args.depth} "
-                     f"(plain loop; all models in one process, one step of each in turn, median of {steps} steps each)",
-                     ["model, path", "step s", "time / preln eager", "x eager", "x C++ kernel"], rows))
+        t, eager_t = best[name]["step_time"], best[name.rsplit(", ", 1)[0] + ", eager"]["step_time"]
+        rows.append([name, t, t / t_pre, t / eager_t])
+    out.append(table(f"Eager vs torch.compile of each block at width {args.width}, depth {args.depth} (plain loop; "
+                     f"all models in one process, one step of each in turn, median of {steps} steps each)",
+                     ["model, path", "step s", "time / preln eager", "x eager"], rows))
     print(out[-1], flush=True)
 
 

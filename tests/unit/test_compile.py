@@ -16,7 +16,7 @@ FORMS = {"mgt full": ("mgt", {}), "mgt r=4 token beta": ("mgt", {"proj_rank": 4,
 
 def tiny_model(residual: str, mgt: dict, fused: bool = True, layers: int = 3):
     cfg = ModelConfig(num_layers=layers, d_model=32, num_heads=2, d_ff=64, vocab_size=50, max_seq_len=16,
-                      residual=residual, mgt=MGTConfig(fused=fused, cpu_kernel=False, **mgt))
+                      residual=residual, mgt=MGTConfig(fused=fused, **mgt))
     model = build_model(cfg, seed=3)
     with torch.no_grad():  # move alpha off its zero init, so the alpha X term is exercised
         for op in (m for m in model.modules() if isinstance(m, ResidualOp) and m.use_beta):
@@ -118,7 +118,7 @@ def test_compile_none_leaves_the_model_eager():
 
 ZERO3 = ["data.synthetic=copy", "model.num_layers=3", "model.d_model=32", "model.num_heads=4", "model.d_ff=64",
          "model.vocab_size=64", "model.max_seq_len=32", "data.seq_len=16", "monitor.interval=0",
-         "train.global_batch_size=4", "train.micro_batch_size=2", "parallel.precision=fp32", "model.mgt.cpu_kernel=false"]
+         "train.global_batch_size=4", "train.micro_batch_size=2", "parallel.precision=fp32"]
 
 
 def zero3_run(extra=(), steps=3):
@@ -153,3 +153,14 @@ def test_zero3_engine_with_compiled_blocks_trains_like_eager(inprocess_dist, ext
         assert l1 == pytest.approx(l0, rel=1e-6) and n1 == pytest.approx(n0, rel=1e-5)
     for k in w_eager:
         assert normwise(w_comp[k], w_eager[k]) <= 1e-5, k
+
+
+def test_retired_cpu_kernel_key_is_accepted_and_ignored(tmp_path, capsys):
+    """Configs of earlier versions (and the config.yaml in every run directory, which `--resume` reads) hold
+    `model.mgt.cpu_kernel`: they load, with a warning, and the key is gone from the resolved config."""
+    old = tmp_path / "config.yaml"
+    old.write_text("model:\n  mgt:\n    cpu_kernel: true\n    fused: true\ndata:\n  synthetic: random\n")
+    cfg = load_config(old, ["model.mgt.cpu_kernel=false"])
+    assert not hasattr(cfg.model.mgt, "cpu_kernel") and cfg.model.mgt.fused
+    err = capsys.readouterr().err
+    assert f"{old}: model.mgt.cpu_kernel is ignored" in err and "--set model.mgt.cpu_kernel=false" in err
