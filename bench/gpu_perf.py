@@ -30,9 +30,9 @@ ROWS = {  # name -> overrides; in priority order (the budget may end the list ea
     "preln, gpu profile, compile": ["model.residual=preln", "parallel.profile=gpu", "parallel.compile=blocks"],
     "mgt full, gpu profile, compile": ["model.residual=mgt", "parallel.profile=gpu", "parallel.compile=blocks"],
 }
-# 100 blocks of width 1024 (8 heads of 128, d_ff 4096), seq 2048, micro batch 4, vocabulary 32768: pre-LN 1.33 B
-# parameters (about 24 GB of bf16 weights, fp32 master weights, AdamW moments and gradients under ZeRO-3 on one
-# GPU), full checkpointing as at depth 200
+# 100 blocks of width 1024 (8 heads of 128, d_ff 4096), seq 2048, micro batch 4, vocabulary 32768: pre-LN and
+# the efficient MGT 1.33 B parameters, the full MGT 1.75 B (at about 20 bytes each under ZeRO-3 bf16 on one GPU,
+# weights, fp32 master weights, AdamW moments and gradients: 27 and 35 GB); full checkpointing as at depth 200
 SHAPE = ["model.num_layers=100", "model.d_model=1024", "model.num_heads=8", "model.d_ff=4096",
          "model.vocab_size=32768", "model.max_seq_len=2048", "data.seq_len=2048", "train.micro_batch_size=4",
          "train.global_batch_size=4", "parallel.precision=bf16"]
