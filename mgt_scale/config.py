@@ -421,7 +421,7 @@ RETIRED_KEYS = {"model.mgt.cpu_kernel": "the C++ CPU kernel was retired; paralle
 
 
 def _retired(key: str, source: str) -> bool:
-    """Whether `key` is retired (then warn once per source that sets it)."""
+    """Whether `key` is retired (then warn, naming the source that sets it)."""
     if key not in RETIRED_KEYS:
         return False
     print(f"warning: {source}: {key} is ignored: {RETIRED_KEYS[key]}", file=sys.stderr, flush=True)

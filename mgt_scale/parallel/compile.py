@@ -10,6 +10,11 @@
 # one compiled graph (parameters are graph inputs; torch 2.13's default `inline_inbuilt_nn_modules`).
 # Calls that the compiled graph is not for run the eager forward: KV-cache decoding, and the monitor's probe
 # (a ResidualOp with a `stats_sink` hands Python objects out of the forward).
+# With ZeRO-3's per-module fetch (`parallel.zero3_fetch: module`) DeepSpeed's hooks sit on the submodules,
+# inside the compiled forward: the numbers stay right, but each hook (wrapped in torch.compiler.disable)
+# breaks the graph (3 blocks gave 11 graphs and hit dynamo's recompile limit on the pre-backward hook), so the
+# config refuses that combination. No compiled autograd is used (pytorch/pytorch#140091, #141646: it fails
+# under ZeRO-3).
 from __future__ import annotations
 
 import torch
