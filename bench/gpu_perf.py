@@ -137,7 +137,8 @@ def print_table(results: dict) -> None:
             name = name.replace(old, new)
         return results.get(name, {})
 
-    print("\n| row | step s | tokens/s | MFU | peak GiB | first step s | x eager | x preln |\n|---|---|---|---|---|---|---|---|")
+    print("\n| row | step s | tokens/s | MFU | peak GiB | first step s | x eager | x preln |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         if "error" in r:
             print(f"| {name} | {r['error']} | | | | | | |")

@@ -39,9 +39,10 @@ def compile_block(block: Block) -> None:
     block.forward = forward
 
 
-def compile_blocks(model: nn.Module, mode: str = "blocks") -> int:
+def compile_blocks(model: nn.Module, mode: str = "blocks", verbose: bool = False) -> int:
     """Compile every Block of `model` (a MGTModel, a DeepSpeed PipelineModule's stage, or a wrapper of
-    either) for `parallel.compile` = `mode`; returns how many were compiled (0 for mode "none")."""
+    either) for `parallel.compile` = `mode`; returns how many were compiled (0 for mode "none"). `verbose`:
+    say so on stdout, since the first step then takes minutes longer than the others."""
     if mode == "none":
         return 0
     if mode != "blocks":
@@ -49,4 +50,7 @@ def compile_blocks(model: nn.Module, mode: str = "blocks") -> int:
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     for block in blocks:
         compile_block(block)
+    if verbose and blocks:
+        print(f"parallel.compile: blocks: {len(blocks)} blocks of this rank under torch.compile (one graph, compiled "
+              "in the first step and again at the first evaluation)", flush=True)
     return len(blocks)

@@ -92,7 +92,8 @@ class Zero3Engine:
             model.checkpoint_policy = cfg.parallel.checkpoint_policy
         if cfg.parallel.zero_stage == 3 and cfg.parallel.zero3_fetch == "block":
             mark_blocks_as_zero3_leaves(model)
-        compile_blocks(model, cfg.parallel.compile)  # after the leaf marking: ZeRO's hooks stay outside
+        # after the leaf marking: ZeRO's hooks stay outside the compiled forward
+        compile_blocks(model, cfg.parallel.compile, verbose=not dist.is_initialized() or dist.get_rank() == 0)
         optimizer = build_optimizer(model, cfg.train)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config)

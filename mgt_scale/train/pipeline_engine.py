@@ -39,7 +39,7 @@ class PipelineEngine:
         self.ds_config = deepspeed_config(cfg, plan, precision)
         self.loss_fn = PipeLoss()
         module = build_pipeline_module(cfg, plan.pipeline_stages, self.loss_fn)
-        compile_blocks(module, cfg.parallel.compile)  # this stage's blocks
+        compile_blocks(module, cfg.parallel.compile, verbose=dist.get_rank() == 0)  # this stage's blocks
         self.partition = partition_info(module)
         optimizer = build_optimizer(module, cfg.train)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(

@@ -1,8 +1,10 @@
 # Regional torch.compile (`parallel.compile: blocks`, mgt_scale/parallel/compile.py) on the CPU (inductor):
 # the compiled blocks give the reference's outputs and gradients (the paper's formulas op by op, eager) to
-# 1e-6 in fp32 (each parameter's own gradient to 1e-5, see assert_matches), also under activation checkpointing; every block shares one compiled graph without graph
-# breaks; the monitor's probe and KV-cache decoding take the eager forward; the config refuses compile with
-# per-module ZeRO-3 fetch. Compiling takes 20-120 s per residual form on a shared 2-core CPU: slow tests.
+# 1e-6 in fp32 (each parameter's own gradient to 1e-5, see assert_matches), also under activation
+# checkpointing and through the ZeRO-3 engine; every block shares one compiled graph without graph breaks;
+# the monitor's probe and KV-cache decoding take the eager forward; the config refuses compile with
+# per-module ZeRO-3 fetch, and ignores the retired `model.mgt.cpu_kernel` with a warning. Compiling takes
+# 20-120 s per residual form on a shared 2-core CPU (seconds from a warm inductor cache): slow tests.
 import pytest
 import torch
 
