@@ -2,9 +2,9 @@
 # bench/gpu_check.sh makes (see bench/RESULTS.md, "GPU checks"). CI has no GPU, so the unit tests only
 # ever run the CPU path; this script runs the same claims on `--device` (cuda by default, cpu for a dry
 # run here): initialisation on the device equals the CPU's bit for bit, the fused MGT update equals the
-# op-by-op reference in fp32 (TF32 off), activation checkpointing leaves fp32 gradients unchanged,
-# and a bf16 model trains (its loss falls and follows the fp32 run's). One JSON line per check, then
-# a table; exit 1 if any check fails.
+# op-by-op reference in fp32 (TF32 off), and so do the blocks under torch.compile, activation
+# checkpointing leaves fp32 gradients unchanged, and a bf16 model trains (its loss falls and follows the
+# fp32 run's). One JSON line per check, then a table; exit 1 if any check fails.
 from __future__ import annotations
 
 import argparse
@@ -16,6 +16,7 @@ import torch
 
 from mgt_scale.config import MGTConfig, ModelConfig
 from mgt_scale.model import ResidualOp, build_model, lm_loss
+from mgt_scale.parallel.compile import compile_blocks
 
 FORMS = {  # name -> (residual, mgt options)
     "preln": ("preln", {}),
@@ -48,10 +49,13 @@ def check_init(dev) -> list[dict]:
     return rows
 
 
-def model_grads(cfg: ModelConfig, dev, tokens, checkpoint_every: int = 0):
-    """Logits and every parameter gradient of `cfg` (fp32, seed 3) on `tokens`."""
+def model_grads(cfg: ModelConfig, dev, tokens, checkpoint_every: int = 0, compiled: bool = False):
+    """Logits and every parameter gradient of `cfg` (fp32, seed 3) on `tokens`; `compiled`: each block under
+    torch.compile, as `parallel.compile: blocks` runs it."""
     model = build_model(cfg, seed=3, device=dev)
     model.checkpoint_every = checkpoint_every
+    if compiled:
+        compile_blocks(model)
     with torch.no_grad():  # move alpha off its zero init, so the alpha X term is exercised
         for op in (m for m in model.modules() if isinstance(m, ResidualOp) and m.use_beta):
             op.alpha.copy_(torch.linspace(-0.4, 0.6, op.alpha.numel()))
@@ -74,6 +78,20 @@ def check_fused(dev) -> list[dict]:
         rows.append({"check": "fused = reference (fp32)", "form": name, "ok": err_out <= 1e-6 and err_grad <= 1e-5,
                      "detail": f"output {err_out:.1e}, gradients {err_grad:.1e}"})
     return rows
+
+
+def check_compile(dev) -> list[dict]:
+    """Compiled blocks (inductor: Triton on a GPU) against the reference op by op, fp32, as
+    tests/unit/test_compile.py holds them on the CPU: outputs and the whole gradient 1e-6 normwise."""
+    tokens = torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(5)).to(dev)
+    residual, mgt = FORMS["mgt full"]
+    out_c, g_c = model_grads(cfg_of(residual, mgt), dev, tokens, compiled=True)
+    out_r, g_r = model_grads(cfg_of(residual, dict(mgt, fused=False)), dev, tokens)
+    flat = lambda g: torch.cat([g[n].reshape(-1).double() for n in sorted(g)])  # noqa: E731
+    norm = lambda a, b: float((a.double() - b.double()).norm() / b.double().norm())  # noqa: E731
+    err_out, err_grad = norm(out_c, out_r), norm(flat(g_c), flat(g_r))
+    return [{"check": "compile = reference (fp32)", "form": "mgt full", "ok": err_out <= 1e-6 and err_grad <= 1e-6,
+             "detail": f"output {err_out:.1e}, gradient {err_grad:.1e} (normwise)"}]
 
 
 def check_recompute(dev) -> list[dict]:
@@ -137,7 +155,8 @@ def main() -> int:
     else:
         print(f"# {dev}, torch {torch.__version__}", flush=True)
     rows = []
-    for check in (check_init, check_fused, check_recompute, lambda d: check_bf16_training(d, args.train_steps)):
+    for check in (check_init, check_fused, check_compile, check_recompute,
+                  lambda d: check_bf16_training(d, args.train_steps)):
         tic = time.perf_counter()
         try:
             got = check(dev)

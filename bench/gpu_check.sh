@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# The GPU checks of mgt-scale in one device call (issue #8 item 4; the device tool's machines have no
-# network, no DeepSpeed, and 15 minutes a task). Two steps:
+# The GPU checks of mgt-scale in one device call (issues #8 item 4 and #32; the device tool's machines have no
+# network, no DeepSpeed, and about 10 minutes a call). Two steps:
 #   here, once:        bash bench/gpu_check.sh prepare   # wheels for DeepSpeed and what it needs -> .whl/
 #   on the device:     bash bench/gpu_check.sh run       # with carry [".whl"]; results under $OUT
-# `run` does, each step timed and logged to $OUT (bench/RESULTS.md, "GPU checks", says what to record):
+# `run` does, each step timed and logged to $OUT (bench/RESULTS.md, "GPU checks", says what to record), all
+# within MGT_GPU_BUDGET_S seconds (default 560; each step gets what is left, the last step the rest):
 #   1. bench/gpu_check.py: init on the GPU = CPU bit for bit, fused MGT = reference in fp32, checkpointing
 #      keeps gradients, bf16 trains like fp32;
 #   2. `mgt train` on one GPU, ZeRO-3 bf16 (NCCL; our collectives on the device): 20 steps; then the same
 #      run killed at step 13 (checkpoint at 10) and resumed, its losses against the first run's;
-#   3. the MFU table at the H100 shape (200 layers, width 1024, seq 2048, bf16, full checkpointing).
-# MGT_GPU_QUICK=1 shrinks step 3 to a small shape (a dry run, or a short lease). `run` works on a CPU
+#   3. bench/gpu_perf.py: the ZeRO-3 engine at 100 layers, width 1024, seq 2048, bf16, full checkpointing:
+#      tokens/s, MFU and peak memory of the GPU profile against the cpu profile (the settings before it),
+#      `parallel.compile: blocks` against eager, the efficient MGT and the full form against pre-LN; rows in
+#      priority order until the budget is spent.
+# MGT_GPU_QUICK=1 shrinks step 3 to a small fp32 shape (a dry run, or a short lease). `run` works on a CPU
 # machine too (step 3 then runs the small shape), which is how it was tried before any GPU was lent.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,9 +42,13 @@ if ! "$PY" -c "import deepspeed" 2>/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/mgt_site .whl/*.whl || exit 2
   export PYTHONPATH="$PYTHONPATH:/tmp/mgt_site"
 fi
-step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, record the exit code and seconds
+BUDGET=${MGT_GPU_BUDGET_S:-560}
+left() { echo $((BUDGET - SECONDS)); }
+step() {  # step NAME LIMIT_S COMMAND...: run (limit capped by the budget left), log to $OUT/NAME.log, record
   local name=$1 limit=$2; shift 2
   local t0=$SECONDS
+  [ "$(left)" -lt "$limit" ] && limit=$(left)
+  if [ "$limit" -lt 10 ]; then echo "$name not run: budget spent" | tee -a "$OUT/summary.txt"; return; fi
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
   echo "$name rc=$rc ${limit}s-limit $((SECONDS - t0))s" | tee -a "$OUT/summary.txt"
@@ -54,15 +62,15 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, record th
 DEV=$("$PY" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 PREC=$([ "$DEV" = cuda ] && echo bf16 || echo fp32)  # bf16 matmul on an AVX2 CPU is ~400x slower
 
-step checks 240 "$PY" bench/gpu_check.py
+step checks 150 "$PY" bench/gpu_check.py
 
 RUN=/tmp/mgt_gpu_runs
 rm -rf "$RUN"
 TRAIN=("$PY" -m mgt_scale.cli train --config configs/tiny_synthetic.yaml --set parallel.precision="$PREC"
        --set train.max_steps=20 --set checkpoint.interval=5 --set data.synthetic=random)
-step train 150 "${TRAIN[@]}" --set run.dir="$RUN/full"
-step killed 150 env MGT_FAULT_SIGKILL_AT_STEP=13 "${TRAIN[@]}" --set run.dir="$RUN/resumed"
-step resumed 150 "${TRAIN[@]}" --set run.dir="$RUN/resumed" --resume auto
+step train 90 "${TRAIN[@]}" --set run.dir="$RUN/full"
+step killed 90 env MGT_FAULT_SIGKILL_AT_STEP=13 "${TRAIN[@]}" --set run.dir="$RUN/resumed"
+step resumed 90 "${TRAIN[@]}" --set run.dir="$RUN/resumed" --resume auto
 "$PY" - "$RUN" <<'EOF' 2>&1 | tee -a "$OUT/summary.txt"  # $OUT: 7 files (the device returns 8 at most)
 import json, sys
 def losses(d):
@@ -76,10 +84,8 @@ except Exception as e:
     print(f"no comparison: {type(e).__name__}: {e}")
 EOF
 
-if [ "${MGT_GPU_QUICK:-0}" = 1 ] || [ "$DEV" != cuda ]; then
-  SHAPE=(--depth 8 --width 256 --heads 4 --seq 256 --batch 4 --vocab 4096)
-else
-  SHAPE=(--depth 200 --width 1024 --heads 8 --seq 2048 --batch 8 --vocab 32768)
-fi
-step mfu 330 "$PY" bench/throughput.py --device "$DEV" --precision "$PREC" --sections mfu --quick "${SHAPE[@]}" --mfu-ckpt full
+QUICK=()
+if [ "${MGT_GPU_QUICK:-0}" = 1 ] || [ "$DEV" != cuda ]; then QUICK=(--quick); fi
+PERF_S=$(( $(left) - 10 ))  # the rest, less time to write the summary
+step perf $((PERF_S + 5)) "$PY" bench/gpu_perf.py --budget "$PERF_S" ${QUICK[@]+"${QUICK[@]}"}
 echo "logs in $OUT"; cat "$OUT/summary.txt"

@@ -6,13 +6,15 @@
 #      next to the FLOP ratio (--kinds picks rows)
 #   3. activation checkpointing on vs off: time and peak-RSS ratios
 #   4. depth 12 -> 200 at fixed width: time per layer and its slope
-#   5. tokens/s, model TFLOP/s, MFU and peak memory of preln and the full and efficient MGT (section mfu,
+#   5. eager vs torch.compile of each block (section compile, not in the default set: compiling takes
+#      minutes here)
+#   6. tokens/s, model TFLOP/s, MFU and peak memory of preln and the full and efficient MGT (section mfu,
 #      not in the default set; it is the GPU table: --device cuda --precision bf16, see bench/RESULTS.md)
 # Every measurement runs in a fresh subprocess (so peak RSS is its own); the residual-kind rows and the
 # checkpointing step times put all their models in one process and step each in turn, so that they share
 # the machine's state (checkpointing memory is measured in one process per model). Usage:
 #   python bench/throughput.py [--quick] [--device cpu|cuda] [--precision fp32|bf16] [--width 128]
-#                              [--depth 48] [--sections engines,engine1,kinds,ckpt,depth(,mfu)] [--rounds 3]
+#                              [--depth 48] [--sections engines,engine1,kinds,ckpt,depth(,compile,mfu)] [--rounds 3]
 #                              [--ckpt-depths 50,100,200] [--malloc retain|glibc-default]
 #                              [--heads H] [--vocab V] [--peak-flops F] [--mfu-ckpt off|full|selective]
 #                              [--mfu-compile] [--kinds 'mgt full,mhc (n=4),ddl_delta']
@@ -57,8 +59,9 @@ def build_plain(spec: dict):
     model = build_model(cfg_of(spec), device=dev, dtype=dtype)
     if spec.get("ckpt"):  # "full" or "selective" (mgt_scale.model.recompute), one block per segment
         model.checkpoint_every, model.checkpoint_policy = 1, spec["ckpt"]
-    if spec.get("compile"):
-        model = torch.compile(model)
+    if spec.get("compile"):  # as `parallel.compile: blocks` does in the trainer: each block's forward
+        from mgt_scale.parallel.compile import compile_blocks
+        compile_blocks(model)
     opt = build_optimizer(model, TrainConfig())
     x = torch.randint(0, spec["vocab"], (spec["batch"], spec["seq"]), device=dev)
     return model, opt, x
@@ -192,8 +195,9 @@ def zero3_interleaved_worker(spec: dict) -> dict:
 
 
 WORKERS = {"one": plain_worker, "interleaved": interleaved_worker, "zero3-interleaved": zero3_interleaved_worker}
-SECTIONS = ("engines", "engine1", "kinds", "ckpt", "depth", "mfu")
-DEFAULT_SECTIONS = SECTIONS[:-1]  # mfu is the GPU table; on this CPU the kinds table answers its question
+SECTIONS = ("engines", "engine1", "kinds", "ckpt", "depth", "compile", "mfu")
+DEFAULT_SECTIONS = SECTIONS[:-2]  # mfu is the GPU table (on this CPU the kinds table answers its question);
+# compile takes minutes to compile on a small CPU
 
 
 def run_trainer(spec: dict, mode: str, ranks: int, tmp: Path, extra_sets: dict | None = None) -> dict:
@@ -279,6 +283,8 @@ def main() -> None:
         ckpt_table(args, base, steps, out)
     if "depth" in sections:
         depth_table(args, base, steps, out)
+    if "compile" in sections:
+        compile_table(args, base, out)
     if "mfu" in sections:
         mfu_table(args, base, out)
 
@@ -347,15 +353,12 @@ def engine_inprocess_table(args, base, out) -> None:
 
 def kinds_table(args, base, out) -> None:
     from mgt_scale.train.flops import flops_per_token
-    torch_ops, ref = {"cpu_kernel": False}, {"fused": False}
+    ref = {"fused": False}
     r16, r16t = {"proj_rank": 16}, {"proj_rank": 16, "beta_shape": "token"}
-    # default rows: fused path, with the C++ kernel on CPU fp32; "torch ops": fused path without the kernel;
-    # "reference": the paper's formulas op by op
-    variants = {"preln": dict(base, residual="preln"), "mgt full": base,
-                "mgt full, torch ops": dict(base, mgt=torch_ops), "mgt full, reference": dict(base, mgt=ref),
+    # default rows: the fused path (eager); "reference": the paper's formulas op by op
+    variants = {"preln": dict(base, residual="preln"), "mgt full": base, "mgt full, reference": dict(base, mgt=ref),
                 "mgt low-rank r=16": dict(base, mgt=r16),
                 "mgt low-rank r=16, token beta": dict(base, mgt=r16t),
-                "mgt low-rank r=16, token beta, torch ops": dict(base, mgt=dict(r16t, **torch_ops)),
                 "mgt low-rank r=16, token beta, reference": dict(base, mgt=dict(r16t, **ref)),
                 "mhc_gate": dict(base, residual="mhc_gate"), "ddl": dict(base, residual="ddl"),
                 "mhc (n=4)": dict(base, residual="mhc"), "ddl_delta": dict(base, residual="ddl_delta")}
@@ -374,6 +377,29 @@ def kinds_table(args, base, out) -> None:
     out.append(table(f"Residual kind cost at width {args.width}, depth {args.depth} (plain loop; all models in one "
                      f"process, one step of each in turn, median of {steps} steps each)",
                      ["residual", "step s", "time / preln", "FLOPs / preln"], rows))
+    print(out[-1], flush=True)
+
+
+def compile_table(args, base, out) -> None:
+    """Eager vs torch.compile of each block (`parallel.compile: blocks`, inductor), every model in one process,
+    steps interleaved (the compiled models compile in the warm-up steps). Until commit 9c1b504 the C++ CPU
+    kernel of the MGT update ran beside them (bench/RESULTS.md section 6)."""
+    r16t = {"proj_rank": 16, "beta_shape": "token"}
+    variants = {}
+    for name, spec in (("preln", dict(base, residual="preln")), ("mgt full", base),
+                       ("mgt low-rank r=16, token beta", dict(base, mgt=r16t))):
+        variants[f"{name}, eager"] = spec
+        variants[f"{name}, compile"] = dict(spec, compile=True)
+    steps = base["steps"] * args.rounds
+    best = run_plain({name: dict(spec, steps=steps) for name, spec in variants.items()}, mode="interleaved")
+    t_pre = best["preln, eager"]["step_time"]
+    rows = []
+    for name in variants:
+        t, eager_t = best[name]["step_time"], best[name.rsplit(", ", 1)[0] + ", eager"]["step_time"]
+        rows.append([name, t, t / t_pre, t / eager_t])
+    out.append(table(f"Eager vs torch.compile of each block at width {args.width}, depth {args.depth} (plain loop; "
+                     f"all models in one process, one step of each in turn, median of {steps} steps each)",
+                     ["model, path", "step s", "time / preln eager", "x eager"], rows))
     print(out[-1], flush=True)
 
 

@@ -4,6 +4,7 @@
 # (`--set train.lr=3e-4`), and serialisation of the resolved config that every run directory keeps.
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -94,9 +95,6 @@ class MGTConfig:
     alpha_shape: Literal["scalar", "channel"] = "scalar"
     proj_rank: int = num(0, ge=0)  # 0: full d x d W_gate and W_beta (the paper); r > 0: low-rank d x r x d factors
     fused: bool = True  # fast path (one gate+beta matmul, fewer elementwise kernels); false: the paper op by op
-    # with `fused`, on an AVX2 CPU in fp32: the update's elementwise chain (gate LN, sigmoid, beta, update) as
-    # one compiled C++ kernel, forward and backward (mgt_scale/model/cpu_kernel.py); false: torch ops
-    cpu_kernel: bool = True
 
 
 @dataclass(frozen=True)
@@ -212,6 +210,9 @@ class ParallelConfig:
     # timeout of every collective of the process group (torch's default is 10 minutes for NCCL): long
     # enough for a rank-0 step that others wait on at scale (a universal conversion at resume)
     dist_timeout_minutes: float = num(60.0, gt=0, le=10080)
+    # "blocks": torch.compile (inductor) each transformer block's forward in place, applied by both engines
+    # (mgt_scale/parallel/compile.py): the MGT update, rotary and GELU chains fused; "none": eager
+    compile: Literal["none", "blocks"] = "none"
 
 
 @dataclass(frozen=True)
@@ -469,6 +470,31 @@ def apply_override(data: dict, key: str, value: Any, source: str) -> None:
                 _fail(source, ".".join(parts[: i + 1]), "is not a section")
 
 
+# keys of earlier versions that are accepted and ignored, with a warning, so that their configs (and the
+# config.yaml saved in every run directory, which resumption reads) still load: key -> why
+RETIRED_KEYS = {"model.mgt.cpu_kernel": "the C++ CPU kernel was retired; parallel.compile=blocks fuses the "
+                                        "MGT update instead (bench/RESULTS.md section 6)"}
+
+
+def _retired(key: str, source: str) -> bool:
+    """Whether `key` is retired (then warn, naming the source that sets it)."""
+    if key not in RETIRED_KEYS:
+        return False
+    print(f"warning: {source}: {key} is ignored: {RETIRED_KEYS[key]}", file=sys.stderr, flush=True)
+    return True
+
+
+def _drop_retired(data: dict, source: str) -> None:
+    """Remove the retired keys from a nested config mapping (warning for each one found)."""
+    for key in RETIRED_KEYS:
+        *path, last = key.split(".")
+        node = data
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and last in node and _retired(key, source):
+            del node[last]
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a YAML config strictly, apply dotted overrides, validate. Raises ConfigError."""
     data: dict = {}
@@ -487,8 +513,11 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if not isinstance(loaded, dict):
             raise ConfigError(f"{source}: top level must be a mapping of sections")
         data = loaded
+        _drop_retired(data, source)
     for text in overrides:
         key, value = parse_override(text)
+        if _retired(key, f"--set {text}"):
+            continue
         apply_override(data, key, value, f"--set {text}")
         sources.set(key, text)
     return _resolve(_build(Config, data, sources), sources)
@@ -545,6 +574,9 @@ def validate(cfg: Config, source: Source = "<config>") -> None:
               "parallel.mode")
     if p.mode == "zero3" and p.zero_stage not in (1, 2, 3):
         _fail(source, "parallel.zero_stage", f"must be 1, 2 or 3 in zero3 mode, got {p.zero_stage}", "parallel.mode")
+    if p.compile == "blocks" and p.mode == "zero3" and p.zero_stage == 3 and p.zero3_fetch != "block":
+        _fail(source, "parallel.compile", "blocks needs parallel.zero3_fetch=block under ZeRO-3 (per-module "
+              "fetch hooks would run inside the compiled block)", "parallel.zero3_fetch")
     if p.mode == "pipeline" and p.pipeline_stages > m.num_layers:
         _fail(source, "parallel.pipeline_stages", f"{p.pipeline_stages} stages for {m.num_layers} layers",
               "model.num_layers")
@@ -568,4 +600,6 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 def from_dict(data: dict, source: str = "<dict>") -> Config:
+    data = copy.deepcopy(data)
+    _drop_retired(data, source)
     return _resolve(_build(Config, data, source), source)

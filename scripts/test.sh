@@ -10,7 +10,7 @@ if ! command -v slurmctld >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v ap
 fi
 bash scripts/setup.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} WANDB_MODE=offline
-# The suite tests the CPU paths (gloo, bit-exact fp32, the C++ kernel), also on a machine with GPUs;
+# The suite tests the CPU paths (gloo, bit-exact fp32, torch.compile on CPU), also on a machine with GPUs;
 # bench/gpu_check.sh holds the GPU checks.
 export CUDA_VISIBLE_DEVICES=""
 exec .venv/bin/python -m pytest -q -p no:cacheprovider --timeout 1200 "$@" tests

@@ -1,6 +1,7 @@
-# Sublayers of a block: causal self-attention with rotary position embeddings (through
-# scaled_dot_product_attention; optionally appending to a KV cache for incremental decoding) and the GELU
-# feed-forward network; and the one random draw every initialiser uses. Pure torch, no parallelism.
+# Sublayers of a block: causal self-attention with rotary position embeddings (the tables computed once
+# and cached; through scaled_dot_product_attention; optionally appending to a KV cache for incremental
+# decoding) and the GELU feed-forward network; and the one random draw every initialiser uses. Pure torch,
+# no parallelism.
 from __future__ import annotations
 
 from typing import Optional
@@ -50,6 +51,30 @@ def rotary_tables(seq_len: int, head_dim: int, base: float, device, dtype,
     return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
 
+_ROTARY_CACHE: dict = {}  # (head_dim, base, device, dtype, inference mode) -> (cos, sin) from position 0
+
+
+def cached_rotary_tables(seq_len: int, head_dim: int, base: float, device, dtype,
+                         start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rotary_tables(...)`, bit for bit, as row views of one table per (head_dim, base, device, dtype),
+    computed once and grown when a longer one is asked for: every layer of every step asked for the same
+    table, and rebuilt it (6 small kernels each, 2 per layer and step on a GPU's launch-bound path).
+    Computed afresh, not cached, while torch.compile traces (inductor fuses the table into the rotary
+    kernel) or under a dispatch mode (fake or counting tensors must not be stored); inference-mode tables
+    are kept apart, since autograd refuses to save them."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return rotary_tables(seq_len, head_dim, base, device, dtype, start)
+    key = (head_dim, float(base), torch.device(device), dtype, torch.is_inference_mode_enabled())
+    end = start + seq_len
+    tables = _ROTARY_CACHE.get(key)
+    if tables is None or tables[0].shape[0] < end:
+        with torch.no_grad():
+            tables = rotary_tables(max(end, 2 * tables[0].shape[0] if tables else end), head_dim, base, device, dtype)
+        _ROTARY_CACHE[key] = tables
+    return tables[0][start:end], tables[1][start:end]
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [B, H, T, D]; rotates pairs (x[..., :D/2], x[..., D/2:])."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -72,12 +97,12 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if cache is None:
-            cos, sin = rotary_tables(T, self.head_dim, self.rope_base, x.device, q.dtype)
+            cos, sin = cached_rotary_tables(T, self.head_dim, self.rope_base, x.device, q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             P = cache.length
-            cos, sin = rotary_tables(T, self.head_dim, self.rope_base, x.device, q.dtype, start=P)
+            cos, sin = cached_rotary_tables(T, self.head_dim, self.rope_base, x.device, q.dtype, start=P)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             k, v = cache.append(k, v)
             if P == 0 or T == 1:  # prefill: the usual causal mask; one new position: it sees every key

@@ -12,7 +12,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mgt_scale.config import ModelConfig
-from mgt_scale.model import cpu_kernel
 from mgt_scale.model.layers import normal_from_cpu_
 
 Sublayer = Callable[[torch.Tensor], torch.Tensor]
@@ -64,9 +63,10 @@ class ResidualOp(nn.Module):
     Gate and beta projections read the raw stream X (not LN(X)), as the paper writes them. Their weights
     live in one matrix `gate_beta` (rows [0, d) for the gate, the rest for beta) so the fused path is a
     single matmul; with `mgt.proj_rank = r > 0` it is factored as up(r -> rows) @ down(d -> r).
-    `mgt.fused` (default) picks `_fused_update`, or on an AVX2 CPU in fp32 with `mgt.cpu_kernel` (default)
-    `_kernel_update`; `mgt.fused: false` picks `_reference_update`, the formulas above op by op, which
-    the tests hold both fast paths to (fp32, 1e-6).
+    `mgt.fused` (default) picks `_fused_update`; `mgt.fused: false` picks `_reference_update`, the formulas
+    above op by op, which the tests hold the fused path to (fp32, 1e-6). `parallel.compile: blocks` fuses
+    the fused path's elementwise chain into a few kernels (mgt_scale/parallel/compile.py; it replaced a
+    hand-written C++ CPU kernel, coming within about 5 % of it: bench/RESULTS.md section 6).
 
     If `stats_sink` is set (by the monitor, from outside), the operator hands it detached intermediate
     tensors after each forward; otherwise it records nothing.
@@ -79,7 +79,6 @@ class ResidualOp(nn.Module):
         m = cfg.mgt
         self.lam, self.eps = m.lam, m.eps
         self.fused = m.fused
-        self.cpu_kernel = m.fused and m.cpu_kernel
         self.norm_eps = cfg.norm_eps
         self.use_gate = self.kind in ("mgt", "mhc_gate")
         self.use_beta = self.kind in ("mgt", "ddl")
@@ -144,8 +143,6 @@ class ResidualOp(nn.Module):
         if kind == "deepnorm":
             return self._norm(self.deepnorm_alpha * x + sublayer(x), v["norm_weight"], v["norm_bias"])
         f = sublayer(self._norm(x, v["norm_weight"], v["norm_bias"]))
-        if self.cpu_kernel and self.stats_sink is None and cpu_kernel.usable(x):
-            return self._kernel_update(x, f, v)
         out, gate, beta = self._fused_update(x, f, v) if self.fused else self._reference_update(x, f, v)
         if self.stats_sink is not None:
             with torch.no_grad():
@@ -208,16 +205,6 @@ class ResidualOp(nn.Module):
             keep = 1.0 - alpha * beta  # per token
             return torch.addcmul(x * keep, beta, val), gate, beta
         return torch.addcmul(x, beta, torch.addcmul(val, alpha, x, value=-1.0)), gate, beta
-
-    def _kernel_update(self, x: torch.Tensor, f: torch.Tensor, v: dict) -> torch.Tensor:
-        """The projections and the update in one autograd Function of cpu_kernel.py: the gate and beta
-        projection as one matmul (without b_beta or the factor 2), then the gate LN, sigmoid, beta and
-        update in the C++ kernel, one pass over each row forward and one backward, instead of about 15
-        full-size torch kernels. The monitor's probe takes `_fused_update`."""
-        w_down, w_proj = (self.gate_beta_down, self.gate_beta_up) if self.proj_rank else (None, self.gate_beta)
-        return cpu_kernel.fused_update(x, f, w_down, w_proj, v.get("gate_norm_weight"), v.get("gate_norm_bias"),
-                                       self.norm_eps, v.get("beta_bias"), v.get("alpha"), self.gate_rows,
-                                       self.lam, self.eps)
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from mgt_scale.config import ModelConfig
 from mgt_scale.model.layers import CausalSelfAttention, FeedForward, LayerKV, normal_from_cpu_
+from mgt_scale.model.loss import CHUNK_ELEMENTS, chunked_lm_loss
 from mgt_scale.model.recompute import checkpoint_segment
 from mgt_scale.model.residual import deepnorm_constants
 from mgt_scale.model.residual_baselines import expand_streams, make_residual_op, num_streams, reduce_streams
@@ -205,7 +206,10 @@ def build_model(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "c
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32 (optionally over `mask`ed positions only)."""
+    """Mean next-token cross-entropy in fp32 (optionally over `mask`ed positions only). Logits larger than
+    `loss.CHUNK_ELEMENTS` take the chunked path (mgt_scale/model/loss.py: no fp32 copy of the logits)."""
+    if logits.numel() > CHUNK_ELEMENTS:
+        return chunked_lm_loss(logits, targets, mask)
     loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
     if mask is None:
         return loss.mean()

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from mgt_scale.config import Config
 from mgt_scale.model import build_model, lm_loss
 from mgt_scale.parallel.collectives import any_rank, mean_over_ranks
+from mgt_scale.parallel.compile import compile_blocks
 from mgt_scale.parallel.ds_config import deepspeed_config
 from mgt_scale.parallel.topology import BatchPlan
 from mgt_scale.train.optim import build_optimizer
@@ -91,6 +92,8 @@ class Zero3Engine:
             model.checkpoint_policy = cfg.parallel.checkpoint_policy
         if cfg.parallel.zero_stage == 3 and cfg.parallel.zero3_fetch == "block":
             mark_blocks_as_zero3_leaves(model)
+        # after the leaf marking: ZeRO's hooks stay outside the compiled forward
+        compile_blocks(model, cfg.parallel.compile, verbose=not dist.is_initialized() or dist.get_rank() == 0)
         optimizer = build_optimizer(model, cfg.train)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config)

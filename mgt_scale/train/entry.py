@@ -195,9 +195,6 @@ def _run(cfg: Config, args, denv, plan, precision: str) -> int:
 
     torch.manual_seed(cfg.train.seed)
     init_distributed(deepspeed, cfg.parallel.dist_timeout_minutes)
-    kernel_line = describe_cpu_kernel(cfg, precision)
-    if rank == 0 or "UNAVAILABLE" in kernel_line:
-        print(kernel_line if rank == 0 else f"rank {rank}: {kernel_line}", flush=True)
     if rank == 0:
         print(describe_env(denv, plan, precision), flush=True)
         patched = {"zero3": cfg.parallel.zero_stage == 3, "pipeline": cfg.parallel.zero_stage == 0 and precision == "fp32"}
@@ -309,16 +306,6 @@ def engine_dp(engine, plan, rank: int) -> tuple[int, int]:
     if hasattr(engine, "dp_rank"):
         return engine.dp_rank, plan.data_parallel
     return rank, plan.data_parallel
-
-
-def describe_cpu_kernel(cfg, precision: str) -> str:
-    """Which path the MGT update takes on this rank (mgt_scale.model.cpu_kernel.describe)."""
-    from deepspeed.accelerator import get_accelerator
-
-    from mgt_scale.model import cpu_kernel
-    m = cfg.model
-    return cpu_kernel.describe(m.residual, m.mgt.fused, m.mgt.cpu_kernel, m.d_model, get_accelerator().device_name(),
-                               precision)
 
 
 def describe_env(denv, plan, precision: str) -> str:

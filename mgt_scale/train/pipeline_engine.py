@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from mgt_scale.config import Config
 from mgt_scale.parallel import ds_patches
+from mgt_scale.parallel.compile import compile_blocks
 from mgt_scale.parallel.ds_config import deepspeed_config
 from mgt_scale.parallel.pipeline import PipeLoss, build_pipeline_module, partition_info
 from mgt_scale.parallel.topology import BatchPlan
@@ -38,6 +39,7 @@ class PipelineEngine:
         self.ds_config = deepspeed_config(cfg, plan, precision)
         self.loss_fn = PipeLoss()
         module = build_pipeline_module(cfg, plan.pipeline_stages, self.loss_fn)
+        compile_blocks(module, cfg.parallel.compile, verbose=dist.get_rank() == 0)  # this stage's blocks
         self.partition = partition_info(module)
         optimizer = build_optimizer(module, cfg.train)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(

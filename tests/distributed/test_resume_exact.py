@@ -1,8 +1,8 @@
 # Exact resumption on 2 ZeRO-3 ranks (deepspeed launcher, gloo, fp32 CPU): a run interrupted by
 # SIGTERM (sent to the rank processes), by SIGKILL after a checkpoint, and by SIGKILL in the middle of
 # a checkpoint write, resumed with `--resume auto`, reproduces the uninterrupted run's per-step losses
-# bit for bit, and metrics.jsonl holds each step exactly once. Every run must log that the MGT update
-# takes the C++ kernel: its path and the torch-op path differ by up to an ulp.
+# bit for bit, and metrics.jsonl holds each step exactly once. (The MGT update has one eager path since
+# the C++ CPU kernel was retired, so no run can take another path than the one it resumes.)
 import json
 import os
 import signal
@@ -39,16 +39,11 @@ def cmd(config: Path, ranks: int, *extra) -> list[str]:
             *extra]
 
 
-KERNEL = "mgt.cpu_kernel: in use"  # bit-exactness needs the same MGT update path in every run
-
-
 def run(config, ranks=2, *extra, env=None, expect=0):
     r = subprocess.run(cmd(config, ranks, *extra), capture_output=True, text=True, timeout=600,
                        env=dict(os.environ, **(env or {})))
     assert r.returncode == expect, f"exit {r.returncode}\n" + r.stdout[-4000:] + r.stderr[-4000:]
-    out = r.stdout + r.stderr
-    assert KERNEL in out and "UNAVAILABLE" not in out, out[-4000:]
-    return out
+    return r.stdout + r.stderr
 
 
 def losses(run_dir: Path) -> dict:
@@ -85,7 +80,6 @@ def test_sigterm_then_resume_is_exact(tmp_path, reference):
         os.kill(pid, signal.SIGTERM)
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 85, out[-4000:]  # exit_codes.PREEMPTED
-    assert KERNEL in out and "UNAVAILABLE" not in out, out[-4000:]
     status = json.loads((run_dir / "status.json").read_text())
     stopped = status["step"]
     assert 3 <= stopped < STEPS and "SIGTERM" in status["reason"]
