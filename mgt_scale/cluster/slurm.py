@@ -180,7 +180,6 @@ def render(spec: JobSpec, write_config: bool = True) -> Rendered:
         raise RenderError(f"--entry: training script {entry} not found")
     if not spec.workdir.is_dir():
         raise RenderError(f"--workdir: {spec.workdir} is not a directory")
-    config = spec.config.resolve()
 
     cfg, run_dir, job_name = _resolve_run(spec)
     if min_nodes < spec.nodes and cfg.parallel.mode != "zero3":

@@ -12,7 +12,6 @@
 # residual kind and compares logits).
 from __future__ import annotations
 
-import ast
 import json
 import re
 import shutil
@@ -24,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 REMOTE = HERE / "remote"
 MODEL_SRC = HERE.parent / "model"
 WEIGHTS = "model.safetensors"
-SKIP = {"__init__.py", "cpu_kernel.py"}  # the package init (transformers writes its own); the C++ kernel
+SKIP = {"__init__.py"}  # the package init (transformers writes its own)
 CONFIG_NAMES = {"ModelConfig"}  # names of mgt_scale.config that remote/configuration_mgt.py provides
 
 _FROM_MODEL = re.compile(r"^(\s*)from mgt_scale\.model\.(\w+) import (.+)$", re.M)
@@ -45,7 +44,7 @@ def rewrite_source(name: str, text: str) -> str:
     modules = {p.stem for p in MODEL_SRC.glob("*.py")}
     text = _FROM_MODEL.sub(lambda m: f"{m.group(1)}from .{m.group(2)} import {m.group(3)}", text)
 
-    def pkg(m):  # `from mgt_scale.model import cpu_kernel`: a module of the package
+    def pkg(m):  # `from mgt_scale.model import recompute`: a module of the package
         names = _names(m.group(2))
         if not all(n in modules for n in names):
             raise HFExportError(f"mgt_scale/model/{name}: `from mgt_scale.model import {m.group(2)}` imports a "
@@ -72,19 +71,11 @@ def rewrite_source(name: str, text: str) -> str:
 
 
 def model_files() -> dict[str, str]:
-    """{file name: text} of the export's Python files: remote/*.py and mgt_scale/model/*.py rewritten.
-    Checks that every attribute the model code reads of a stubbed module (cpu_kernel) is in the stub."""
+    """{file name: text} of the export's Python files: remote/*.py and mgt_scale/model/*.py rewritten."""
     files = {p.name: p.read_text() for p in sorted(REMOTE.glob("*.py"))}
     for p in sorted(MODEL_SRC.glob("*.py")):
         if p.name not in SKIP:
             files[p.name] = rewrite_source(p.name, p.read_text())
-    stub = {n.name for n in ast.parse(files["cpu_kernel.py"]).body if isinstance(n, ast.FunctionDef)}
-    for name, text in files.items():
-        used = {n.attr for n in ast.walk(ast.parse(text)) if isinstance(n, ast.Attribute)
-                and isinstance(n.value, ast.Name) and n.value.id == "cpu_kernel"}
-        if used - stub:
-            raise HFExportError(f"{name} uses cpu_kernel.{sorted(used - stub)[0]}, which mgt_scale/hf/remote/"
-                                f"cpu_kernel.py (the export's stand-in for the C++ kernel) does not define")
     return files
 
 

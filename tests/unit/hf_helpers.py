@@ -38,9 +38,8 @@ def train_small_tokenizer(path: Path, model_type: str = "bpe", vocab_size: int =
 
 
 def tiny_model_config(residual: str, **over):
-    import dataclasses
     from mgt_scale.config import MGTConfig, ModelConfig
-    mgt = MGTConfig(cpu_kernel=False, **over.pop("mgt", {}))  # the export runs torch ops (no C++ kernel)
+    mgt = MGTConfig(**over.pop("mgt", {}))
     fields = dict(num_layers=2, d_model=32, num_heads=2, d_ff=64, vocab_size=608, max_seq_len=48)
     return ModelConfig(residual=residual, mgt=mgt, **{**fields, **over})
 

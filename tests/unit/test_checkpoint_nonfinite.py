@@ -2,7 +2,6 @@
 # a NaN loss is skipped without touching parameters or optimizer state (Adam moments and step count),
 # and the run that took it continues exactly like a run in which that batch never happened.
 
-import pytest
 import torch
 
 from mgt_scale.config import load_config

@@ -2,7 +2,6 @@
 # the node's ranks by size), not by every rank each time it opens them: before, a start hashed the
 # whole data set three times per rank (train loader, validation batches, monitor probe).
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np

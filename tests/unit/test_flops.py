@@ -42,12 +42,9 @@ def counted_flops_per_token(cfg: ModelConfig) -> float:
 
 
 def tiny(residual: str, tied: bool = False, **opts) -> ModelConfig:
-    """opts go to the kind's own sub-config (mgt, mhc or ddl_delta); cpu_kernel always to mgt."""
+    """opts go to the kind's own sub-config (mgt, mhc or ddl_delta)."""
     sub = {"mhc": ("mhc", MHCConfig), "ddl_delta": ("ddl_delta", DDLDeltaConfig)}.get(residual, ("mgt", MGTConfig))
-    mgt = {k: opts.pop(k) for k in ("cpu_kernel",) if k in opts and sub[0] != "mgt"}
     kw = {sub[0]: sub[1](**opts)}
-    if mgt:
-        kw["mgt"] = MGTConfig(**mgt)
     return ModelConfig(num_layers=3, d_model=32, num_heads=4, d_ff=64, vocab_size=50, max_seq_len=T,
                        residual=residual, tie_embeddings=tied, **kw)
 

@@ -1,8 +1,7 @@
 # modeling_mgt.py of a Hugging Face export (`mgt export --format hf`): `MGTForCausalLM`, a
 # PreTrainedModel with GenerationMixin around mgt-scale's own MGTModel. The model code is not
 # re-implemented here: transformer.py, layers.py, residual.py, ... in this directory are mgt_scale/model's
-# files, copied by the exporter with their package imports made relative (the C++ CPU kernel is left out:
-# cpu_kernel.py here is a stub, so the MGT update runs as torch ops). Incremental decoding uses MGTModel's
+# files, copied by the exporter with their package imports made relative. Incremental decoding uses MGTModel's
 # own cached forward (`forward(tokens, cache=...)`), with the keys and values kept in the transformers
 # Cache that generate() passes as `past_key_values`.
 # Shipped verbatim by mgt-scale (mgt_scale/hf/remote/); needs torch and transformers, not mgt-scale.
