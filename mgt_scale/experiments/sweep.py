@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from mgt_scale import strict_yaml
+import mgt_scale.config.strict_yaml as strict_yaml
 from mgt_scale.config import ConfigError, apply_override, load_config
 
 SWEEP_KEYS = {"name", "base", "runs_dir", "seeds", "init_only", "set", "grid", "cells", "description"}
