@@ -5,7 +5,6 @@
 # (checkpoint.py) does the collective side; ckpt_collective.py the verification across ranks.
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -16,6 +15,8 @@ from typing import Iterable, Optional
 
 import numpy as np
 import torch
+
+from mgt_scale.data.shards import sha256_file
 
 MANIFEST = "mgt_manifest.json"
 LATEST = "latest_good"
@@ -34,17 +35,6 @@ def universal_dir(tag_dir: Path) -> Path:
     """Where the universal (world-size independent) form of a checkpoint lives."""
     tag_dir = Path(tag_dir)
     return tag_dir.parent / "universal" / tag_dir.name
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 def file_record(path: Path, rank: Optional[int]) -> dict:
