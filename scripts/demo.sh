@@ -17,7 +17,8 @@ mgt train --config configs/demo.yaml "${RESUME[@]}" "$@"
 mgt report runs/demo
 python - <<'PY'
 import json
-m = [json.loads(l) for l in open("runs/demo/metrics.jsonl")]
+# training records (a restart of a finished run logs only its evaluation, a record without a loss)
+m = [r for r in map(json.loads, open("runs/demo/metrics.jsonl")) if "loss" in r]
 s = json.load(open("runs/demo/status.json"))
 g = [json.loads(l) for l in open("runs/demo/geometry.jsonl")]
 first, last = m[0], m[-1]

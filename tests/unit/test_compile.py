@@ -146,15 +146,17 @@ def zero3_run(extra=(), steps=3):
 def test_zero3_engine_with_compiled_blocks_trains_like_eager(inprocess_dist, extra):
     """Under ZeRO-3's parameter fetch and release (block leaves): the compiled blocks see the gathered
     parameters in the forward and in the backward, and three steps give eager's losses (1e-6), gradient norms
-    and weights (1e-5: AdamW's first steps divide each gradient entry by its own magnitude, so rounding-level
-    differences in small entries move weights by more than they move the loss)."""
+    (1e-5) and weights (1e-3: AdamW's first steps divide each gradient entry by its own magnitude, so
+    rounding-level differences in near-zero entries become whole lr-sized updates; with the live gate/beta
+    init the weights came out 1.1e-5 and 2.0e-4 apart normwise in two runs; a block that saw wrong
+    parameters moves the losses and the weights by O(1))."""
     _, r_eager, w_eager = zero3_run(extra)
     e, r_comp, w_comp = zero3_run(("parallel.compile=blocks", *extra))
     assert all(getattr(b, "_mgt_eager_forward", None) is not None for b in e.module.blocks)
     for (l0, n0), (l1, n1) in zip(r_eager, r_comp):
         assert l1 == pytest.approx(l0, rel=1e-6) and n1 == pytest.approx(n0, rel=1e-5)
     for k in w_eager:
-        assert normwise(w_comp[k], w_eager[k]) <= 1e-5, k
+        assert normwise(w_comp[k], w_eager[k]) <= 1e-3, k
 
 
 def test_retired_cpu_kernel_key_is_accepted_and_ignored(tmp_path, capsys):

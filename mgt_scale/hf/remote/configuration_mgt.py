@@ -16,8 +16,8 @@ class ModelConfig(SimpleNamespace):
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
-        fields = dict(data)
-        fields["mgt"] = SimpleNamespace(**dict(fields.get("mgt") or {}))
+        """Every nested section (`mgt`, `mhc`, `ddl_delta`, ...) becomes an attribute view too."""
+        fields = {k: SimpleNamespace(**v) if isinstance(v, dict) else v for k, v in dict(data).items()}
         return cls(**fields)
 
 
