@@ -106,7 +106,10 @@ def verify_data_once(data_cfg) -> None:
             mine.append((d, f))
     problems = []
     for d in dirs:
-        problems += check_output(d, full=True, only={f for dd, f in mine if dd == d})
+        try:  # a read error must not leave this rank out of the gather below (the others would wait)
+            problems += check_output(d, full=True, only={f for dd, f in mine if dd == d})
+        except OSError as e:
+            problems.append(f"{d}: unreadable ({e})")
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         every = [None] * dist.get_world_size()
         dist.all_gather_object(every, problems)

@@ -24,7 +24,7 @@ from mgt_scale.parallel.collectives import any_rank
 from mgt_scale.train.ckpt_collective import barrier, broadcast_obj, choose_step, first_problem, gather_obj, verify_shared
 from mgt_scale.train.ckpt_format import (LATEST, MANIFEST, TAG_RE, CheckpointError, file_record, layout_problem,
                                          library_versions, rank_file, read_manifest, rng_state, set_rng_state,
-                                         tag_for, universal_dir, verify_checkpoint, write_manifest)
+                                         tag_for, universal_dir, verify_checkpoint, write_durable, write_manifest)
 from mgt_scale.train.ckpt_universal import make_universal
 from mgt_scale.train.ckpt_writer import BackgroundWriter, own_files
 from mgt_scale.train.failure import writing
@@ -283,9 +283,7 @@ class CheckpointManager:
         return restored
 
     def _point_latest(self, tag: str) -> None:
-        tmp = self.dir / f".{LATEST}.tmp"
-        tmp.write_text(tag + "\n")
-        os.replace(tmp, self.dir / LATEST)
+        write_durable(self.dir / LATEST, tag + "\n")
 
     def set_aside_newer(self, step: int, resumed_from: Path, log=print) -> Optional[Path]:
         """Collective. A run resumed with `--resume PATH` at `step` while this run has completed

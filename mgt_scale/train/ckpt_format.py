@@ -16,7 +16,7 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
-from mgt_scale.data.shards import sha256_file
+from mgt_scale.data.shards import fsync_dir, sha256_file
 
 MANIFEST = "mgt_manifest.json"
 LATEST = "latest_good"
@@ -37,8 +37,28 @@ def universal_dir(tag_dir: Path) -> Path:
     return tag_dir.parent / "universal" / tag_dir.name
 
 
+def fsync_file(path: Path) -> None:
+    """Flush `path` to stable storage: a manifest must never describe bytes that a node loss can still
+    take back (page cache of a client-caching parallel filesystem or a local disk)."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def write_durable(path: Path, text: str) -> None:
+    """Write `text` to `path` by a synced temporary file, an atomic rename and a synced directory."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
 def file_record(path: Path, rank: Optional[int]) -> dict:
-    """A manifest entry: size and sha256 of `path`, and the rank that wrote (and hashed) it."""
+    """A manifest entry: size and sha256 of `path`, and the rank that wrote (and hashed) it. The file is
+    synced first: the record says the bytes are there."""
+    fsync_file(path)
     rec = {"size": Path(path).stat().st_size, "sha256": sha256_file(path)}
     if rank is not None:
         rec["rank"] = int(rank)
@@ -115,19 +135,17 @@ def read_manifest(tag_dir: Path) -> dict:
 def write_manifest(tag_dir: Path, meta: dict, hashed: Optional[dict] = None) -> None:
     """Write the manifest of `tag_dir` (last, by atomic rename). `hashed`: records ({rel: file_record})
     the writing ranks made of their own files; any other file found here is hashed now."""
-    hashed = dict(hashed or {})
-    files = {}
+    files = dict(hashed or {})  # a writer's own record wins: this rank's stat of another node's file can be stale (NFS)
     for p in sorted(tag_dir.rglob("*")):
         if p.is_file() and p.name != MANIFEST and not p.name.startswith(f".{MANIFEST}"):
             rel = str(p.relative_to(tag_dir))
-            rec = hashed.get(rel)
-            files[rel] = rec if rec is not None and rec["size"] == p.stat().st_size else file_record(p, None)
+            if rel not in files:
+                files[rel] = file_record(p, None)
     if not files:
         raise CheckpointError(f"{tag_dir}: no files were written")
-    manifest = dict(meta, files=files, written_at=time.time())
-    tmp = tag_dir / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(tmp, tag_dir / MANIFEST)
+    fsync_dir(tag_dir)
+    manifest = dict(meta, files=dict(sorted(files.items())), written_at=time.time())
+    write_durable(tag_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
 
 
 def _load_manifest(tag_dir: Path) -> tuple[Optional[dict], list[str]]:
@@ -150,12 +168,15 @@ def verify_checkpoint(tag_dir: Path, full: bool = True, only: Optional[Iterable[
     only = None if only is None else set(only)
     for rel, info in manifest.get("files", {}).items():
         p = Path(tag_dir) / rel
-        if not p.is_file():
-            problems.append(f"{p}: missing")
-        elif p.stat().st_size != info["size"]:
-            problems.append(f"{p}: size {p.stat().st_size} != {info['size']} in the manifest")
-        elif full and (only is None or rel in only) and sha256_file(p) != info["sha256"]:
-            problems.append(f"{p}: sha256 mismatch (corrupted)")
+        try:  # a read error is this file's problem, not an exception: every rank must reach the gather
+            if not p.is_file():
+                problems.append(f"{p}: missing")
+            elif p.stat().st_size != info["size"]:
+                problems.append(f"{p}: size {p.stat().st_size} != {info['size']} in the manifest")
+            elif full and (only is None or rel in only) and sha256_file(p) != info["sha256"]:
+                problems.append(f"{p}: sha256 mismatch (corrupted)")
+        except OSError as e:
+            problems.append(f"{p}: unreadable ({e.strerror or e})")
     return problems
 
 

@@ -92,3 +92,33 @@ def test_the_ranks_of_a_node_share_the_hashing_and_a_damaged_shard_is_found(tmp_
         f.write_bytes(bytes(data))
     with pytest.raises(DataError, match="sha256 checksum mismatch"):
         verify_data_once(cfg.data)
+
+
+def test_a_read_error_on_one_rank_still_reaches_the_gather(tmp_path, monkeypatch):
+    """A rank whose read fails (EIO, ESTALE on one node) must join the problems' all_gather like the
+    others, or they wait there until the collective times out; the error then names the data."""
+    import errno
+
+    import torch.distributed as dist
+
+    from mgt_scale.data import DataError, shards, verify_data_once
+    d = make_data(tmp_path / "data")
+    monkeypatch.setattr(shards, "_VERIFIED", {})
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+
+    def unreadable(path, chunk=1 << 22):
+        raise OSError(errno.EIO, "Input/output error", str(path))
+    monkeypatch.setattr(shards, "sha256_file", unreadable)
+    gathered = []
+
+    def all_gather_object(out, obj):  # a 2-rank world whose other rank found nothing
+        gathered.append(obj)
+        out[:] = [obj, []]
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+    cfg = load_config(None, [f"data.path={d}"])
+    with pytest.raises(DataError, match="Input/output error"):
+        verify_data_once(cfg.data)
+    assert len(gathered) == 1 and gathered[0], "the failing rank never reached the gather"

@@ -1,0 +1,65 @@
+# Checkpoint files on a cluster filesystem: a read error on one rank is a problem string (every rank must
+# reach the gather of problems), a writer's own record of its file is what the manifest keeps (rank 0's
+# stat of a file another node just wrote can be stale on NFS), and every file is synced before the
+# manifest that vouches for it, the manifest before `latest_good`.
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+from mgt_scale.train import ckpt_format
+from mgt_scale.train.ckpt_format import MANIFEST, verify_checkpoint, write_manifest
+
+
+def make_checkpoint(d):
+    d.mkdir()
+    (d / "model.pt").write_bytes(b"m" * 100)
+    (d / "optim.pt").write_bytes(b"o" * 50)
+    write_manifest(d, {"step": 1})
+    return d
+
+
+def test_an_unreadable_file_is_a_problem_not_an_exception(tmp_path, monkeypatch):
+    d = make_checkpoint(tmp_path / "step_00000001")
+
+    def eio(path, chunk=1 << 22):
+        raise OSError(errno.EIO, "Input/output error", str(path))
+    monkeypatch.setattr(ckpt_format, "sha256_file", eio)
+    problems = verify_checkpoint(d)
+    assert len(problems) == 2 and all("unreadable (Input/output error)" in p for p in problems), problems
+
+
+def test_the_manifest_keeps_the_writers_record(tmp_path):
+    d = tmp_path / "step_00000002"
+    d.mkdir()
+    (d / "model.pt").write_bytes(b"m" * 10)
+    (d / "config.yaml").write_text("a: 1\n")
+    writer = {"model.pt": {"size": 12, "sha256": "ab" * 32, "rank": 3}}  # rank 0 sees 10 bytes: a stale stat
+    write_manifest(d, {"step": 2}, hashed=writer)
+    files = json.loads((d / MANIFEST).read_text())["files"]
+    assert files["model.pt"] == writer["model.pt"]
+    assert files["config.yaml"]["size"] == 5 and "rank" not in files["config.yaml"]  # unclaimed: hashed here
+
+
+def test_files_are_synced_before_the_manifest_names_them(tmp_path, monkeypatch):
+    events = []
+    monkeypatch.setattr(ckpt_format, "fsync_file", lambda p: events.append(("file", os.path.basename(p))))
+    monkeypatch.setattr(ckpt_format, "fsync_dir", lambda p: events.append(("dir", os.path.basename(p))))
+    real_replace = os.replace
+    monkeypatch.setattr(ckpt_format.os, "replace",
+                        lambda a, b: (events.append(("replace", os.path.basename(b))), real_replace(a, b)))
+    make_checkpoint(tmp_path / "step_00000003")
+    at = events.index(("replace", MANIFEST))
+    assert {("file", "model.pt"), ("file", "optim.pt"), ("dir", "step_00000003")} <= set(events[:at]), events
+    assert events[at + 1:] == [("dir", "step_00000003")], events  # the rename itself made durable
+
+
+def test_latest_good_is_written_durably(tmp_path, monkeypatch):
+    from mgt_scale.config import load_config
+    from mgt_scale.train import checkpoint
+    written = []
+    monkeypatch.setattr(checkpoint, "write_durable", lambda path, text: written.append((path.name, text)))
+    manager = checkpoint.CheckpointManager(str(tmp_path), load_config(None, ["data.synthetic=copy"]), 0, 1)
+    manager._point_latest("step_00000004")
+    assert written == [("latest_good", "step_00000004\n")]
