@@ -411,7 +411,8 @@ class CheckpointManager:
             err = None
             if self.rank == 0:
                 try:
-                    uni = make_universal(tag_dir, log=log, workers=self.ckpt.reshard_workers)
+                    # every load follows find_resume or verify, which hashed the source in parallel
+                    uni = make_universal(tag_dir, log=log, workers=self.ckpt.reshard_workers, verified=True)
                 except CheckpointError as e:
                     err = str(e)
             err = broadcast_obj(err)

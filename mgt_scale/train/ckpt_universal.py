@@ -27,13 +27,14 @@ def reshard_workers(requested: int = 0) -> int:
     return max(1, min(cpus, 32))
 
 
-def make_universal(tag_dir: Path, log=print, force: bool = False, workers: int = 0) -> Path:
+def make_universal(tag_dir: Path, log=print, force: bool = False, workers: int = 0, verified: bool = False) -> Path:
     """Convert a verified sharded checkpoint with DeepSpeed's ds_to_universal (`workers` extract and
     merge processes). The output gets its own manifest, which records the sha256 of the source's
     manifest (itself a list of every file's sha256). An existing verified conversion is reused only if
     it was made from these very files: a step directory can be written again with other contents (a run
     resumed from an older checkpoint reaches that step anew), and the stale conversion would load the
-    old weights."""
+    old weights. `verified`: the caller has just hashed the source (at resume every rank hashed its
+    share, in parallel), so rank 0 does not hash all of it again, alone, while the other ranks wait."""
     tag_dir = Path(tag_dir)
     out = universal_dir(tag_dir)
     source = sha256_file(tag_dir / MANIFEST) if (tag_dir / MANIFEST).is_file() else None
@@ -42,7 +43,7 @@ def make_universal(tag_dir: Path, log=print, force: bool = False, workers: int =
         if source is not None and made_from == source:
             return out
         log(f"{out}: converted from other contents of {tag_dir.name}: converting again")
-    problems = verify_checkpoint(tag_dir)
+    problems = verify_checkpoint(tag_dir, full=not verified)
     if problems:
         raise CheckpointError(f"{tag_dir}: cannot reshard a damaged checkpoint: " + "; ".join(problems))
     if out.exists():

@@ -13,7 +13,7 @@ from mgt_scale.train.ckpt_format import MANIFEST, verify_checkpoint, write_manif
 
 
 def make_checkpoint(d):
-    d.mkdir()
+    d.mkdir(parents=True)
     (d / "model.pt").write_bytes(b"m" * 100)
     (d / "optim.pt").write_bytes(b"o" * 50)
     write_manifest(d, {"step": 1})
@@ -63,3 +63,27 @@ def test_latest_good_is_written_durably(tmp_path, monkeypatch):
     manager = checkpoint.CheckpointManager(str(tmp_path), load_config(None, ["data.synthetic=copy"]), 0, 1)
     manager._point_latest("step_00000004")
     assert written == [("latest_good", "step_00000004\n")]
+
+
+def test_a_conversion_at_resume_does_not_hash_the_verified_source_again(tmp_path, monkeypatch):
+    """At resume every rank has just hashed its share of the checkpoint; rank 0 converting it for another
+    world size must not hash all of it again, alone, while the others wait in a collective."""
+    import subprocess
+
+    from mgt_scale.train import ckpt_universal
+    d = make_checkpoint(tmp_path / "checkpoints" / "step_00000005")
+    hashed = []
+    real = ckpt_format.sha256_file
+    monkeypatch.setattr(ckpt_format, "sha256_file", lambda p, chunk=1 << 22: hashed.append(os.path.basename(p)) or real(p))
+
+    def ds_to_universal(cmd, **kw):  # stands in for DeepSpeed's converter: writes one output file
+        out = cmd[cmd.index("--output_folder") + 1]
+        os.makedirs(out)
+        open(os.path.join(out, "zero.pt"), "wb").close()
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    monkeypatch.setattr(ckpt_universal.subprocess, "run", ds_to_universal)
+    ckpt_universal.make_universal(d, log=lambda *a: None, verified=True)
+    assert "model.pt" not in hashed and "optim.pt" not in hashed, hashed
+    hashed.clear()
+    ckpt_universal.make_universal(d, log=lambda *a: None, force=True)  # `mgt ckpt reshard`: verifies first
+    assert {"model.pt", "optim.pt"} <= set(hashed), hashed
