@@ -186,6 +186,19 @@ def render(spec: JobSpec, write_config: bool = True) -> Rendered:
         raise RenderError(f"--min-nodes {min_nodes} < --nodes {spec.nodes}: a job resumed on fewer nodes changes "
                           f"its world size, which only parallel.mode=zero3 checkpoints can follow (this run is "
                           f"{cfg.parallel.mode}); drop --min-nodes")
+    if min_nodes < spec.nodes:  # a requeue after a node failure may come back on any count in between
+        from mgt_scale.config import ConfigError
+        from mgt_scale.parallel.topology import plan_batch
+        bad = []
+        for n in range(min_nodes, spec.nodes):
+            try:
+                plan_batch(cfg, n * spec.tasks_per_node)
+            except (ConfigError, ValueError) as e:
+                bad.append(f"{n} node(s): {e}")
+        if bad:
+            raise RenderError(f"--min-nodes {min_nodes}: the run cannot continue on every node count down to it "
+                              f"(a resume there would stop with a config error): {'; '.join(bad)}; raise "
+                              "--min-nodes, or choose a global batch that every such world size divides")
     state_dir = run_dir / "slurm"
     config_copy = state_dir / f"{job_name}.config.yaml"
     log_value = sbatch_escape(log_pattern(state_dir))  # refuse before writing anything
