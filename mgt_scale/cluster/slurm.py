@@ -199,6 +199,10 @@ def render(spec: JobSpec, write_config: bool = True) -> Rendered:
             raise RenderError(f"--min-nodes {min_nodes}: the run cannot continue on every node count down to it "
                               f"(a resume there would stop with a config error): {'; '.join(bad)}; raise "
                               "--min-nodes, or choose a global batch that every such world size divides")
+    if cfg.checkpoint.interval == 0:
+        print("warning: checkpoint.interval=0: only a preemption signal or the end of the run checkpoints, so a "
+              "crash or a node failure requeues this job from step 0; set checkpoint.interval (e.g. --set "
+              "checkpoint.interval=500)", file=sys.stderr, flush=True)
     state_dir = run_dir / "slurm"
     config_copy = state_dir / f"{job_name}.config.yaml"
     log_value = sbatch_escape(log_pattern(state_dir))  # refuse before writing anything

@@ -332,3 +332,14 @@ def test_every_no_requeue_code_stops_the_job():
     assert wanted == set(exit_codes.NO_REQUEUE) - {exit_codes.FINISHED}
     for code in wanted:
         assert re.search(rf"^ +{code}\) +stop ", text, re.M), code
+
+
+@pytest.mark.parametrize("interval,warned", [(0, True), (500, False)])
+def test_render_warns_when_nothing_checkpoints_between_signals(tmp_path, capsys, interval, warned):
+    """A cluster job without periodic checkpoints loses everything since its start to a crash or a node
+    failure (only a preemption signal or the end of the run saves)."""
+    cfg = _config(tmp_path / "cfg.yaml", tmp_path / "run")
+    argv = _render_argv(cfg, _entry(tmp_path / "entry.py"), tmp_path / "job.sbatch",
+                        "--set", f"checkpoint.interval={interval}")
+    assert S.main(argv) == 0
+    assert ("warning: checkpoint.interval=0" in capsys.readouterr().err) == warned
