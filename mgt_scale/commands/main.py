@@ -16,7 +16,7 @@ COMMANDS = {
     "probe": ("mgt_scale.monitor.probe_cli", "per-layer geometry of a fresh or checkpointed model"),
     "report": ("mgt_scale.monitor.report", "PNG figures and a markdown summary of a run directory"),
     "slurm": ("mgt_scale.cluster.slurm", "render / submit sbatch jobs with preemption, requeue and resume"),
-    "ckpt": ("mgt_scale.train.ckpt_cli", "checkpoint tools: list, verify, reshard"),
+    "ckpt": ("mgt_scale.commands.ckpt", "checkpoint tools: list, verify, reshard"),
     "export": ("mgt_scale.train.export", "consolidated safetensors export of a checkpoint"),
     "generate": ("mgt_scale.train.generate", "sample a continuation from an exported model"),
     "eval": ("mgt_scale.hf.eval_cli", "perplexity on text files through lm-evaluation-harness"),
