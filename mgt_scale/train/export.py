@@ -1,15 +1,14 @@
-# `mgt export RUN_DIR|CKPT_DIR --output DIR [--dtype fp32|bf16]`: a consolidated, DeepSpeed-free copy
-# of a checkpoint's weights: model.safetensors (canonical names `embed.*`, `blocks.{i}.*`, `head.*`),
+# The library behind `mgt export` (mgt_scale/commands/export.py) and `mgt generate`: a consolidated,
+# DeepSpeed-free copy of a checkpoint's weights: model.safetensors (canonical names `embed.*`, `blocks.{i}.*`, `head.*`),
 # config.yaml (the run's resolved config) and tokenizer.model (copied from the data directory when it
 # has one). `--format hf` writes a transformers directory instead (mgt_scale/hf/export_hf.py).
-# `load_exported(DIR)` rebuilds the model with mgt_scale.model alone. Bad input (no checkpoint
-# at the path, a damaged one) exits 2 (CONFIG_ERROR).
+# `consolidated_from_checkpoint` gathers a sharded checkpoint into one state dict in memory;
+# `load_exported(DIR)` rebuilds the model with mgt_scale.model alone. Bad input (no checkpoint at the
+# path, a damaged one) raises ExportError.
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -112,41 +111,3 @@ def load_exported(path: str | Path, dtype: torch.dtype = torch.float32):
     if not strict and [k for k in result.missing_keys if k != "head.proj.weight"]:
         raise ExportError(f"{p}: missing weights {result.missing_keys[:5]}")
     return model.to(dtype).eval(), cfg
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="mgt export", description="Write a checkpoint's weights as a consolidated "
-                                 "model.safetensors + config.yaml (+ tokenizer.model), loadable without DeepSpeed.")
-    ap.add_argument("source", help="a run directory (its latest good checkpoint) or a checkpoint directory")
-    ap.add_argument("--output", required=True, help="output directory")
-    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    ap.add_argument("--format", choices=["mgt", "hf"], default="mgt", help="hf: a directory that transformers "
-                    "loads with trust_remote_code (mgt_scale/hf/export_hf.py; needs the `hf` extra); the source "
-                    "may then also be an mgt export directory")
-    args = ap.parse_args(argv)
-    from mgt_scale.exit_codes import CONFIG_ERROR
-    try:
-        if args.format == "hf":
-            return _export_hf(args)
-        export(args.source, args.output, args.dtype)
-    except (ExportError, OSError) as e:  # no checkpoint there, a damaged one, an unwritable --output
-        print(f"error: {e}", file=sys.stderr)
-        return CONFIG_ERROR
-    return 0
-
-
-def _export_hf(args) -> int:
-    from mgt_scale.exit_codes import CONFIG_ERROR
-    from mgt_scale.hf.export_hf import HFExportError, export_hf
-    from mgt_scale.train.model_source import SourceError
-    try:
-        export_hf(args.source, args.output, args.dtype)
-    except (SourceError, HFExportError, ImportError) as e:
-        hint = " (install the `hf` extra: pip install 'mgt-scale[hf]')" if isinstance(e, ImportError) else ""
-        print(f"error: {e}{hint}", file=sys.stderr)
-        return CONFIG_ERROR
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -122,7 +122,7 @@ def test_generate_damaged_checkpoint_and_missing_dir_exit_2(saved, tmp_path, cap
     assert code == 2 and "zero_pp_rank_0_mp_rank_00_optim_states.pt" in err and len(err.strip().splitlines()) == 1
     code, _, err = generate(capsys, tmp_path / "nowhere", "--prompt-ids", "1")
     assert code == 2 and str(tmp_path / "nowhere") in err
-    from mgt_scale.train.export import main as export_main
+    from mgt_scale.commands.export import main as export_main
     assert export_main([str(tag), "--output", str(tmp_path / "x")]) == 2
     assert export_main([str(tmp_path / "nowhere"), "--output", str(tmp_path / "x")]) == 2
 

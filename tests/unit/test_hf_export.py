@@ -130,7 +130,7 @@ def test_cli_format_hf(tmp_path, capsys):
     from safetensors.torch import save_file
     from mgt_scale.config import Config, save_config
     from mgt_scale.model import build_model
-    from mgt_scale.train.export import main
+    from mgt_scale.commands.export import main
     import dataclasses
     base = Config()
     cfg = dataclasses.replace(base, model=tiny_model_config("mgt", max_seq_len=128),
