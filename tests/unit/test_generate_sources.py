@@ -82,7 +82,7 @@ def saved(tmp_path_factory, inprocess_dist):
 
 
 def generate(capsys, *args) -> tuple[int, str, str]:
-    from mgt_scale.train.generate import main
+    from mgt_scale.commands.generate import main
     capsys.readouterr()
     code = main([str(a) for a in args])
     out = capsys.readouterr()
