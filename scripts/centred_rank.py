@@ -41,7 +41,7 @@ def probe_both(cfg, model) -> dict:
 def cell_geometry(run_dir: Path) -> dict | None:
     from mgt_scale.config import load_config
     from mgt_scale.model import build_model
-    from mgt_scale.monitor.probe_cli import load_weights
+    from mgt_scale.train.export import load_weights
     status = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").is_file() else {}
     if status.get("state") != "finished":
         return None

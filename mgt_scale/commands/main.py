@@ -13,7 +13,7 @@ BROKEN_PIPE = 141
 COMMANDS = {
     "train": ("mgt_scale.train.entry", "train a model (zero3 or pipeline) from a YAML config"),
     "prep": ("mgt_scale.data.prep", "train a SentencePiece tokenizer and write token shards; --verify DIR"),
-    "probe": ("mgt_scale.monitor.probe_cli", "per-layer geometry of a fresh or checkpointed model"),
+    "probe": ("mgt_scale.commands.probe", "per-layer geometry of a fresh or checkpointed model"),
     "report": ("mgt_scale.monitor.report", "PNG figures and a markdown summary of a run directory"),
     "slurm": ("mgt_scale.cluster.slurm", "render / submit sbatch jobs with preemption, requeue and resume"),
     "ckpt": ("mgt_scale.commands.ckpt", "checkpoint tools: list, verify, reshard"),

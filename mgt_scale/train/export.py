@@ -111,3 +111,18 @@ def load_exported(path: str | Path, dtype: torch.dtype = torch.float32):
     if not strict and [k for k in result.missing_keys if k != "head.proj.weight"]:
         raise ExportError(f"{p}: missing weights {result.missing_keys[:5]}")
     return model.to(dtype).eval(), cfg
+
+
+def load_weights(model, path: str) -> None:
+    """Load an export's weights (a directory or its model.safetensors) into an already built model
+    (scripts/centred_rank.py)."""
+    from safetensors.torch import load_file
+    p = Path(path)
+    if p.is_dir():
+        p = p / WEIGHTS
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such checkpoint file (export one with `mgt export`)")
+    state = load_file(str(p))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{p}: does not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")

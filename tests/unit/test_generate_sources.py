@@ -105,7 +105,7 @@ def test_generate_from_run_and_checkpoint_dir_equals_export(saved, capsys):
 
 def test_probe_from_run_dir_without_config(saved, tmp_path):
     import json
-    from mgt_scale.monitor.probe_cli import main
+    from mgt_scale.commands.probe import main
     run_dir, _ = saved
     assert main(["--checkpoint", str(run_dir), "--json", str(tmp_path / "g.json")]) == 0
     geo = json.loads((tmp_path / "g.json").read_text())
@@ -137,7 +137,7 @@ def test_mismatched_config_exit_2_names_file_and_tensor(tmp_path, capsys, change
     code, _, err = generate(capsys, exp, "--config", other, "--prompt-ids", "1,2")
     assert code == 2 and str(other) in err and tensor in err and "--config" in err
     assert len(err.strip().splitlines()) == 1
-    from mgt_scale.monitor.probe_cli import main
+    from mgt_scale.commands.probe import main
     capsys.readouterr()
     assert main(["--config", str(other), "--checkpoint", str(exp)]) == 2
     err = capsys.readouterr().err
@@ -147,7 +147,7 @@ def test_mismatched_config_exit_2_names_file_and_tensor(tmp_path, capsys, change
 
 
 def test_probe_export_without_config(tmp_path):
-    from mgt_scale.monitor.probe_cli import main
+    from mgt_scale.commands.probe import main
     exp = make_export(tmp_path / "exp", 64, None, ["model.residual=preln"])
     assert main(["--checkpoint", str(exp), "--json", str(tmp_path / "g.json")]) == 0
     assert '"residual": "preln"' in (tmp_path / "g.json").read_text()

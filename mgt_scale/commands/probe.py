@@ -24,20 +24,6 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def load_weights(model, path: str) -> None:
-    """Load an export's weights into an already built model (scripts/centred_rank.py)."""
-    from safetensors.torch import load_file
-    p = Path(path)
-    if p.is_dir():
-        p = p / "model.safetensors"
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: no such checkpoint file (export one with `mgt export`)")
-    state = load_file(str(p))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{p}: does not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from mgt_scale.config import ConfigError, load_config
