@@ -19,7 +19,7 @@ COMMANDS = {
     "ckpt": ("mgt_scale.commands.ckpt", "checkpoint tools: list, verify, reshard"),
     "export": ("mgt_scale.commands.export", "consolidated safetensors export of a checkpoint"),
     "generate": ("mgt_scale.commands.generate", "sample a continuation from an exported model"),
-    "eval": ("mgt_scale.hf.eval_cli", "perplexity on text files through lm-evaluation-harness"),
+    "eval": ("mgt_scale.commands.eval", "perplexity on text files through lm-evaluation-harness"),
     "experiment": ("mgt_scale.experiments.runner", "run a sweep of training runs and collect results"),
 }
 
