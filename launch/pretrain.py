@@ -10,6 +10,10 @@ from mgt_scale.train.preemption import install_signal_handlers  # noqa: E402
 
 install_signal_handlers()
 
+from mgt_scale.logs import setup_logging  # noqa: E402
+
+setup_logging()  # rank and world from the launcher's environment (RANK / SLURM_PROCID, ...)
+
 from mgt_scale.train.entry import exit_rank, main  # noqa: E402
 
 if __name__ == "__main__":

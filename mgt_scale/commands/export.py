@@ -8,7 +8,10 @@ import argparse
 import sys
 
 from mgt_scale.exit_codes import CONFIG_ERROR
+from mgt_scale.logs import get_logger
 from mgt_scale.train.export import ExportError, export
+
+log = get_logger(__name__)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
             return _export_hf(args)
         export(args.source, args.output, args.dtype)
     except (ExportError, OSError) as e:  # no checkpoint there, a damaged one, an unwritable --output
-        print(f"error: {e}", file=sys.stderr)
+        log.error(str(e))
         return CONFIG_ERROR
     return 0
 
@@ -38,7 +41,7 @@ def _export_hf(args) -> int:
         export_hf(args.source, args.output, args.dtype)
     except (SourceError, HFExportError, ImportError) as e:
         hint = " (install the `hf` extra: pip install 'mgt-scale[hf]')" if isinstance(e, ImportError) else ""
-        print(f"error: {e}{hint}", file=sys.stderr)
+        log.error(f"{e}{hint}")
         return CONFIG_ERROR
     return 0
 

@@ -9,11 +9,13 @@ import argparse
 import sys
 
 from mgt_scale.exit_codes import CONFIG_ERROR
+from mgt_scale.logs import get_logger
 from mgt_scale.train.sampling import sample
 
 
 def fail(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
+    """Log `msg` as an error; the exit code of bad input."""
+    get_logger(__name__).error(msg)
     return CONFIG_ERROR
 
 

@@ -8,6 +8,9 @@ import importlib
 import os
 import sys
 
+from mgt_scale.exit_codes import CONFIG_ERROR
+from mgt_scale.logs import get_logger, setup_logging
+
 BROKEN_PIPE = 141
 
 COMMANDS = {
@@ -43,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; a reader that closed the pipe ends it quietly (the Python docs' recipe for
     SIGPIPE, docs.python.org/3/library/signal.html#note-on-sigpipe): stdout is pointed at devnull so
     the interpreter's final flush cannot raise again."""
+    setup_logging()
     try:
         try:
             code = _dispatch(argv)
@@ -67,8 +71,8 @@ def _dispatch(argv: list[str] | None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
-        return 2
+        get_logger(__name__).error(f"unknown command {name!r}\n\n{usage()}")
+        return CONFIG_ERROR
     module = importlib.import_module(COMMANDS[name][0])
     code = module.main(rest)
     return int(code or 0)

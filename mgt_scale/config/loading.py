@@ -10,7 +10,6 @@ import dataclasses
 import hashlib
 import json
 import re
-import sys
 import types
 import typing
 from pathlib import Path
@@ -20,6 +19,9 @@ import yaml
 
 import mgt_scale.config.strict_yaml as strict_yaml
 from mgt_scale.config.schema import INT64_MAX, Config, ConfigError, MGTConfig
+from mgt_scale.logs import get_logger
+
+log = get_logger(__name__)
 # ----------------------------------------------------------------------------------------------
 # Strict conversion from plain dicts
 
@@ -201,7 +203,7 @@ def _retired(key: str, source: str) -> bool:
     """Whether `key` is retired (then warn, naming the source that sets it)."""
     if key not in RETIRED_KEYS:
         return False
-    print(f"warning: {source}: {key} is ignored: {RETIRED_KEYS[key]}", file=sys.stderr, flush=True)
+    log.warning(f"{source}: {key} is ignored: {RETIRED_KEYS[key]}")
     return True
 
 
@@ -251,8 +253,8 @@ def _resolve(cfg: Config, source: Source) -> Config:
     if t.warmup_steps > t.max_steps:
         # e.g. `--set train.max_steps=20` on a config with warmup_steps=30: the whole run warms up.
         # Clamped here so that the config saved with the run holds what the LR schedule uses.
-        print(f"warning: train.warmup_steps={t.warmup_steps} > train.max_steps={t.max_steps}: warm-up clamped "
-              f"to {t.max_steps}", file=sys.stderr, flush=True)
+        log.warning(f"train.warmup_steps={t.warmup_steps} > train.max_steps={t.max_steps}: warm-up clamped "
+                    f"to {t.max_steps}")
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, warmup_steps=t.max_steps))
     validate(cfg, source)
     return cfg

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,12 +20,14 @@ from typing import Any
 import numpy as np
 
 from mgt_scale.config import MonitorConfig
+from mgt_scale.logs import get_logger
 from mgt_scale.monitor.alarms import evaluate_alarms
 from mgt_scale.monitor.loggers import GEOMETRY_FILE, METRICS_FILE, read_jsonl
 from mgt_scale.monitor.metrics import geometry_summary
 from mgt_scale.monitor.report_plots import (
     _num, _series, plot_beta_by_depth, plot_cosine_by_depth, plot_eff_rank_heatmap, plot_loss)
 
+log = get_logger(__name__)
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2  # mgt_scale.exit_codes.CONFIG_ERROR: bad input, retrying cannot help
 
@@ -243,9 +244,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         out = make_report(args.run_dir, args.out, args.dpi)
     except ReportError as e:
-        print(f"mgt report: error: {e}", file=sys.stderr)
+        log.error(f"mgt report: {e}")
         return EXIT_BAD_INPUT
-    print(f"mgt report: wrote {out}/report.md and {len(list(out.glob('*.png')))} plot(s)")
+    log.info(f"mgt report: wrote {out}/report.md and {len(list(out.glob('*.png')))} plot(s)")
     return EXIT_OK
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from mgt_scale.logs import get_logger
+
 WEIGHTS = "model.safetensors"
 
 
@@ -62,7 +64,7 @@ def consolidated_from_checkpoint(tag_dir: Path, cfg) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().contiguous().clone() for k, v in sd.items()}
 
 
-def export(src: str | Path, output: str | Path, dtype: str = "fp32", log=print) -> Path:
+def export(src: str | Path, output: str | Path, dtype: str = "fp32", log=None) -> Path:
     from safetensors.torch import save_file
     from mgt_scale.config import save_config
     from mgt_scale.model import build_model
@@ -92,7 +94,7 @@ def export(src: str | Path, output: str | Path, dtype: str = "fp32", log=print) 
     tok = Path(cfg.data.path) / "tokenizer.model" if cfg.data.path else None
     if tok is not None and tok.is_file():
         shutil.copy2(tok, out / "tokenizer.model")
-    log(f"exported {tag_dir} -> {out} ({len(sd)} tensors, {dtype}"
+    (log or get_logger(__name__).info)(f"exported {tag_dir} -> {out} ({len(sd)} tensors, {dtype}"
         f"{', tokenizer' if (out / 'tokenizer.model').is_file() else ', no tokenizer'})")
     return out
 
