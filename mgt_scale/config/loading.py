@@ -314,6 +314,9 @@ def validate(cfg: Config, source: Source = "<config>") -> None:
         _fail(source, "log.wandb_project", "must be set when log.wandb is true", "log.wandb")
 
 
+CONFIG_FILE = "config.yaml"  # the resolved config, saved in every run directory and with every checkpoint
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
     p = Path(path)

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
+from mgt_scale.exit_codes import CONFIG_ERROR as EXIT_ERROR  # bad input, retrying cannot help
 from mgt_scale.logs import get_logger
 
 from . import corpus, shards
 from .shards import DataError
 
-EXIT_ERROR = 2  # mgt_scale.exit_codes.CONFIG_ERROR: bad input, retrying cannot help
 
 log = get_logger(__name__)
 

@@ -18,10 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mgt_scale import exit_codes
-from mgt_scale.config import ConfigError, to_dict
+from mgt_scale.config import CONFIG_FILE, ConfigError, to_dict
 from mgt_scale.experiments import collect as C
 from mgt_scale.experiments.sweep import Cell, Sweep, base_config_file, cell_config, load_sweep
 from mgt_scale.logs import get_logger
+from mgt_scale.train.failure import STATUS_FILE
 
 _log = get_logger(__name__)
 log = _log.info  # progress of the sweep (the handlers serialise lines from the cells' threads)
@@ -75,7 +76,7 @@ def write_commands(sweep: Sweep, cells: list[Cell]) -> Path:
 
 def _status(run_dir: Path) -> dict:
     try:
-        return json.loads((run_dir / "status.json").read_text())
+        return json.loads((run_dir / STATUS_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return {}
 
@@ -103,7 +104,7 @@ def measure_init(sweep: Sweep, cell: Cell) -> dict:
     rec = dict(init_geometry(cfg), config_hash=h)
     _write_json(path, rec)
     if sweep.init_only:  # keep the resolved config with the numbers
-        (run_dir / "config.yaml").write_text(__import__("yaml").safe_dump(to_dict(cfg), sort_keys=False))
+        (run_dir / CONFIG_FILE).write_text(__import__("yaml").safe_dump(to_dict(cfg), sort_keys=False))
     last, mn = C.rank_stats(rec)
     log(f"[{cell.name}] init geometry: last-layer eff_rank_norm {last:.3f}, min {mn:.3f} "
         f"({time.perf_counter() - tic:.1f}s)")

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import torch
 
+from mgt_scale.data.shards import TOKENIZER_FILE
 from mgt_scale.logs import get_logger
+from mgt_scale.train.export import WEIGHTS
 
 HERE = Path(__file__).resolve().parent
 REMOTE = HERE / "remote"
 MODEL_SRC = HERE.parent / "model"
-WEIGHTS = "model.safetensors"
 SKIP = {"__init__.py"}  # the package init (transformers writes its own)
 CONFIG_NAMES = {"ModelConfig"}  # names of mgt_scale.config that remote/configuration_mgt.py provides
 
@@ -118,7 +119,7 @@ def write_hf(model: torch.nn.Module, model_cfg, tokenizer: Path | None, out: str
         from mgt_scale.data.tokenizer import Tokenizer
         from mgt_scale.hf.tokenizer_json import write_tokenizer
         mtype = write_tokenizer(tokenizer, out, model_cfg.max_seq_len)
-        shutil.copy2(tokenizer, out / "tokenizer.model")
+        shutil.copy2(tokenizer, out / TOKENIZER_FILE)
         eos = Tokenizer(tokenizer).eos_id
         cfg["eos_token_id"] = eos
         if mtype == "UNIGRAM":

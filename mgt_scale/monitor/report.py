@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from mgt_scale.config import MonitorConfig
+from mgt_scale.config import CONFIG_FILE, MonitorConfig
+from mgt_scale.exit_codes import CONFIG_ERROR, FINISHED
 from mgt_scale.logs import get_logger
 from mgt_scale.monitor.alarms import evaluate_alarms
 from mgt_scale.monitor.loggers import GEOMETRY_FILE, METRICS_FILE, read_jsonl
@@ -28,8 +29,6 @@ from mgt_scale.monitor.report_plots import (
     _num, _series, plot_beta_by_depth, plot_cosine_by_depth, plot_eff_rank_heatmap, plot_loss)
 
 log = get_logger(__name__)
-EXIT_OK = 0
-EXIT_BAD_INPUT = 2  # mgt_scale.exit_codes.CONFIG_ERROR: bad input, retrying cannot help
 
 PLOT_FILES = {
     "loss": "loss.png",
@@ -37,7 +36,6 @@ PLOT_FILES = {
     "beta": "beta_by_depth.png",
     "cosine": "cosine_by_depth.png",
 }
-CONFIG_FILE = "config.yaml"  # the run's resolved config (written by mgt train)
 ALARM_KEYS = ("alarm_eff_rank_norm_below", "alarm_cosine_above", "alarm_after_step", "alarm_policy")
 
 
@@ -245,9 +243,9 @@ def run(args: argparse.Namespace) -> int:
         out = make_report(args.run_dir, args.out, args.dpi)
     except ReportError as e:
         log.error(f"mgt report: {e}")
-        return EXIT_BAD_INPUT
+        return CONFIG_ERROR
     log.info(f"mgt report: wrote {out}/report.md and {len(list(out.glob('*.png')))} plot(s)")
-    return EXIT_OK
+    return FINISHED
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,9 +13,12 @@ from pathlib import Path
 
 import torch
 
+from mgt_scale.config.loading import CONFIG_FILE
+from mgt_scale.data.shards import TOKENIZER_FILE
 from mgt_scale.logs import get_logger
+from mgt_scale.train.ckpt_format import MANIFEST
 
-WEIGHTS = "model.safetensors"
+WEIGHTS = "model.safetensors"  # the weights of an export (`mgt export`, and of the Hugging Face one)
 
 
 class ExportError(RuntimeError):
@@ -41,15 +44,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def checkpoint_config(tag_dir: Path):
     from mgt_scale.config import load_config
-    for c in (tag_dir / "config.yaml", tag_dir.parent.parent / "config.yaml"):
+    for c in (tag_dir / CONFIG_FILE, tag_dir.parent.parent / CONFIG_FILE):
         if c.is_file():
             return load_config(c), c
-    raise ExportError(f"{tag_dir}: no config.yaml in the checkpoint or its run directory")
+    raise ExportError(f"{tag_dir}: no {CONFIG_FILE} in the checkpoint or its run directory")
 
 
 def consolidated_from_checkpoint(tag_dir: Path, cfg) -> dict[str, torch.Tensor]:
     """Canonical fp32 state dict from a sharded checkpoint, offline (no process group)."""
-    manifest = json.loads((tag_dir / "mgt_manifest.json").read_text())
+    manifest = json.loads((tag_dir / MANIFEST).read_text())
     if manifest.get("mode", "zero3") == "zero3":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
@@ -90,12 +93,12 @@ def export(src: str | Path, output: str | Path, dtype: str = "fp32", log=None) -
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(out / WEIGHTS), metadata={"source": str(tag_dir), "dtype": dtype, "format": "pt"})
-    save_config(cfg, out / "config.yaml")
-    tok = Path(cfg.data.path) / "tokenizer.model" if cfg.data.path else None
+    save_config(cfg, out / CONFIG_FILE)
+    tok = Path(cfg.data.path) / TOKENIZER_FILE if cfg.data.path else None
     if tok is not None and tok.is_file():
-        shutil.copy2(tok, out / "tokenizer.model")
+        shutil.copy2(tok, out / TOKENIZER_FILE)
     (log or get_logger(__name__).info)(f"exported {tag_dir} -> {out} ({len(sd)} tensors, {dtype}"
-        f"{', tokenizer' if (out / 'tokenizer.model').is_file() else ', no tokenizer'})")
+        f"{', tokenizer' if (out / TOKENIZER_FILE).is_file() else ', no tokenizer'})")
     return out
 
 
@@ -105,7 +108,7 @@ def load_exported(path: str | Path, dtype: torch.dtype = torch.float32):
     from mgt_scale.config import load_config
     from mgt_scale.model import build_model
     p = Path(path)
-    cfg = load_config(p / "config.yaml")
+    cfg = load_config(p / CONFIG_FILE)
     model = build_model(cfg.model, seed=0)
     sd = load_file(str(p / WEIGHTS))
     strict = not cfg.model.tie_embeddings

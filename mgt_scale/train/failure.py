@@ -22,6 +22,7 @@ from mgt_scale import exit_codes
 from mgt_scale.logs import get_logger
 
 log = get_logger(__name__)
+STATUS_FILE = "status.json"  # a run directory's state (running, finished, stopped, failed) and exit code
 
 NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 NO_SPACE_TEXT = ("no space left on device", "disk quota exceeded")
@@ -133,7 +134,7 @@ def write_failed_status(run_dir: Path, code: int, cause: str) -> None:
     fail; overwriting the old file in place reuses its blocks."""
     from mgt_scale.train.callbacks import write_json_atomic
     record = {"state": "failed", "exit_code": code, "reason": cause, "time": time.time()}
-    path = run_dir / "status.json"
+    path = run_dir / STATUS_FILE
     try:
         write_json_atomic(path, record)
         return
