@@ -238,7 +238,7 @@ def _load_saved(path: Path, text_field: str, cache_dir: str, index: int):
     if not names:
         raise DataError(f"{path}: the saved DatasetDict has no splits")
     if list(obj) != names:
-        get_logger(__name__).info(f"{path}: using split 'train' of the saved splits {', '.join(obj)}")
+        get_logger(__name__).warning(f"{path}: using split 'train' of the saved splits {', '.join(obj)}")
     return [_select_text(obj[n], text_field, f"{path} (split {n})",
                          os.path.join(cache_dir, f"saved-{index}-{k}.arrow")) for k, n in enumerate(names)]
 
