@@ -196,7 +196,9 @@ def apply_override(data: dict, key: str, value: Any, source: str) -> None:
 # keys of earlier versions that are accepted and ignored, with a warning, so that their configs (and the
 # config.yaml saved in every run directory, which resumption reads) still load: key -> why
 RETIRED_KEYS = {"model.mgt.cpu_kernel": "the C++ CPU kernel was retired; parallel.compile=blocks fuses the "
-                                        "MGT update instead (bench/RESULTS.md section 6)"}
+                                        "MGT update instead (bench/RESULTS.md section 6)",
+                "monitor.probe_seed": "nothing ever drew from it: the geometry probe is the first validation batch "
+                                      "(monitor.probe_batch_size x monitor.probe_seq_len)"}
 
 
 def _retired(key: str, source: str) -> bool:

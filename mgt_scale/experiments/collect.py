@@ -149,22 +149,6 @@ def write_csv(rows: list[dict], path: Path, extra_cols: list[str] = ()) -> None:
     tmp.replace(path)
 
 
-def read_csv(path: Path) -> list[dict[str, Any]]:
-    out = []
-    with open(path, newline="") as f:
-        for r in csv.DictReader(f):
-            row: dict[str, Any] = {}
-            for k, v in r.items():
-                try:
-                    row[k] = float(v) if v not in ("",) and k not in ("cell", "residual", "status") else v
-                except ValueError:
-                    row[k] = v
-                if v == "" and k not in ("cell", "residual", "status"):
-                    row[k] = math.nan
-            out.append(row)
-    return out
-
-
 def markdown_table(rows: list[dict], extra_cols: list[str] = ()) -> str:
     cols = list(MD_COLUMNS) + [(c, c.split(".")[-1]) for c in extra_cols]
     # drop columns that are empty for every row (e.g. copy acc on LM sweeps)
