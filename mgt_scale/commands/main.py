@@ -46,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; a reader that closed the pipe ends it quietly (the Python docs' recipe for
     SIGPIPE, docs.python.org/3/library/signal.html#note-on-sigpipe): stdout is pointed at devnull so
     the interpreter's final flush cannot raise again."""
-    setup_logging()
+    try:
+        setup_logging()
+    except ValueError as e:  # MGT_LOG_LEVEL names no level: bad input, before any command runs
+        print(f"error: {e}", file=sys.stderr)
+        return CONFIG_ERROR
     try:
         try:
             code = _dispatch(argv)

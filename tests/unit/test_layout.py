@@ -69,3 +69,12 @@ def test_no_python_file_over_500_lines():
             if n > MAX_LINES:
                 bad.append(f"{f.relative_to(REPO)}: {n} lines")
     assert not bad, f"split these by concern (at most {MAX_LINES} lines each):\n" + "\n".join(bad)
+
+
+def test_bad_log_level_is_a_config_error(monkeypatch, capsys):
+    """MGT_LOG_LEVEL that names no level: exit 2 with one line naming the variable, not a traceback."""
+    from mgt_scale.commands.main import main
+    monkeypatch.setenv("MGT_LOG_LEVEL", "loud")
+    assert main(["--version"]) == 2
+    err = capsys.readouterr().err
+    assert "MGT_LOG_LEVEL" in err and "Traceback" not in err
