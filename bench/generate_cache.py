@@ -11,7 +11,7 @@ import torch
 
 from mgt_scale.config import load_config
 from mgt_scale.model import build_model
-from mgt_scale.train.generate import sample
+from mgt_scale.train.sampling import sample
 
 
 def main() -> None:

@@ -10,6 +10,15 @@ from mgt_scale.train.preemption import install_signal_handlers  # noqa: E402
 
 install_signal_handlers()
 
+from mgt_scale.exit_codes import CONFIG_ERROR  # noqa: E402
+from mgt_scale.logs import setup_logging  # noqa: E402
+
+try:
+    setup_logging()  # rank and world from the launcher's environment (RANK / SLURM_PROCID, ...)
+except ValueError as e:  # MGT_LOG_LEVEL names no level
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(CONFIG_ERROR)
+
 from mgt_scale.train.entry import exit_rank, main  # noqa: E402
 
 if __name__ == "__main__":

@@ -41,8 +41,9 @@ def probe_both(cfg, model) -> dict:
 def cell_geometry(run_dir: Path) -> dict | None:
     from mgt_scale.config import load_config
     from mgt_scale.model import build_model
-    from mgt_scale.monitor.probe_cli import load_weights
-    status = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").is_file() else {}
+    from mgt_scale.train.export import load_weights
+    from mgt_scale.train.failure import STATUS_FILE
+    status = json.loads((run_dir / STATUS_FILE).read_text()) if (run_dir / STATUS_FILE).is_file() else {}
     if status.get("state") != "finished":
         return None
     cfg = load_config(str(run_dir / "config.yaml"))
@@ -75,8 +76,9 @@ def render(runs: Path, rows: list[dict]) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1 or not Path(argv[0]).is_dir():
+        from mgt_scale.exit_codes import CONFIG_ERROR
         print(__doc__ or "", "\nusage: python scripts/centred_rank.py RUNS_DIR", file=sys.stderr)
-        return 2
+        return CONFIG_ERROR
     runs = Path(argv[0])
     rows = []
     for run_dir in sorted(p for p in runs.iterdir() if (p / "config.yaml").is_file()):

@@ -68,11 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
     from mgt_scale.config import ConfigError, load_config
+    from mgt_scale.exit_codes import CONFIG_ERROR
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return CONFIG_ERROR
     out = spread(cfg, args.seed)
     summary = {k: v for k, v in out.items() if k != "sublayers"}
     print(json.dumps(summary, indent=1))

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mgt_scale import exit_codes
+from mgt_scale.logs import get_logger
 
+log = get_logger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO_ROOT / "slurm" / "train.sbatch.in"
 DEFAULT_ENTRY = REPO_ROOT / "launch" / "pretrain.py"
@@ -200,9 +202,9 @@ def render(spec: JobSpec, write_config: bool = True) -> Rendered:
                               f"(a resume there would stop with a config error): {'; '.join(bad)}; raise "
                               "--min-nodes, or choose a global batch that every such world size divides")
     if cfg.checkpoint.interval == 0:
-        print("warning: checkpoint.interval=0: only a preemption signal or the end of the run checkpoints, so a "
-              "crash or a node failure requeues this job from step 0; set checkpoint.interval (e.g. --set "
-              "checkpoint.interval=500)", file=sys.stderr, flush=True)
+        log.warning("checkpoint.interval=0: only a preemption signal or the end of the run checkpoints, so a "
+                    "crash or a node failure requeues this job from step 0; set checkpoint.interval (e.g. --set "
+                    "checkpoint.interval=500)")
     state_dir = run_dir / "slurm"
     config_copy = state_dir / f"{job_name}.config.yaml"
     log_value = sbatch_escape(log_pattern(state_dir))  # refuse before writing anything
@@ -345,12 +347,12 @@ def main(argv: list[str] | None = None) -> int:
         r = render(spec)
         out = args.output or (r.run_dir / "slurm" / f"{r.job_name}.sbatch")
         write_script(r.script, out)
-        print(f"wrote {out} (job {r.job_name}, {spec.nodes} node(s) x {spec.tasks_per_node} task(s), "
-              f"resolved config {r.config_copy})")
+        log.info(f"wrote {out} (job {r.job_name}, {spec.nodes} node(s) x {spec.tasks_per_node} task(s), "
+                 f"resolved config {r.config_copy})")
         if args.cmd == "render":
             if spec.chain > 1:
-                print(f"chain: submit it {spec.chain} times (`sbatch {shlex.quote(str(out))}`): "
-                      f"--dependency=singleton runs them one after the other")
+                log.info(f"chain: submit it {spec.chain} times (`sbatch {shlex.quote(str(out))}`): "
+                         f"--dependency=singleton runs them one after the other")
             return exit_codes.FINISHED
         if args.dry_run:
             for _ in range(spec.chain):
@@ -358,10 +360,10 @@ def main(argv: list[str] | None = None) -> int:
             return exit_codes.FINISHED
         ids = submit(out, spec.chain)
     except RenderError as e:
-        print(f"mgt slurm: error: {e}", file=sys.stderr)
+        log.error(f"mgt slurm: {e}")
         return exit_codes.CONFIG_ERROR
     except (RuntimeError, OSError) as e:
-        print(f"mgt slurm: error: {e}", file=sys.stderr)
+        log.error(f"mgt slurm: {e}")
         return 1
     for i in ids:
         print(i)

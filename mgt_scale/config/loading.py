@@ -10,7 +10,6 @@ import dataclasses
 import hashlib
 import json
 import re
-import sys
 import types
 import typing
 from pathlib import Path
@@ -20,6 +19,9 @@ import yaml
 
 import mgt_scale.config.strict_yaml as strict_yaml
 from mgt_scale.config.schema import INT64_MAX, Config, ConfigError, MGTConfig
+from mgt_scale.logs import get_logger
+
+log = get_logger(__name__)
 # ----------------------------------------------------------------------------------------------
 # Strict conversion from plain dicts
 
@@ -194,14 +196,16 @@ def apply_override(data: dict, key: str, value: Any, source: str) -> None:
 # keys of earlier versions that are accepted and ignored, with a warning, so that their configs (and the
 # config.yaml saved in every run directory, which resumption reads) still load: key -> why
 RETIRED_KEYS = {"model.mgt.cpu_kernel": "the C++ CPU kernel was retired; parallel.compile=blocks fuses the "
-                                        "MGT update instead (bench/RESULTS.md section 6)"}
+                                        "MGT update instead (bench/RESULTS.md section 6)",
+                "monitor.probe_seed": "nothing ever drew from it: the geometry probe is the first validation batch "
+                                      "(monitor.probe_batch_size x monitor.probe_seq_len)"}
 
 
 def _retired(key: str, source: str) -> bool:
     """Whether `key` is retired (then warn, naming the source that sets it)."""
     if key not in RETIRED_KEYS:
         return False
-    print(f"warning: {source}: {key} is ignored: {RETIRED_KEYS[key]}", file=sys.stderr, flush=True)
+    log.warning(f"{source}: {key} is ignored: {RETIRED_KEYS[key]}")
     return True
 
 
@@ -251,8 +255,8 @@ def _resolve(cfg: Config, source: Source) -> Config:
     if t.warmup_steps > t.max_steps:
         # e.g. `--set train.max_steps=20` on a config with warmup_steps=30: the whole run warms up.
         # Clamped here so that the config saved with the run holds what the LR schedule uses.
-        print(f"warning: train.warmup_steps={t.warmup_steps} > train.max_steps={t.max_steps}: warm-up clamped "
-              f"to {t.max_steps}", file=sys.stderr, flush=True)
+        log.warning(f"train.warmup_steps={t.warmup_steps} > train.max_steps={t.max_steps}: warm-up clamped "
+                    f"to {t.max_steps}")
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, warmup_steps=t.max_steps))
     validate(cfg, source)
     return cfg
@@ -310,6 +314,9 @@ def validate(cfg: Config, source: Source = "<config>") -> None:
               "model.max_seq_len", "monitor.interval")
     if cfg.log.wandb and not cfg.log.wandb_project:
         _fail(source, "log.wandb_project", "must be set when log.wandb is true", "log.wandb")
+
+
+CONFIG_FILE = "config.yaml"  # the resolved config, saved in every run directory and with every checkpoint
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -247,7 +247,6 @@ class MonitorConfig:
     interval: int = num(50, ge=0)  # geometry probe every N steps (0: off)
     probe_batch_size: int = num(4, ge=1)
     probe_seq_len: int = num(64, ge=1)
-    probe_seed: int = num(4321, ge=0, le=INT64_MAX)
     alarm_eff_rank_norm_below: float = num(0.0, ge=0, le=1)  # 0: off. e.g. 0.1
     alarm_cosine_above: float = num(0.0, ge=0, le=1)  # 0: off. e.g. 0.95
     alarm_policy: Literal["warn", "checkpoint_and_stop", "rollback"] = "warn"

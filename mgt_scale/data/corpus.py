@@ -12,6 +12,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mgt_scale.logs import get_logger
+
 from .shards import DataError
 
 STRUCTURED = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "tsv"}
@@ -236,7 +238,7 @@ def _load_saved(path: Path, text_field: str, cache_dir: str, index: int):
     if not names:
         raise DataError(f"{path}: the saved DatasetDict has no splits")
     if list(obj) != names:
-        print(f"note: {path}: using split 'train' of the saved splits {', '.join(obj)}", file=sys.stderr)
+        get_logger(__name__).warning(f"{path}: using split 'train' of the saved splits {', '.join(obj)}")
     return [_select_text(obj[n], text_field, f"{path} (split {n})",
                          os.path.join(cache_dir, f"saved-{index}-{k}.arrow")) for k, n in enumerate(names)]
 

@@ -14,17 +14,21 @@ from pathlib import Path
 
 import numpy as np
 
+from mgt_scale.exit_codes import CONFIG_ERROR as EXIT_ERROR  # bad input, retrying cannot help
+from mgt_scale.logs import get_logger
+
 from . import corpus, shards
 from .shards import DataError
 
-EXIT_ERROR = 2  # mgt_scale.exit_codes.CONFIG_ERROR: bad input, retrying cannot help
+
+log = get_logger(__name__)
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse whose usage errors are the one-line `error: ...` (exit 2) every mgt command prints."""
 
     def error(self, message: str):
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        log.error(f"{message} (see {self.prog} --help)")
         raise SystemExit(EXIT_ERROR)
 
 
@@ -177,7 +181,7 @@ def run_prep(a: argparse.Namespace) -> dict:
                                         cache_dir=cache, progress=not quiet)
         if stats.skipped_files:
             shown = ", ".join(stats.skipped_files[:5]) + (" ..." if len(stats.skipped_files) > 5 else "")
-            print(f"warning: skipped {len(stats.skipped_files)} non-UTF-8 file(s): {shown}", file=sys.stderr)
+            log.warning(f"skipped {len(stats.skipped_files)} non-UTF-8 file(s): {shown}")
         tok_path = tmp / shards.TOKENIZER_FILE
         if a.tokenizer:
             src = Path(a.tokenizer).expanduser()
@@ -191,12 +195,11 @@ def run_prep(a: argparse.Namespace) -> dict:
                       disable=quiet, file=sys.stderr) as bar:
                 sents = sample_sentences(lambda i: ds[i]["text"], len(ds), a.input_sentence_size, a.seed, bar)
             t0 = time.time()
-            print(f"training {a.tokenizer_type} tokenizer (vocab {a.vocab_size}) on {len(sents)} sentences...",
-                  file=sys.stderr)
+            log.info(f"training {a.tokenizer_type} tokenizer (vocab {a.vocab_size}) on {len(sents)} sentences...")
             train_tokenizer(sents, tok_path, vocab_size=a.vocab_size, model_type=a.tokenizer_type,
                             seed=a.seed, num_threads=a.num_proc, character_coverage=a.character_coverage)
             del sents
-            print(f"tokenizer trained in {time.time() - t0:.1f}s", file=sys.stderr)
+            log.info(f"tokenizer trained in {time.time() - t0:.1f}s")
             tok_kind = a.tokenizer_type
         tok = Tokenizer(tok_path)
         t0 = time.time()
@@ -255,9 +258,9 @@ def run_prep(a: argparse.Namespace) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     tr, va = splits["train"], splits["valid"]
-    print(f"wrote {out}: {tr['num_documents']} train docs / {tr['num_tokens']} tokens in {len(tr['shards'])} "
-          f"shard(s), {va['num_documents']} valid docs / {va['num_tokens']} tokens, vocab {tok.vocab_size} "
-          f"({time.time() - t_start:.1f}s)", file=sys.stderr)
+    log.info(f"wrote {out}: {tr['num_documents']} train docs / {tr['num_tokens']} tokens in {len(tr['shards'])} "
+             f"shard(s), {va['num_documents']} valid docs / {va['num_tokens']} tokens, vocab {tok.vocab_size} "
+             f"({time.time() - t_start:.1f}s)")
     return manifest
 
 
@@ -265,8 +268,8 @@ def run_verify(path: str, full: bool = True) -> int:
     problems = shards.check_output(path, full=full)
     if problems:
         for line in problems:
-            print(f"FAIL {line}", file=sys.stderr)
-        print(f"error: {path}: {len(problems)} problem(s) found", file=sys.stderr)
+            log.error(f"FAIL {line}")
+        log.error(f"{path}: {len(problems)} problem(s) found")
         return EXIT_ERROR
     m = shards.load_manifest(path)
     n = sum(len(s["shards"]) for s in m["splits"].values())
@@ -289,14 +292,14 @@ def main(argv: list[str] | None = None) -> int:
         run_prep(a)
         return 0
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+        log.error(str(e))
         return EXIT_ERROR
     except OSError as e:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        log.error(f"{where}{e.strerror or e}")
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print("error: interrupted; no output was written", file=sys.stderr)
+        log.error("interrupted; no output was written")
         return 130
 
 

@@ -16,7 +16,6 @@ FORMAT_NAME = "mgt-shards"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.model"
-SPLITS = ("train", "valid")
 
 
 class DataError(ValueError):
@@ -385,16 +384,6 @@ class ShardSet:
         starts = np.concatenate([[0], np.cumsum([s["num_tokens"] for s in shards])]).astype(np.int64)
         return SplitTokens(split, [self.path / s["file"] for s in shards],
                            [self.path / s["index"] for s in shards], starts, self.dtype)
-
-
-def list_output_files(path: str | Path) -> list[str]:
-    """Names of the files a manifest accounts for (for tests and tools)."""
-    m = load_manifest(path)
-    names = [MANIFEST, m["tokenizer"].get("file", TOKENIZER_FILE)]
-    for info in m["splits"].values():
-        for s in info["shards"]:
-            names += [s["file"], s["index"]]
-    return names
 
 
 def fsync_dir(path: str | Path) -> None:

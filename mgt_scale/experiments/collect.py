@@ -9,8 +9,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from mgt_scale.config import MGT_FAMILY
-from mgt_scale.monitor.loggers import read_jsonl
+from mgt_scale.config import CONFIG_FILE, MGT_FAMILY
+from mgt_scale.monitor.loggers import GEOMETRY_FILE, METRICS_FILE, read_jsonl
+from mgt_scale.train.failure import STATUS_FILE
 
 INIT_FILE = "init_geometry.json"
 EVAL_FILE = "eval.json"
@@ -59,7 +60,7 @@ def beta_stats(record: dict | None) -> tuple[float, float]:
 
 
 def last_geometry(run_dir: Path) -> dict | None:
-    p = run_dir / "geometry.jsonl"
+    p = run_dir / GEOMETRY_FILE
     if not p.is_file():
         return None
     recs = [r for r in read_jsonl(p) if "layers" in r]
@@ -67,7 +68,7 @@ def last_geometry(run_dir: Path) -> dict | None:
 
 
 def final_train_loss(run_dir: Path) -> float:
-    p = run_dir / "metrics.jsonl"
+    p = run_dir / METRICS_FILE
     if not p.is_file():
         return math.nan
     by_step: dict[int, float] = {}
@@ -94,12 +95,12 @@ def collect_cell(run_dir: Path, cell_name: str, seed: int, cfg_fallback: dict | 
     cfg = None
     try:
         import yaml
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        cfg = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
     except (OSError, Exception):
         cfg = None
     cfg = cfg or cfg_fallback or {}
     model = cfg.get("model", {})
-    status = _read_json(run_dir / "status.json") or {}
+    status = _read_json(run_dir / STATUS_FILE) or {}
     init = _read_json(run_dir / INIT_FILE)
     ev = _read_json(run_dir / EVAL_FILE) or {}
     geo = final_geometry(run_dir)
@@ -146,22 +147,6 @@ def write_csv(rows: list[dict], path: Path, extra_cols: list[str] = ()) -> None:
         for r in rows:
             w.writerow({c: _csv_value(r.get(c, "")) for c in cols})
     tmp.replace(path)
-
-
-def read_csv(path: Path) -> list[dict[str, Any]]:
-    out = []
-    with open(path, newline="") as f:
-        for r in csv.DictReader(f):
-            row: dict[str, Any] = {}
-            for k, v in r.items():
-                try:
-                    row[k] = float(v) if v not in ("",) and k not in ("cell", "residual", "status") else v
-                except ValueError:
-                    row[k] = v
-                if v == "" and k not in ("cell", "residual", "status"):
-                    row[k] = math.nan
-            out.append(row)
-    return out
 
 
 def markdown_table(rows: list[dict], extra_cols: list[str] = ()) -> str:

@@ -18,16 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mgt_scale import exit_codes
-from mgt_scale.config import ConfigError, to_dict
+from mgt_scale.config import CONFIG_FILE, ConfigError, to_dict
 from mgt_scale.experiments import collect as C
 from mgt_scale.experiments.sweep import Cell, Sweep, base_config_file, cell_config, load_sweep
+from mgt_scale.logs import get_logger
+from mgt_scale.train.failure import STATUS_FILE
 
-_print_lock = threading.Lock()
-
-
-def log(msg: str) -> None:
-    with _print_lock:
-        print(msg, flush=True)
+_log = get_logger(__name__)
+log = _log.info  # progress of the sweep (the handlers serialise lines from the cells' threads)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,7 +76,7 @@ def write_commands(sweep: Sweep, cells: list[Cell]) -> Path:
 
 def _status(run_dir: Path) -> dict:
     try:
-        return json.loads((run_dir / "status.json").read_text())
+        return json.loads((run_dir / STATUS_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return {}
 
@@ -106,7 +104,7 @@ def measure_init(sweep: Sweep, cell: Cell) -> dict:
     rec = dict(init_geometry(cfg), config_hash=h)
     _write_json(path, rec)
     if sweep.init_only:  # keep the resolved config with the numbers
-        (run_dir / "config.yaml").write_text(__import__("yaml").safe_dump(to_dict(cfg), sort_keys=False))
+        (run_dir / CONFIG_FILE).write_text(__import__("yaml").safe_dump(to_dict(cfg), sort_keys=False))
     last, mn = C.rank_stats(rec)
     log(f"[{cell.name}] init geometry: last-layer eff_rank_norm {last:.3f}, min {mn:.3f} "
         f"({time.perf_counter() - tic:.1f}s)")
@@ -149,7 +147,7 @@ def evaluate_cell(sweep: Sweep, cell: Cell) -> None:
     try:
         ev = evaluate_run(cfg, run_dir, need_geometry=need_geo)
     except Exception as e:  # evaluation problems must not lose the sweep's other results
-        log(f"[{cell.name}] evaluation failed: {type(e).__name__}: {e}")
+        _log.warning(f"[{cell.name}] evaluation failed: {type(e).__name__}: {e}")
         return
     ev["time"] = time.time()
     _write_json(run_dir / C.EVAL_FILE, ev)
@@ -184,7 +182,7 @@ def collect(sweep: Sweep, figures: bool = True) -> list[dict]:
             try:
                 p = fn(args, fdir / name)
             except Exception as e:  # a figure must not lose the table
-                log(f"figure {name} failed: {type(e).__name__}: {e}")
+                _log.warning(f"figure {name} failed: {type(e).__name__}: {e}")
                 p = None
             if p is not None:
                 figs.append(p)
@@ -221,12 +219,12 @@ def main(argv: list[str] | None = None) -> int:
             sweep = Sweep(**{**sweep.__dict__, "init_only": True})
         cells = [c for c in sweep.cells if not args.only or any(fnmatch.fnmatch(c.name, g) for g in args.only)]
         if not cells:
-            print(f"error: no cell of {args.sweep} matches {args.only}", file=sys.stderr)
+            _log.error(f"no cell of {args.sweep} matches {args.only}")
             return exit_codes.CONFIG_ERROR
         for c in cells:  # validate every cell's config before anything runs
             cell_config(sweep, c)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _log.error(str(e))
         return exit_codes.CONFIG_ERROR
     log(f"sweep {sweep.name}: {len(cells)} of {len(sweep.cells)} cells -> {sweep.runs_dir}"
         f"{' (init only)' if sweep.init_only else ''}")
@@ -271,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = collect(sweep, figures=not args.no_figures)
     log(f"collected {len(rows)} cells -> {sweep.runs_dir / 'results.csv'}, {sweep.runs_dir / 'results.md'}")
     if failures:
-        log(f"{failures} cell(s) did not finish: rerun the same command to resume them")
+        _log.warning(f"{failures} cell(s) did not finish: rerun the same command to resume them")
         return exit_codes.NO_SPACE if no_space_hit else 1
     return 0
 

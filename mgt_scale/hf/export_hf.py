@@ -19,10 +19,13 @@ from pathlib import Path
 
 import torch
 
+from mgt_scale.data.shards import TOKENIZER_FILE
+from mgt_scale.logs import get_logger
+from mgt_scale.train.export import WEIGHTS
+
 HERE = Path(__file__).resolve().parent
 REMOTE = HERE / "remote"
 MODEL_SRC = HERE.parent / "model"
-WEIGHTS = "model.safetensors"
 SKIP = {"__init__.py"}  # the package init (transformers writes its own)
 CONFIG_NAMES = {"ModelConfig"}  # names of mgt_scale.config that remote/configuration_mgt.py provides
 
@@ -95,8 +98,10 @@ def hf_config(model_cfg, dtype: str) -> dict:
 
 
 def write_hf(model: torch.nn.Module, model_cfg, tokenizer: Path | None, out: str | Path, dtype: str = "fp32",
-             log=print) -> Path:
-    """Write the Hugging Face directory for `model` (an MGTModel) built from `model_cfg` (ModelConfig)."""
+             log=None) -> Path:
+    """Write the Hugging Face directory for `model` (an MGTModel) built from `model_cfg` (ModelConfig).
+    `log`: where the progress lines go (default: this module's logger at INFO)."""
+    log = log or get_logger(__name__).info
     from safetensors.torch import save_file
     out = Path(out)
     files = model_files()  # first: a model source the export cannot carry fails before anything is written
@@ -114,11 +119,11 @@ def write_hf(model: torch.nn.Module, model_cfg, tokenizer: Path | None, out: str
         from mgt_scale.data.tokenizer import Tokenizer
         from mgt_scale.hf.tokenizer_json import write_tokenizer
         mtype = write_tokenizer(tokenizer, out, model_cfg.max_seq_len)
-        shutil.copy2(tokenizer, out / "tokenizer.model")
+        shutil.copy2(tokenizer, out / TOKENIZER_FILE)
         eos = Tokenizer(tokenizer).eos_id
         cfg["eos_token_id"] = eos
         if mtype == "UNIGRAM":
-            log("note: a Unigram tokenizer: transformers' tokenizer may break ties inside long runs of spaces "
+            log("a Unigram tokenizer: transformers' tokenizer may break ties inside long runs of spaces "
                 "differently from SentencePiece (BPE, mgt prep's default, encodes identically)")
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     gen = {"do_sample": False, **({"eos_token_id": eos} if eos is not None else {})}
@@ -129,7 +134,7 @@ def write_hf(model: torch.nn.Module, model_cfg, tokenizer: Path | None, out: str
     return out
 
 
-def export_hf(source: str | Path, output: str | Path, dtype: str = "fp32", log=print) -> Path:
+def export_hf(source: str | Path, output: str | Path, dtype: str = "fp32", log=None) -> Path:
     """An export, checkpoint or run directory (mgt_scale.train.model_source) -> Hugging Face directory."""
     from mgt_scale.train.model_source import open_model
     src = open_model(source)

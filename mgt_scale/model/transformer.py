@@ -2,7 +2,7 @@
 # Written so a pipeline can cut it: embedding, blocks and head are separate modules with stable names
 # (`embed.*`, `blocks.{i}.*`, `head.*`), and each is initialised from its own seeded generator, so a
 # block gets the same weights whichever rank or stage builds it. Pure torch: no DeepSpeed import.
-# `forward(tokens, cache=KVCache(...))` decodes incrementally (mgt_scale.train.generate); without a cache
+# `forward(tokens, cache=KVCache(...))` decodes incrementally (mgt_scale.train.sampling); without a cache
 # the forward is the training one, unchanged.
 from __future__ import annotations
 

@@ -322,8 +322,6 @@ def make_geometry_record(step: int, layers: Sequence[Mapping[str, Any]],
 # ----------------------------------------------------------------------------------------------
 # Statistics of the published baselines' residual operators (mgt_scale.model.residual_baselines)
 
-BASELINE_OP_KEYS = ("h_res_row_dev", "h_res_col_dev", "h_res_diag_mean", "h_res_min", "h_pre_mean", "h_post_mean",
-                    "beta_quantiles", "delta_value_mean", "delta_proj_mean")
 BETA_QUANTILES = (0.0, 0.1, 0.5, 0.9, 1.0)
 
 

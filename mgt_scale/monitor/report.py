@@ -13,22 +13,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mgt_scale.config import MonitorConfig
+from mgt_scale.config import CONFIG_FILE, MonitorConfig
+from mgt_scale.exit_codes import CONFIG_ERROR, FINISHED
+from mgt_scale.logs import get_logger
 from mgt_scale.monitor.alarms import evaluate_alarms
 from mgt_scale.monitor.loggers import GEOMETRY_FILE, METRICS_FILE, read_jsonl
 from mgt_scale.monitor.metrics import geometry_summary
 from mgt_scale.monitor.report_plots import (
     _num, _series, plot_beta_by_depth, plot_cosine_by_depth, plot_eff_rank_heatmap, plot_loss)
 
-EXIT_OK = 0
-EXIT_BAD_INPUT = 2  # mgt_scale.exit_codes.CONFIG_ERROR: bad input, retrying cannot help
+log = get_logger(__name__)
 
 PLOT_FILES = {
     "loss": "loss.png",
@@ -36,7 +36,6 @@ PLOT_FILES = {
     "beta": "beta_by_depth.png",
     "cosine": "cosine_by_depth.png",
 }
-CONFIG_FILE = "config.yaml"  # the run's resolved config (written by mgt train)
 ALARM_KEYS = ("alarm_eff_rank_norm_below", "alarm_cosine_above", "alarm_after_step", "alarm_policy")
 
 
@@ -243,10 +242,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         out = make_report(args.run_dir, args.out, args.dpi)
     except ReportError as e:
-        print(f"mgt report: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    print(f"mgt report: wrote {out}/report.md and {len(list(out.glob('*.png')))} plot(s)")
-    return EXIT_OK
+        log.error(f"mgt report: {e}")
+        return CONFIG_ERROR
+    log.info(f"mgt report: wrote {out}/report.md and {len(list(out.glob('*.png')))} plot(s)")
+    return FINISHED
 
 
 def main(argv: Sequence[str] | None = None) -> int:

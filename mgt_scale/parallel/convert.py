@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -141,13 +140,3 @@ def load_consolidated(engine, state: dict) -> None:
         if o is not None and hasattr(o, "refresh_fp32_params"):
             o.refresh_fp32_params()
             break
-
-
-def save_consolidated(engine, path: str, rank: Optional[int] = None) -> None:
-    """Write the canonical fp32 state dict with torch.save (rank 0 writes)."""
-    sd = consolidated_state_dict(engine)
-    r = dist.get_rank() if dist.is_initialized() else 0 if rank is None else rank
-    if r == 0:
-        torch.save(sd, path)
-    if dist.is_initialized():
-        dist.barrier()

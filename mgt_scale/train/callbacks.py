@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -122,7 +121,3 @@ class MetricsCallback(Callback):
             parts.append(f"min erank {record['min_eff_rank_norm']:.3f}")
         parts.append(tail)
         print(" | ".join(parts), flush=True)
-
-
-def is_finite(x: float) -> bool:
-    return x is not None and math.isfinite(x)

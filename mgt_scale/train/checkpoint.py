@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from mgt_scale.config import Config, config_hash, to_dict
+from mgt_scale.logs import get_logger
 from mgt_scale.parallel.collectives import any_rank
 from mgt_scale.train.ckpt_collective import barrier, broadcast_obj, choose_step, first_problem, gather_obj, verify_shared
 from mgt_scale.train.ckpt_format import (LATEST, MANIFEST, TAG_RE, CheckpointError, file_record, layout_problem,
@@ -30,6 +31,8 @@ from mgt_scale.train.ckpt_writer import BackgroundWriter, own_files
 from mgt_scale.train.failure import writing
 from mgt_scale.train.optim import param_layout
 from mgt_scale.train.retention import REASON, move_damaged, plan_retention
+
+_log = get_logger(__name__)
 
 
 def _fault_step(var: str) -> int | None:
@@ -71,7 +74,7 @@ class CheckpointManager:
         mine = self.dir / tag_for(step)
         return Path(tag_dir).resolve() in (mine.resolve(), universal_dir(mine).resolve())
 
-    def find_resume(self, log=print) -> Optional[Path]:
+    def find_resume(self, log=_log.info) -> Optional[Path]:
         """Collective. The newest checkpoint that verifies, the same on every rank: rank 0 picks the
         newest whose manifest and sizes check out and broadcasts its step, then every rank hashes its
         own share of it (ckpt_collective.verify_shared); if any rank finds a problem, the next older one
@@ -234,8 +237,8 @@ class CheckpointManager:
                                   f"({failed[0][1]}): checkpoint left incomplete, {LATEST} not moved")
         step, tag_dir = p["step"], p["tag_dir"]
         if self.rank == 0 and _fault_step("MGT_FAULT_KILL_DURING_SAVE") == step:
-            print(f"fault injection: killing rank 0 while saving {tag_dir.name} (DeepSpeed files written, "
-                  "no manifest)", flush=True)
+            _log.warning(f"fault injection: killing rank 0 while saving {tag_dir.name} (DeepSpeed files written, "
+                         "no manifest)")
             os._exit(137)
         if self.rank == 0:
             from mgt_scale.config import save_config
@@ -247,7 +250,7 @@ class CheckpointManager:
                            | ({"data_tokenizer": self.data_tokenizer} if self.data_tokenizer is not None else {}),
                            hashed=hashed)
             if _fault_step("MGT_FAULT_KILL_AFTER_MANIFEST") == step:
-                print(f"fault injection: killing rank 0 after the manifest of {tag_dir.name}", flush=True)
+                _log.warning(f"fault injection: killing rank 0 after the manifest of {tag_dir.name}")
                 os._exit(137)
             self._damaged.pop(step, None)
             self._point_latest(tag_dir.name)
@@ -260,7 +263,7 @@ class CheckpointManager:
         """Where save() keeps the completed checkpoint it is replacing (a dot name: no step folder)."""
         return self.dir / f".{tag}.replaced"
 
-    def recover_interrupted_saves(self, log=print) -> list[str]:
+    def recover_interrupted_saves(self, log=_log.info) -> list[str]:
         """Collective; call before looking for a checkpoint. For each checkpoint whose replacement was
         interrupted (see save()), rank 0 puts the completed one back in place of the incomplete new
         one; if the new one did complete, only the kept copy is deleted. Returns the tags put back."""
@@ -285,7 +288,7 @@ class CheckpointManager:
     def _point_latest(self, tag: str) -> None:
         write_durable(self.dir / LATEST, tag + "\n")
 
-    def set_aside_newer(self, step: int, resumed_from: Path, log=print) -> Optional[Path]:
+    def set_aside_newer(self, step: int, resumed_from: Path, log=_log.info) -> Optional[Path]:
         """Collective. A run resumed with `--resume PATH` at `step` while this run has completed
         checkpoints at later steps (PATH is an older one of its own: a deliberate rollback) starts a new
         branch, and those checkpoints belong to the one it left. Left in place, the next `--resume auto`
@@ -321,7 +324,7 @@ class CheckpointManager:
         barrier()
         return dest
 
-    def set_aside_damaged(self, log=print) -> list[Path]:
+    def set_aside_damaged(self, log=_log.info) -> list[Path]:
         """Collective; call after find_resume(). Rank 0 moves the complete checkpoints that
         find_resume() rejected (still the same files) to checkpoints/damaged/ (see _move_damaged), once
         every rank has finished reading them, and points `latest` at the newest completed one left.
@@ -335,7 +338,7 @@ class CheckpointManager:
         barrier()
         return moved
 
-    def _move_damaged(self, step: int, problems: list[str], log=print) -> Path:
+    def _move_damaged(self, step: int, problems: list[str], log=_log.info) -> Path:
         """Rank 0: move a checkpoint that failed verification to checkpoints/damaged/ (retention.py),
         drop its universal conversion, and keep `latest` on a checkpoint that is still there. Left in
         place it counted towards keep_last, and retention deleted the good older one instead."""
@@ -372,7 +375,7 @@ class CheckpointManager:
         return (manifest["world_size"] == self.world_size and manifest["mode"] == self.cfg.parallel.mode
                 and manifest.get("pipeline_stages", 1) == self.cfg.parallel.pipeline_stages)
 
-    def load(self, engine, tag_dir: Path, log=print) -> dict:
+    def load(self, engine, tag_dir: Path, log=_log.info) -> dict:
         """Load model/optimizer into the engine and return our client state (RNG already restored).
         A checkpoint saved with another zero3 world size, or a pipeline x ZeRO-1 one with another
         data-parallel size, is converted to DeepSpeed's universal format (once, by rank 0 with

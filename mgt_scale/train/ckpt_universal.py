@@ -12,8 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mgt_scale.logs import get_logger
 from mgt_scale.train.ckpt_format import (MANIFEST, CheckpointError, sha256_file, universal_dir, verify_checkpoint,
                                          write_manifest)
+
+_log = get_logger(__name__)
 
 
 def reshard_workers(requested: int = 0) -> int:
@@ -27,7 +30,7 @@ def reshard_workers(requested: int = 0) -> int:
     return max(1, min(cpus, 32))
 
 
-def make_universal(tag_dir: Path, log=print, force: bool = False, workers: int = 0, verified: bool = False) -> Path:
+def make_universal(tag_dir: Path, log=_log.info, force: bool = False, workers: int = 0, verified: bool = False) -> Path:
     """Convert a verified sharded checkpoint with DeepSpeed's ds_to_universal (`workers` extract and
     merge processes). The output gets its own manifest, which records the sha256 of the source's
     manifest (itself a list of every file's sha256). An existing verified conversion is reused only if

@@ -17,7 +17,10 @@ from typing import Callable, Optional
 
 import torch
 
+from mgt_scale.logs import get_logger
 from mgt_scale.train.ckpt_format import file_record
+
+log = get_logger(__name__)
 
 
 def snapshot(obj):
@@ -38,7 +41,7 @@ def snapshot(obj):
 def _fault(point: str) -> None:
     """Fault injection for tests: MGT_FAULT_ASYNC_KILL=<point> SIGKILLs this process there."""
     if os.environ.get("MGT_FAULT_ASYNC_KILL", "").strip() == point:
-        print(f"fault injection: SIGKILL during an asynchronous save ({point})", flush=True)
+        log.warning(f"fault injection: SIGKILL during an asynchronous save ({point})")
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -1,20 +1,24 @@
-# `mgt export RUN_DIR|CKPT_DIR --output DIR [--dtype fp32|bf16]`: a consolidated, DeepSpeed-free copy
-# of a checkpoint's weights: model.safetensors (canonical names `embed.*`, `blocks.{i}.*`, `head.*`),
+# The library behind `mgt export` (mgt_scale/commands/export.py) and `mgt generate`: a consolidated,
+# DeepSpeed-free copy of a checkpoint's weights: model.safetensors (canonical names `embed.*`, `blocks.{i}.*`, `head.*`),
 # config.yaml (the run's resolved config) and tokenizer.model (copied from the data directory when it
 # has one). `--format hf` writes a transformers directory instead (mgt_scale/hf/export_hf.py).
-# `load_exported(DIR)` rebuilds the model with mgt_scale.model alone. Bad input (no checkpoint
-# at the path, a damaged one) exits 2 (CONFIG_ERROR).
+# `consolidated_from_checkpoint` gathers a sharded checkpoint into one state dict in memory;
+# `load_exported(DIR)` rebuilds the model with mgt_scale.model alone. Bad input (no checkpoint at the
+# path, a damaged one) raises ExportError.
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 
-WEIGHTS = "model.safetensors"
+from mgt_scale.config.loading import CONFIG_FILE
+from mgt_scale.data.shards import TOKENIZER_FILE
+from mgt_scale.logs import get_logger
+from mgt_scale.train.ckpt_format import MANIFEST
+
+WEIGHTS = "model.safetensors"  # the weights of an export (`mgt export`, and of the Hugging Face one)
 
 
 class ExportError(RuntimeError):
@@ -40,15 +44,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def checkpoint_config(tag_dir: Path):
     from mgt_scale.config import load_config
-    for c in (tag_dir / "config.yaml", tag_dir.parent.parent / "config.yaml"):
+    for c in (tag_dir / CONFIG_FILE, tag_dir.parent.parent / CONFIG_FILE):
         if c.is_file():
             return load_config(c), c
-    raise ExportError(f"{tag_dir}: no config.yaml in the checkpoint or its run directory")
+    raise ExportError(f"{tag_dir}: no {CONFIG_FILE} in the checkpoint or its run directory")
 
 
 def consolidated_from_checkpoint(tag_dir: Path, cfg) -> dict[str, torch.Tensor]:
     """Canonical fp32 state dict from a sharded checkpoint, offline (no process group)."""
-    manifest = json.loads((tag_dir / "mgt_manifest.json").read_text())
+    manifest = json.loads((tag_dir / MANIFEST).read_text())
     if manifest.get("mode", "zero3") == "zero3":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
@@ -63,7 +67,7 @@ def consolidated_from_checkpoint(tag_dir: Path, cfg) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().contiguous().clone() for k, v in sd.items()}
 
 
-def export(src: str | Path, output: str | Path, dtype: str = "fp32", log=print) -> Path:
+def export(src: str | Path, output: str | Path, dtype: str = "fp32", log=None) -> Path:
     from safetensors.torch import save_file
     from mgt_scale.config import save_config
     from mgt_scale.model import build_model
@@ -89,12 +93,12 @@ def export(src: str | Path, output: str | Path, dtype: str = "fp32", log=print) 
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(out / WEIGHTS), metadata={"source": str(tag_dir), "dtype": dtype, "format": "pt"})
-    save_config(cfg, out / "config.yaml")
-    tok = Path(cfg.data.path) / "tokenizer.model" if cfg.data.path else None
+    save_config(cfg, out / CONFIG_FILE)
+    tok = Path(cfg.data.path) / TOKENIZER_FILE if cfg.data.path else None
     if tok is not None and tok.is_file():
-        shutil.copy2(tok, out / "tokenizer.model")
-    log(f"exported {tag_dir} -> {out} ({len(sd)} tensors, {dtype}"
-        f"{', tokenizer' if (out / 'tokenizer.model').is_file() else ', no tokenizer'})")
+        shutil.copy2(tok, out / TOKENIZER_FILE)
+    (log or get_logger(__name__).info)(f"exported {tag_dir} -> {out} ({len(sd)} tensors, {dtype}"
+        f"{', tokenizer' if (out / TOKENIZER_FILE).is_file() else ', no tokenizer'})")
     return out
 
 
@@ -104,7 +108,7 @@ def load_exported(path: str | Path, dtype: torch.dtype = torch.float32):
     from mgt_scale.config import load_config
     from mgt_scale.model import build_model
     p = Path(path)
-    cfg = load_config(p / "config.yaml")
+    cfg = load_config(p / CONFIG_FILE)
     model = build_model(cfg.model, seed=0)
     sd = load_file(str(p / WEIGHTS))
     strict = not cfg.model.tie_embeddings
@@ -114,39 +118,16 @@ def load_exported(path: str | Path, dtype: torch.dtype = torch.float32):
     return model.to(dtype).eval(), cfg
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="mgt export", description="Write a checkpoint's weights as a consolidated "
-                                 "model.safetensors + config.yaml (+ tokenizer.model), loadable without DeepSpeed.")
-    ap.add_argument("source", help="a run directory (its latest good checkpoint) or a checkpoint directory")
-    ap.add_argument("--output", required=True, help="output directory")
-    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    ap.add_argument("--format", choices=["mgt", "hf"], default="mgt", help="hf: a directory that transformers "
-                    "loads with trust_remote_code (mgt_scale/hf/export_hf.py; needs the `hf` extra); the source "
-                    "may then also be an mgt export directory")
-    args = ap.parse_args(argv)
-    from mgt_scale.exit_codes import CONFIG_ERROR
-    try:
-        if args.format == "hf":
-            return _export_hf(args)
-        export(args.source, args.output, args.dtype)
-    except (ExportError, OSError) as e:  # no checkpoint there, a damaged one, an unwritable --output
-        print(f"error: {e}", file=sys.stderr)
-        return CONFIG_ERROR
-    return 0
-
-
-def _export_hf(args) -> int:
-    from mgt_scale.exit_codes import CONFIG_ERROR
-    from mgt_scale.hf.export_hf import HFExportError, export_hf
-    from mgt_scale.train.model_source import SourceError
-    try:
-        export_hf(args.source, args.output, args.dtype)
-    except (SourceError, HFExportError, ImportError) as e:
-        hint = " (install the `hf` extra: pip install 'mgt-scale[hf]')" if isinstance(e, ImportError) else ""
-        print(f"error: {e}{hint}", file=sys.stderr)
-        return CONFIG_ERROR
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def load_weights(model, path: str) -> None:
+    """Load an export's weights (a directory or its model.safetensors) into an already built model
+    (scripts/centred_rank.py)."""
+    from safetensors.torch import load_file
+    p = Path(path)
+    if p.is_dir():
+        p = p / WEIGHTS
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such checkpoint file (export one with `mgt export`)")
+    state = load_file(str(p))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{p}: does not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")

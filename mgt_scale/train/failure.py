@@ -19,6 +19,10 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from mgt_scale import exit_codes
+from mgt_scale.logs import get_logger
+
+log = get_logger(__name__)
+STATUS_FILE = "status.json"  # a run directory's state (running, finished, stopped, failed) and exit code
 
 NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 NO_SPACE_TEXT = ("no space left on device", "disk quota exceeded")
@@ -130,7 +134,7 @@ def write_failed_status(run_dir: Path, code: int, cause: str) -> None:
     fail; overwriting the old file in place reuses its blocks."""
     from mgt_scale.train.callbacks import write_json_atomic
     record = {"state": "failed", "exit_code": code, "reason": cause, "time": time.time()}
-    path = run_dir / "status.json"
+    path = run_dir / STATUS_FILE
     try:
         write_json_atomic(path, record)
         return
@@ -140,7 +144,7 @@ def write_failed_status(run_dir: Path, code: int, cause: str) -> None:
         with open(path, "w") as f:
             f.write(json.dumps(record, indent=2, sort_keys=True))
     except OSError as e:
-        print(f"warning: could not write {path}: {e}", file=sys.stderr, flush=True)
+        log.warning(f"could not write {path}: {e}")
 
 
 def crashed(exc: BaseException, run_dir: Path, rank: int) -> int:
@@ -154,5 +158,5 @@ def crashed(exc: BaseException, run_dir: Path, rank: int) -> int:
         cause = f"crashed: {one_line(exc)}"
     if rank == 0 and run_dir.is_dir():
         write_failed_status(run_dir, code, cause)
-    print(f"error: {cause}" if rank == 0 else f"error: rank {rank}: {cause}", file=sys.stderr, flush=True)
+    log.error(cause if rank == 0 else f"rank {rank}: {cause}")
     return code

@@ -15,7 +15,9 @@ from typing import Optional
 
 import torch
 
-WEIGHTS = "model.safetensors"
+from mgt_scale.config.loading import CONFIG_FILE
+from mgt_scale.data.shards import TOKENIZER_FILE
+from mgt_scale.train.export import WEIGHTS
 
 
 class SourceError(ValueError):
@@ -70,7 +72,7 @@ def _load_config(path: Path, overrides=()):
 
 
 def _data_tokenizer(cfg) -> Optional[Path]:
-    tok = Path(cfg.data.path) / "tokenizer.model" if cfg.data.path else None
+    tok = Path(cfg.data.path) / TOKENIZER_FILE if cfg.data.path else None
     return tok if tok is not None and tok.is_file() else None
 
 
@@ -89,15 +91,15 @@ def open_model(source: str | Path, config: str | Path | None = None, overrides=(
     tokenizer = None
     if p.is_file() or (p / WEIGHTS).is_file():  # an export (directory) or a bare weights file
         wfile = p if p.is_file() else p / WEIGHTS
-        saved = wfile.parent / "config.yaml"
+        saved = wfile.parent / CONFIG_FILE
         if config is None and not saved.is_file():
-            raise SourceError(f"{wfile}: no config.yaml next to it: pass --config")
+            raise SourceError(f"{wfile}: no {CONFIG_FILE} next to it: pass --config")
         try:
             sd = load_file(str(wfile))
         except Exception as e:  # safetensors raises its own error types for a damaged file
             raise SourceError(f"{wfile}: not a readable safetensors file ({e})") from None
-        if (wfile.parent / "tokenizer.model").is_file():
-            tokenizer = wfile.parent / "tokenizer.model"
+        if (wfile.parent / TOKENIZER_FILE).is_file():
+            tokenizer = wfile.parent / TOKENIZER_FILE
         origin, weights = ("file" if p.is_file() else "export"), wfile
     else:
         from mgt_scale.train.ckpt_format import LATEST, MANIFEST

@@ -20,10 +20,6 @@ def install_signal_handlers() -> None:
         signal.signal(s, _handler)
 
 
-def signalled() -> list[str]:
-    return list(_SIGNALLED)
-
-
 def stop_requested(run_dir: str) -> bool:
     """A signal arrived or the kill-switch file exists (local check, for loops inside a step)."""
     return bool(_SIGNALLED) or (Path(run_dir) / "STOP").exists()

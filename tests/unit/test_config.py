@@ -239,3 +239,14 @@ def test_train_refuses_nan_lr_before_creating_the_run(tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     assert "--set train.lr=nan: train.lr: " in r.stderr and "> 0" in r.stderr
     assert not run_dir.exists() and list(tmp_path.iterdir()) == [], list(tmp_path.rglob("*"))
+
+
+def test_retired_probe_seed_still_loads(tmp_path):
+    """`monitor.probe_seed` did nothing (the probe is the first validation batch) and was removed; the
+    config.yaml of every earlier run holds it, and must still load for `--resume`."""
+    old = tmp_path / "config.yaml"
+    save_config(dataclasses.replace(Config(), data=dataclasses.replace(Config().data, synthetic="random")), old)
+    assert "\nmonitor:\n" in old.read_text()
+    old.write_text(old.read_text().replace("\nmonitor:\n", "\nmonitor:\n  probe_seed: 4321\n", 1))
+    cfg = load_config(old)
+    assert not hasattr(cfg.monitor, "probe_seed") and cfg.monitor.probe_batch_size == Config().monitor.probe_batch_size

@@ -82,7 +82,7 @@ def saved(tmp_path_factory, inprocess_dist):
 
 
 def generate(capsys, *args) -> tuple[int, str, str]:
-    from mgt_scale.train.generate import main
+    from mgt_scale.commands.generate import main
     capsys.readouterr()
     code = main([str(a) for a in args])
     out = capsys.readouterr()
@@ -105,7 +105,7 @@ def test_generate_from_run_and_checkpoint_dir_equals_export(saved, capsys):
 
 def test_probe_from_run_dir_without_config(saved, tmp_path):
     import json
-    from mgt_scale.monitor.probe_cli import main
+    from mgt_scale.commands.probe import main
     run_dir, _ = saved
     assert main(["--checkpoint", str(run_dir), "--json", str(tmp_path / "g.json")]) == 0
     geo = json.loads((tmp_path / "g.json").read_text())
@@ -122,7 +122,7 @@ def test_generate_damaged_checkpoint_and_missing_dir_exit_2(saved, tmp_path, cap
     assert code == 2 and "zero_pp_rank_0_mp_rank_00_optim_states.pt" in err and len(err.strip().splitlines()) == 1
     code, _, err = generate(capsys, tmp_path / "nowhere", "--prompt-ids", "1")
     assert code == 2 and str(tmp_path / "nowhere") in err
-    from mgt_scale.train.export import main as export_main
+    from mgt_scale.commands.export import main as export_main
     assert export_main([str(tag), "--output", str(tmp_path / "x")]) == 2
     assert export_main([str(tmp_path / "nowhere"), "--output", str(tmp_path / "x")]) == 2
 
@@ -137,7 +137,7 @@ def test_mismatched_config_exit_2_names_file_and_tensor(tmp_path, capsys, change
     code, _, err = generate(capsys, exp, "--config", other, "--prompt-ids", "1,2")
     assert code == 2 and str(other) in err and tensor in err and "--config" in err
     assert len(err.strip().splitlines()) == 1
-    from mgt_scale.monitor.probe_cli import main
+    from mgt_scale.commands.probe import main
     capsys.readouterr()
     assert main(["--config", str(other), "--checkpoint", str(exp)]) == 2
     err = capsys.readouterr().err
@@ -147,7 +147,7 @@ def test_mismatched_config_exit_2_names_file_and_tensor(tmp_path, capsys, change
 
 
 def test_probe_export_without_config(tmp_path):
-    from mgt_scale.monitor.probe_cli import main
+    from mgt_scale.commands.probe import main
     exp = make_export(tmp_path / "exp", 64, None, ["model.residual=preln"])
     assert main(["--checkpoint", str(exp), "--json", str(tmp_path / "g.json")]) == 0
     assert '"residual": "preln"' in (tmp_path / "g.json").read_text()

@@ -52,7 +52,7 @@ def exported(tmp_path_factory):
     in one isolated transformers process."""
     from mgt_scale.hf.export_hf import write_hf
     from mgt_scale.model import build_model
-    from mgt_scale.train.generate import sample
+    from mgt_scale.train.sampling import sample
     root = tmp_path_factory.mktemp("hf")
     tok = train_small_tokenizer(root / "tokenizer.model")
     dirs, refs = {}, {}
@@ -97,7 +97,7 @@ def test_generate_cached_equals_uncached_and_ours(exported, variant):
     r = exported[0][variant]
     assert len(r["greedy_cache"]) == 20
     assert r["greedy_cache"] == r["greedy_nocache"]
-    assert r["greedy_cache"] == r["greedy"]  # mgt generate's sampler (mgt_scale.train.generate), greedy
+    assert r["greedy_cache"] == r["greedy"]  # mgt generate's sampler (mgt_scale.train.sampling), greedy
     assert len(r["sampled"]) >= 1 and all(0 <= t < r["vocab"] for t in r["sampled"])
     assert r["tokenizer"] and r["eos"] == 1
 
@@ -130,7 +130,7 @@ def test_cli_format_hf(tmp_path, capsys):
     from safetensors.torch import save_file
     from mgt_scale.config import Config, save_config
     from mgt_scale.model import build_model
-    from mgt_scale.train.export import main
+    from mgt_scale.commands.export import main
     import dataclasses
     base = Config()
     cfg = dataclasses.replace(base, model=tiny_model_config("mgt", max_seq_len=128),

@@ -77,7 +77,7 @@ def test_lm_eval_command_matches_our_loss(mgt_export, tmp_path):
 
 @pytest.mark.slow
 def test_mgt_eval_command(mgt_export, tmp_path, capsys):
-    from mgt_scale.cli import main
+    from mgt_scale.commands.main import main
     assert main(["eval", str(mgt_export), "--text", str(TEXT), "--json", str(tmp_path / "r.json")]) == 0
     r = json.loads((tmp_path / "r.json").read_text())
     loss, n = ours(mgt_export)

@@ -70,7 +70,7 @@ def test_cached_logits_published_baseline_options(kind, opts):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_cached_greedy_equals_uncached_past_max_seq_len(kind):
-    from mgt_scale.train.generate import sample
+    from mgt_scale.train.sampling import sample
     cfg, model = tiny(kind)
     prompt = [5, 17, 3, 40]
     n = 30  # prompt + 30 > max_seq_len 24: the last steps run on the cut window
@@ -80,7 +80,7 @@ def test_cached_greedy_equals_uncached_past_max_seq_len(kind):
 
 
 def test_sampled_tokens_equal_and_vocab_limit_respected():
-    from mgt_scale.train.generate import sample
+    from mgt_scale.train.sampling import sample
     cfg, model = tiny("mgt")
     a = sample(model, [1, 2], 20, 1.0, 7, cfg.max_seq_len, use_cache=True, vocab_limit=10)
     b = sample(model, [1, 2], 20, 1.0, 7, cfg.max_seq_len, use_cache=False, vocab_limit=10)

@@ -113,7 +113,7 @@ def test_float64_probe_is_the_float64_forward_and_leaves_the_model_alone():
 
 
 def test_mgt_probe_json_has_raw_centred_and_rho_per_layer(tmp_path):
-    from mgt_scale.monitor.probe_cli import main
+    from mgt_scale.commands.probe import main
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model: {num_layers: 2, d_model: 32, num_heads: 2, d_ff: 64, vocab_size: 50, max_seq_len: 32}\n"
                    "data: {synthetic: random, seq_len: 32}\nmonitor: {probe_batch_size: 2, probe_seq_len: 24}\n")

@@ -216,7 +216,7 @@ def test_activation_checkpointing_keeps_loss_and_gradients(kind, policy):
 
 @pytest.mark.parametrize("kind", ["mhc", "ddl_delta"])
 def test_probe_json_reports_the_operator_statistics(kind, tmp_path):
-    from mgt_scale.monitor.probe_cli import main
+    from mgt_scale.commands.probe import main
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(yaml.safe_dump({"model": dict(SMALL, num_layers=3, residual=kind), "data": {"synthetic": "copy",
                                         "seq_len": 12}, "monitor": {"probe_seq_len": 12, "probe_batch_size": 2}}))

@@ -8,8 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
+
+from mgt_scale.logs import get_logger
+
+log = get_logger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,27 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def load_weights(model, path: str) -> None:
-    """Load an export's weights into an already built model (scripts/centred_rank.py)."""
-    from safetensors.torch import load_file
-    p = Path(path)
-    if p.is_dir():
-        p = p / "model.safetensors"
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: no such checkpoint file (export one with `mgt export`)")
-    state = load_file(str(p))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{p}: does not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from mgt_scale.config import ConfigError, load_config
     from mgt_scale.exit_codes import CONFIG_ERROR
     from mgt_scale.train.model_source import SourceError, open_model
     if args.config is None and not args.checkpoint:
-        print("error: pass --config FILE (a fresh model) or --checkpoint PATH (trained weights)", file=sys.stderr)
+        log.error("pass --config FILE (a fresh model) or --checkpoint PATH (trained weights)")
         return CONFIG_ERROR
     try:
         if args.checkpoint:
@@ -55,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, args.overrides)
             model = build_model(cfg.model, seed=cfg.train.seed if args.seed is None else args.seed)
     except (ConfigError, SourceError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        log.error(str(e))
         return CONFIG_ERROR
     import torch
     from mgt_scale.monitor.metrics import centred_energy_threshold
@@ -64,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tokens = probe_tokens(cfg, cfg.model.vocab_size)
     except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        log.error(str(e))
         return CONFIG_ERROR
     with torch.no_grad():
         geo = probe_geometry(model, tokens, step=0, center=cfg.monitor.geometry_center, float64=True)

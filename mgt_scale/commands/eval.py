@@ -1,8 +1,9 @@
 # `mgt eval SOURCE --text FILE [FILE ...] [--json OUT] [--keep-export DIR]`: perplexity of a trained model
 # (run, checkpoint or export directory) on local text files through lm-evaluation-harness: the model is
-# exported for transformers (export_hf.py) into a temporary directory, lm-eval runs the `mgt_text` task
-# (tasks/) on it in this process, and our own loss on the same windows (text_loss.py) is printed beside
-# it. Bad input exits 2 (CONFIG_ERROR); the `eval` extra must be installed.
+# exported for transformers (mgt_scale/hf/export_hf.py) into a temporary directory, lm-eval runs the
+# `mgt_text` task on it in this process (hf/lm_eval_task.py), and our own loss on the same windows
+# (hf/text_loss.py) is printed beside it. Bad input exits 2 (CONFIG_ERROR); the `eval` extra must be
+# installed.
 from __future__ import annotations
 
 import argparse
@@ -14,27 +15,13 @@ import tempfile
 from pathlib import Path
 
 from mgt_scale.exit_codes import CONFIG_ERROR
-
-TASKS = Path(__file__).resolve().parent / "tasks"
+from mgt_scale.logs import get_logger
 
 
 def fail(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
+    """Log `msg` as an error; the exit code of bad input."""
+    get_logger(__name__).error(msg)
     return CONFIG_ERROR
-
-
-def run_lm_eval(model_dir: Path, files: list[str], batch_size: int = 1) -> dict:
-    """lm-eval's `mgt_text` metrics for the transformers directory `model_dir` (lm_eval.simple_evaluate,
-    the call behind `lm_eval --model hf ... --include_path mgt_scale/hf/tasks`)."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-    args = {"pretrained": str(model_dir), "trust_remote_code": True, "dtype": "float32"}
-    tm = TaskManager(include_path=str(TASKS), metadata={**args, "text_file": files})
-    with contextlib.redirect_stdout(sys.stderr):  # lm-eval's progress and tables: keep stdout ours
-        out = lm_eval.simple_evaluate(model="hf", model_args=args, tasks=["mgt_text"], task_manager=tm,
-                                      batch_size=batch_size, device="cpu")
-    res = out["results"]["mgt_text"]
-    return {k.split(",")[0]: v for k, v in res.items() if k.endswith(",none")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"{e.name} is not installed: install the `eval` extra (pip install 'mgt-scale[eval]')")
     from mgt_scale.data.tokenizer import Tokenizer
     from mgt_scale.hf.export_hf import HFExportError, write_hf
+    from mgt_scale.hf.lm_eval_task import run_lm_eval
     from mgt_scale.hf.text_loss import stream_nll
     from mgt_scale.train.model_source import SourceError, open_model
     try:

@@ -8,47 +8,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from mgt_scale.exit_codes import CONFIG_ERROR
-from mgt_scale.train.ckpt_format import LATEST, MANIFEST, TAG_RE, CheckpointError, universal_dir, verify_checkpoint
+from mgt_scale.logs import get_logger
+from mgt_scale.train.ckpt_format import LATEST, MANIFEST, TAG_RE, CheckpointError, verify_checkpoint
+from mgt_scale.train.ckpt_inspect import list_checkpoints
 from mgt_scale.train.ckpt_universal import make_universal
 
-
-def checkpoint_status(tag_dir: Path, full: bool = True) -> tuple[str, list[str], dict]:
-    """("good" | "incomplete" | "damaged", problems, manifest or {})."""
-    problems = verify_checkpoint(tag_dir, full=full)
-    manifest = {}
-    try:
-        manifest = json.loads((Path(tag_dir) / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError):
-        pass
-    if not problems:
-        return "good", [], manifest
-    return ("incomplete" if not manifest else "damaged"), problems, manifest
-
-
-def list_checkpoints(run_dir: str | Path, full: bool = True) -> list[dict]:
-    """Every step_* checkpoint of a run (or of a checkpoints/ directory) with its status."""
-    d = Path(run_dir)
-    if (d / "checkpoints").is_dir():
-        d = d / "checkpoints"
-    latest = (d / LATEST).read_text().strip() if (d / LATEST).is_file() else None
-    out = []
-    if not d.is_dir():
-        return out
-    for p in sorted(d.iterdir()):
-        m = TAG_RE.match(p.name)
-        if not (m and p.is_dir()):
-            continue
-        status, problems, manifest = checkpoint_status(p, full=full)
-        size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-        out.append({"tag": p.name, "step": int(m.group(1)), "path": str(p), "status": status,
-                    "problems": problems, "world_size": manifest.get("world_size"), "mode": manifest.get("mode"),
-                    "bytes": size, "latest": p.name == latest, "universal": universal_dir(p).is_dir()})
-    return out
+log = get_logger(__name__)
 
 
 def _ckpt_root(path: Path) -> Path:
@@ -58,7 +27,7 @@ def _ckpt_root(path: Path) -> Path:
 def cmd_list(args) -> int:
     rows = list_checkpoints(args.run_dir, full=not args.quick)
     if not rows:
-        print(f"{args.run_dir}: no checkpoints", file=sys.stderr)
+        log.error(f"{args.run_dir}: no checkpoints")
         return CONFIG_ERROR
     print(f"{'tag':<16} {'status':<11} {'world':>5} {'mode':<9} {'MB':>8}  notes")
     for r in rows:
@@ -81,7 +50,7 @@ def cmd_verify(args) -> int:
         root = _ckpt_root(path)
         dirs = sorted(p for p in root.iterdir() if TAG_RE.match(p.name) and p.is_dir()) if root.is_dir() else []
     if not dirs:
-        print(f"{path}: no checkpoint found", file=sys.stderr)
+        log.error(f"{path}: no checkpoint found")
         return CONFIG_ERROR
     bad = 0
     for d in dirs:
@@ -102,13 +71,13 @@ def cmd_reshard(args) -> int:
     if not tag:
         latest = root / LATEST
         if not latest.is_file():
-            print(f"{root}: no {LATEST} pointer: pass --tag", file=sys.stderr)
+            log.error(f"{root}: no {LATEST} pointer: pass --tag")
             return CONFIG_ERROR
         tag = latest.read_text().strip()
     try:
         out = make_universal(root / tag, force=args.force)
     except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
+        log.error(str(e))
         return 1
     print(f"universal checkpoint: {out}\n`mgt train --resume auto` on any number of ranks now loads it")
     return 0

@@ -1,54 +1,21 @@
 # `mgt generate SOURCE --prompt TEXT [--max-new-tokens N] [--temperature T] [--seed S] [--config FILE]`:
-# sample a continuation with plain torch and a KV cache from an export (mgt_scale.train.export), a
-# checkpoint directory or a run directory (mgt_scale.train.model_source). Text prompts need the
-# tokenizer (the export's tokenizer.model, or the config's data directory's); else pass token ids with
-# --prompt-ids 1,2,3. Bad input exits 2 (CONFIG_ERROR) with a one-line message.
+# sample a continuation with plain torch and a KV cache (mgt_scale.train.sampling) from an export
+# (mgt_scale.train.export), a checkpoint directory or a run directory (mgt_scale.train.model_source).
+# Text prompts need the tokenizer (the export's tokenizer.model, or the config's data directory's); else
+# pass token ids with --prompt-ids 1,2,3. Bad input exits 2 (CONFIG_ERROR) with a one-line message.
 from __future__ import annotations
 
 import argparse
 import sys
 
-import torch
-
 from mgt_scale.exit_codes import CONFIG_ERROR
-
-
-@torch.no_grad()
-def sample(model, ids: list[int], max_new_tokens: int, temperature: float, seed: int, max_seq_len: int,
-           use_cache: bool = True, vocab_limit: int | None = None) -> list[int]:
-    """Autoregressive sampling (temperature 0: greedy); the context is cut to the model's max_seq_len.
-
-    With `use_cache` the prompt is run once and each new token then costs a one-position forward
-    against the KV cache. Once the context is longer than max_seq_len, every step recomputes on the
-    cut window of the last max_seq_len tokens, without a cache, exactly as the uncached sampler does:
-    a sliding cache would keep hidden states computed with tokens that have left the window (and
-    positions past max_seq_len), so its logits would differ from the model's on that window.
-    `vocab_limit`: sample only among ids below it (the tokenizer's pieces), the rest masked."""
-    from mgt_scale.model import KVCache
-    gen = torch.Generator().manual_seed(seed)
-    out = list(ids)
-    cache = KVCache(len(model.blocks)) if use_cache else None
-    for _ in range(max_new_tokens):
-        if cache is not None and len(out) <= max_seq_len:
-            # positions 0 .. len(out)-1: feed those not in the cache yet (the prompt, then one token)
-            x = torch.tensor([out[cache.length:]], dtype=torch.long)
-            logits = model(x, cache=cache)[0, -1].float()
-        else:
-            x = torch.tensor([out[-max_seq_len:]], dtype=torch.long)
-            logits = model(x)[0, -1].float()
-        if vocab_limit is not None and vocab_limit < logits.numel():
-            logits[vocab_limit:] = float("-inf")
-        if temperature <= 0:
-            nxt = int(logits.argmax())
-        else:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            nxt = int(torch.multinomial(probs, 1, generator=gen))
-        out.append(nxt)
-    return out[len(ids):]
+from mgt_scale.logs import get_logger
+from mgt_scale.train.sampling import sample
 
 
 def fail(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
+    """Log `msg` as an error; the exit code of bad input."""
+    get_logger(__name__).error(msg)
     return CONFIG_ERROR
 
 
