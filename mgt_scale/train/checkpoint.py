@@ -296,20 +296,19 @@ class CheckpointManager:
         replaced = self._replaced_dir(tag_dir.name)
         if replaced.exists():  # a leftover of an earlier replacement
             self._discard_replaced(replaced, tag_dir.name)
-        old_ident = self._manifest_id(step)
         os.replace(tag_dir, replaced)
         os.replace(new, tag_dir)
         shutil.rmtree(new.parent, ignore_errors=True)  # one save at a time; DeepSpeed's zero_to_fp32.py copy
         fsync_dir(self.dir)
         shutil.rmtree(universal_dir(tag_dir), ignore_errors=True)  # a conversion of the old contents
-        self._discard_replaced(replaced, tag_dir.name, self._verified.get(step) == old_ident)
+        self._discard_replaced(replaced, tag_dir.name)
         return None
 
-    def _discard_replaced(self, replaced: Path, tag: str, verified: bool = False, log=print) -> None:
+    def _discard_replaced(self, replaced: Path, tag: str, log=print) -> None:
         """Rank 0: the completed checkpoint a new save of its step replaced is deleted, unless it fails
-        the size check (a stat per file; skipped if this process verified it): then it is damaged, and
-        set aside to checkpoints/damaged/ like any other, never deleted."""
-        problems = [] if verified else verify_checkpoint(replaced, full=False)
+        the size check (a stat per file): then it is damaged, and set aside to checkpoints/damaged/ like
+        any other, never deleted."""
+        problems = verify_checkpoint(replaced, full=False)
         if not problems:
             shutil.rmtree(replaced, ignore_errors=True)
             return

@@ -1,7 +1,7 @@
 # A checkpoint found damaged is set aside to checkpoints/damaged/<time>-step_N/ with a reason.txt, never
 # deleted, also when its step is saved again after a rollback past it (review finding: the re-save moved
 # it to .step_N.replaced and deleted that once the new save was complete). CheckpointManager with a
-# stand-in engine, one process; one test (slow) with the real ZeRO-3 engine.
+# stand-in engine, one process; slow: the real ZeRO-3 engine, and a re-save by 2 gloo ranks.
 from pathlib import Path
 
 import pytest
@@ -108,3 +108,40 @@ def test_a_deepspeed_resave_is_written_beside_the_step_and_loads(inprocess_dist,
     assert state["loader"] == {"consumed": 16}
     got = consolidated_state_dict(e)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def _resave_worker(rank, world, port, run_dir, out):
+    import json
+
+    import torch.distributed as dist
+
+    from mgt_scale.config import load_config
+    from mgt_scale.train.checkpoint import CheckpointManager
+    from test_checkpoint_scale import StandInEngine as RankEngine
+    from test_checkpoint_scale import _init
+    _init(rank, world, port)
+    cfg = load_config(None, ["data.synthetic=copy", "checkpoint.keep_last=2"])
+    m = CheckpointManager(run_dir, cfg, rank, world)
+    m.save(RankEngine(rank, 1.0), 4, {})
+    m.save(RankEngine(rank, 2.0), 4, {})  # the step again (after a rollback): every rank writes beside it
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"resume": m.find_resume().name}))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ranks_write_a_resave_beside_the_step_and_it_is_swapped_in_whole(tmp_path):
+    import json
+
+    import torch
+
+    from test_checkpoint_scale import _spawn
+    world, out = 2, tmp_path / "out"
+    out.mkdir()
+    _spawn(_resave_worker, world, str(tmp_path / "run"), str(out))
+    ck = tmp_path / "run" / "checkpoints"
+    assert [json.loads((out / f"rank{r}.json").read_text())["resume"] for r in range(world)] == [tag_for(4)] * world
+    assert verify_checkpoint(ck / tag_for(4)) == [] and not (ck / ".resave").exists()
+    files = json.loads((ck / tag_for(4) / MANIFEST).read_text())["files"]
+    for r in range(world):
+        assert files[f"shard_rank{r}.pt"]["rank"] == r
+        assert torch.load(ck / tag_for(4) / f"shard_rank{r}.pt")["w"][0].item() == 2.0  # the new save's
