@@ -56,6 +56,7 @@ class JobSpec:
     cpus_per_task: int = 0
     reset_start_time: bool = True
     min_nodes: int = 0  # 0: = nodes. Fewer: a job that lost a node may (re)start on the remaining ones
+    max_excluded_nodes: int = 8  # failed nodes a job's requeues keep in its ExcNodeList (newest first)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,7 +164,7 @@ def render(spec: JobSpec, write_config: bool = True) -> Rendered:
     for opt, val, lo in (("--nodes", spec.nodes, 1), ("--tasks-per-node", spec.tasks_per_node, 1),
                          ("--max-requeues", spec.max_requeues, 0), ("--max-crash-retries", spec.max_crash_retries, 0),
                          ("--chain", spec.chain, 1), ("--gpus-per-node", spec.gpus_per_node, 0),
-                         ("--cpus-per-task", spec.cpus_per_task, 0)):
+                         ("--cpus-per-task", spec.cpus_per_task, 0), ("--max-excluded-nodes", spec.max_excluded_nodes, 0)):
         check_int(opt, val, lo)
     check_int("--signal-seconds", spec.signal_seconds, 1, MAX_SIGNAL_SECONDS)
     check_int("--min-nodes", spec.min_nodes, 0, spec.nodes)
@@ -241,6 +242,7 @@ def render(spec: JobSpec, write_config: bool = True) -> Rendered:
         "NODES": str(spec.nodes),
         "MAX_NODES": str(spec.nodes),
         "MIN_NODES": str(min_nodes),
+        "MAX_EXCLUDED": str(spec.max_excluded_nodes),
         "TASKS_PER_NODE": str(spec.tasks_per_node),
         "TIME": spec.time,
         "SIGNAL_SECONDS": str(spec.signal_seconds),
@@ -308,6 +310,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--min-nodes", type=int, default=0,
                        help="fewest nodes a start may get (default: --nodes): after a node failure the requeued job "
                             "resumes on the remaining nodes with a smaller data-parallel size (zero3 only)")
+        p.add_argument("--max-excluded-nodes", type=int, default=8,
+                       help="failed nodes the job's requeues keep excluded (ExcNodeList, newest first; never so "
+                            "many that the partition cannot give the job its nodes)")
         p.add_argument("--time", required=True, help="wall limit per job, HH:MM:SS or D-HH:MM:SS")
         p.add_argument("--partition")
         p.add_argument("--account")
@@ -340,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
                    job_name=args.job_name, max_requeues=args.max_requeues, max_crash_retries=args.max_crash_retries,
                    signal_seconds=args.signal_seconds, chain=args.chain, entry=args.entry, python=args.python,
                    workdir=args.workdir, gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
-                   reset_start_time=args.reset_start_time, min_nodes=args.min_nodes)
+                   reset_start_time=args.reset_start_time, min_nodes=args.min_nodes,
+                   max_excluded_nodes=args.max_excluded_nodes)
     try:
         if args.output is not None:
             check_text("--output", str(args.output))

@@ -193,6 +193,11 @@ class ParallelConfig:
     # each node's GPUs (ZeRO++ hpZ, zero_hpz_partition_size = GPUs per node), so the backward's all-gathers
     # stay on NVLink; "none": every all-gather spans all nodes
     hierarchical_partition: Literal["node", "none"] = "node"
+    # memory of one GPU (GB) for the gpu profile's estimate (the plan is made on any machine, so it is not
+    # read from a device: 80 = A100/H100 80GB); hpZ is turned off when the estimate with it (model states,
+    # gathered parameters, buckets, the secondary copy; activations not counted) exceeds this fraction
+    gpu_memory_gb: float = num(80.0, gt=0)
+    hpz_memory_fraction: float = num(0.75, gt=0, le=1)
     # timeout of every collective of the process group (torch's default is 10 minutes for NCCL): long
     # enough for a rank-0 step that others wait on at scale (a universal conversion at resume)
     dist_timeout_minutes: float = num(60.0, gt=0, le=10080)

@@ -80,24 +80,35 @@ def _open_sets(data_cfg, vocab_size: int | None) -> list[tuple[ShardSet, float]]
     return sets
 
 
-def verify_data_once(data_cfg) -> None:
+def verify_data_once(data_cfg, cache: str | Path | None = None) -> dict:
     """Collective (every rank calls it, after the process group exists): the sha256 check of every
     shard (data.verify_checksums), done once per node in parallel, instead of by every rank each time it
     opens the data (train loader, validation batches, monitor probe). The shard files of all sources are
     dealt out to the ranks of this node (LOCAL_RANK of LOCAL_WORLD_SIZE: node-local copies are covered
     too), the problems gathered over the world, and every rank raises the same DataError if any. Later
-    opens in this process then check sizes and counts only (shards.is_verified)."""
+    opens in this process then check sizes and counts only (shards.is_verified).
+    `cache` (<run.dir>/.data_verified.json, verify_cache.py): files recorded there as verified, with
+    the same manifest, size, mtime and inode, are not hashed again (a restart hashes what changed only);
+    global rank 0 records a successful check. Returns {"hashed_bytes": this rank's, "trusted": files}."""
     import torch.distributed as dist
 
+    from mgt_scale.data import verify_cache
     from mgt_scale.data.shards import check_output, mark_verified, shard_files
     if data_cfg.synthetic != "none" or not bool(getattr(data_cfg, "verify_checksums", True)):
-        return
+        return {"hashed_bytes": 0, "trusted": 0}
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
     dirs = [p for p, _ in _shard_dirs(data_cfg)]
+    cached, seen = verify_cache.load(cache), {}
+    for d in dirs:  # stat before hashing: a file changed meanwhile is hashed again at the next start
+        files = shard_files(d)
+        msha = verify_cache.manifest_sha256(d) if cache is not None else None
+        shas = verify_cache.file_sha256s(d) if cache is not None else {}
+        seen[d] = (msha, {f: verify_cache.stat_key(Path(d) / f) for f in files}, shas)
+    trusted = {d: verify_cache.unchanged(cached, d, *seen[d]) for d in dirs}
     # largest first, each to the least loaded rank of the node: about equal bytes per rank
     work = sorted(((os.path.getsize(Path(d) / f) if (Path(d) / f).is_file() else 0, d, f)
-                   for d in dirs for f in shard_files(d)), key=lambda w: (-w[0], w[1], w[2]))
+                   for d in dirs for f in seen[d][1] if f not in trusted[d]), key=lambda w: (-w[0], w[1], w[2]))
     load, mine = [0] * local_world, []
     for size, d, f in work:
         r = min(range(local_world), key=lambda i: (load[i], i))
@@ -110,7 +121,8 @@ def verify_data_once(data_cfg) -> None:
             problems += check_output(d, full=True, only={f for dd, f in mine if dd == d})
         except OSError as e:
             problems.append(f"{d}: unreadable ({e})")
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if multi:
         every = [None] * dist.get_world_size()
         dist.all_gather_object(every, problems)
         problems = list(dict.fromkeys(p for rank_problems in every for p in rank_problems))
@@ -118,6 +130,19 @@ def verify_data_once(data_cfg) -> None:
         raise DataError("; ".join(problems))
     for d in dirs:
         mark_verified(d)
+    if cache is not None and (not multi or dist.get_rank() == 0):
+        try:
+            verify_cache.record(Path(cache), seen)
+        except OSError as e:  # the next start hashes everything again: slower, not wrong
+            from mgt_scale.logs import get_logger
+            get_logger(__name__).warning("could not record the data verification in %s (%s): the next start "
+                                         "hashes every shard again", cache, e)
+    n_trusted = sum(len(t) for t in trusted.values())
+    if cache is not None:
+        from mgt_scale.logs import get_logger
+        get_logger(__name__).info("data verified: %d file(s) hashed on this node, %d unchanged since their last "
+                                  "verification (%s) trusted by size, mtime and inode", len(work), n_trusted, cache)
+    return {"hashed_bytes": load[local_rank] if local_rank < local_world else 0, "trusted": n_trusted}
 
 
 def dataset_vocab_size(data_cfg) -> int | None:

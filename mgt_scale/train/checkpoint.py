@@ -5,9 +5,11 @@
 # writes of every rank are complete: a kill before that leaves `latest` on the previous checkpoint),
 # retention (last K that verify, plus every M-th), the resume choice made by rank 0 and broadcast, each
 # rank hashing only its own share (ckpt_collective), and each rank's parameter layout recorded and
-# checked before anything loads. A completed checkpoint is never deleted before its replacement (a new
-# save of the same step) is complete; one that fails verification is moved to checkpoints/damaged/
-# (never resumed from, never counted). DeepSpeed's own `latest` file is never written or read.
+# checked before anything loads. A new save of a step that has a completed checkpoint (after a
+# rollback) is written to checkpoints/.resave/step_N and swapped in only once complete and verified,
+# so `latest_good` never names a half-written directory; one that fails verification is moved to
+# checkpoints/damaged/ (never resumed from, never counted, never deleted). DeepSpeed's own `latest`
+# file is never written or read.
 # The format (manifest, hashing, tags) is in ckpt_format.py, resharding in ckpt_universal.py.
 from __future__ import annotations
 
@@ -28,11 +30,13 @@ from mgt_scale.train.ckpt_format import (LATEST, MANIFEST, TAG_RE, CheckpointErr
                                          tag_for, universal_dir, verify_checkpoint, write_durable, write_manifest)
 from mgt_scale.train.ckpt_universal import make_universal
 from mgt_scale.train.ckpt_writer import BackgroundWriter, own_files
+from mgt_scale.data.shards import fsync_dir
 from mgt_scale.train.failure import writing
 from mgt_scale.train.optim import param_layout
 from mgt_scale.train.retention import REASON, move_damaged, plan_retention
 
 _log = get_logger(__name__)
+RESAVE = ".resave"  # checkpoints/.resave/step_N: a new save of a step whose completed checkpoint stays in place
 
 
 def _fault_step(var: str) -> int | None:
@@ -183,19 +187,27 @@ class CheckpointManager:
     def _start_save(self, engine, step: int, client_state: dict) -> None:
         tag = tag_for(step)
         tag_dir = self.dir / tag
-        replaced = self._replaced_dir(tag)
+        write_dir = tag_dir
         if self.rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
             if (tag_dir / MANIFEST).is_file():
-                # a completed checkpoint of this step (a save after a rollback to it): keep it, out of
-                # sight of resume and retention, until the new one is complete. A kill in between leaves
-                # it there for recover_interrupted_saves() to put back.
-                shutil.rmtree(replaced, ignore_errors=True)
-                os.replace(tag_dir, replaced)
+                known = self._known_damage(step)
+                if known:
+                    # rejected by find_resume (a rollback past it): set aside with its reason, never
+                    # deleted; `latest_good` moves to a good one; the new save goes in its place
+                    self._move_damaged(step, known)
+                else:
+                    # a completed checkpoint of this step (a save after a rollback to it) stays in place,
+                    # and `latest_good` on it, until the new one, written beside it, is complete and
+                    # verified (_swap_in); a kill in between leaves recover_interrupted_saves() to clean up
+                    write_dir = self._resave_dir(tag)
+                    shutil.rmtree(write_dir, ignore_errors=True)
+                    write_dir.mkdir(parents=True)
             elif tag_dir.exists():  # a leftover from an interrupted save of the same step
                 shutil.rmtree(tag_dir)
-            shutil.rmtree(universal_dir(tag_dir), ignore_errors=True)  # a conversion of other contents
-        barrier()
+            if write_dir == tag_dir:
+                shutil.rmtree(universal_dir(tag_dir), ignore_errors=True)  # a conversion of other contents
+        write_dir = Path(broadcast_obj(str(write_dir)))  # every rank writes where rank 0 decided
         state = dict(client_state)
         state.update({"step": step, "rng": rng_state(), "config": to_dict(self.cfg),
                       "config_hash": config_hash(self.cfg), "versions": library_versions(),
@@ -206,12 +218,12 @@ class CheckpointManager:
             self._writer = BackgroundWriter()
         own = own_files(engine, self.rank)
         if own is not None:
-            own.start(tag_dir, self._writer)
-        engine.save(str(self.dir), tag, state)
+            own.start(write_dir, self._writer)
+        engine.save(str(write_dir.parent), tag, state)
         # per-rank RNG: DeepSpeed stores client_state from rank 0 only, so every rank keeps its own file
-        mine = rank_file(tag_dir, self.rank)
+        mine = rank_file(write_dir, self.rank)
         torch.save({"rng": rng_state(), "param_layout": param_layout(engine.module)}, mine)
-        self._pending = {"step": step, "tag_dir": tag_dir, "replaced": replaced, "own": own,
+        self._pending = {"step": step, "tag_dir": tag_dir, "write_dir": write_dir, "own": own,
                          "records": {mine.name: file_record(mine, self.rank)}}
 
     def _finish_save(self) -> None:
@@ -227,7 +239,7 @@ class CheckpointManager:
         records = dict(p["records"])
         if p["own"] is not None:
             records.update(p["own"].records)
-            p["own"].start(p["tag_dir"], None)
+            p["own"].start(p["write_dir"], None)
         every = gather_obj((records, None if err is None else f"{type(err).__name__}: {err}"))
         if err is not None:
             raise err
@@ -235,11 +247,12 @@ class CheckpointManager:
         if failed:
             raise CheckpointError(f"{p['tag_dir']}: rank {failed[0][0]} failed to write its files "
                                   f"({failed[0][1]}): checkpoint left incomplete, {LATEST} not moved")
-        step, tag_dir = p["step"], p["tag_dir"]
+        step, tag_dir = p["step"], p["write_dir"]  # write_dir: the step's folder, or beside it (_start_save)
         if self.rank == 0 and _fault_step("MGT_FAULT_KILL_DURING_SAVE") == step:
             _log.warning(f"fault injection: killing rank 0 while saving {tag_dir.name} (DeepSpeed files written, "
                          "no manifest)")
             os._exit(137)
+        swap_err = None
         if self.rank == 0:
             from mgt_scale.config import save_config
             save_config(self.cfg, tag_dir / "config.yaml")  # every checkpoint carries its resolved config
@@ -252,12 +265,58 @@ class CheckpointManager:
             if _fault_step("MGT_FAULT_KILL_AFTER_MANIFEST") == step:
                 _log.warning(f"fault injection: killing rank 0 after the manifest of {tag_dir.name}")
                 os._exit(137)
-            self._damaged.pop(step, None)
-            self._point_latest(tag_dir.name)
-            shutil.rmtree(p["replaced"], ignore_errors=True)
-            self._prune(step)
+            if tag_dir != p["tag_dir"]:  # a new save of a completed step, written beside it
+                swap_err = self._swap_in(tag_dir, p["tag_dir"], step)
+            if swap_err is None:
+                self._damaged.pop(step, None)
+                self._point_latest(tag_dir.name)
+                self._prune(step)
+        swap_err = broadcast_obj(swap_err)  # every rank raises, or none
+        if swap_err:
+            raise CheckpointError(swap_err)
         barrier()
         self._verified[step] = self._manifest_id(step)  # hashed from the files just written
+
+    def _resave_dir(self, tag: str) -> Path:
+        """Where a new save of a step that has a completed checkpoint is written (the tag stays the
+        DeepSpeed tag; a dot folder: no step folder for resume or retention)."""
+        return self.dir / RESAVE / tag
+
+    def _known_damage(self, step: int) -> list[str]:
+        """The problems find_resume() or retention found in the checkpoint of `step` now in place."""
+        known = self._damaged.get(step)
+        return known[1] if known is not None and known[0] == self._manifest_id(step) else []
+
+    def _swap_in(self, new: Path, tag_dir: Path, step: int) -> Optional[str]:
+        """Rank 0: put the complete new save of `step` (written to `new`) in place of the completed one,
+        which is deleted (or, failing the size check, set aside as damaged). None, or why the new one
+        was not put in place (the old one and `latest_good` are left as they were)."""
+        problems = verify_checkpoint(new, full=False)  # its writers hashed every file as they wrote it
+        if problems:
+            return (f"{new}: the new save of {tag_dir.name} does not verify ({problems[0]}): "
+                    f"{tag_dir.name} and {LATEST} left on the completed one")
+        replaced = self._replaced_dir(tag_dir.name)
+        if replaced.exists():  # a leftover of an earlier replacement
+            self._discard_replaced(replaced, tag_dir.name)
+        os.replace(tag_dir, replaced)
+        os.replace(new, tag_dir)
+        shutil.rmtree(new.parent, ignore_errors=True)  # one save at a time; DeepSpeed's zero_to_fp32.py copy
+        fsync_dir(self.dir)
+        shutil.rmtree(universal_dir(tag_dir), ignore_errors=True)  # a conversion of the old contents
+        self._discard_replaced(replaced, tag_dir.name)
+        return None
+
+    def _discard_replaced(self, replaced: Path, tag: str, log=print) -> None:
+        """Rank 0: the completed checkpoint a new save of its step replaced is deleted, unless it fails
+        the size check (a stat per file): then it is damaged, and set aside to checkpoints/damaged/ like
+        any other, never deleted."""
+        problems = verify_checkpoint(replaced, full=False)
+        if not problems:
+            shutil.rmtree(replaced, ignore_errors=True)
+            return
+        dest = move_damaged(self.dir, tag, problems, src=replaced)
+        log(f"checkpoint {tag} (replaced by a new save of its step) failed verification ({problems[0]}): "
+            f"moved to {dest} ({REASON} says why: delete it when no longer needed)")
 
     def _replaced_dir(self, tag: str) -> Path:
         """Where save() keeps the completed checkpoint it is replacing (a dot name: no step folder)."""
@@ -269,13 +328,33 @@ class CheckpointManager:
         one; if the new one did complete, only the kept copy is deleted. Returns the tags put back."""
         restored = []
         if self.rank == 0 and self.dir.is_dir():
+            for new in sorted((self.dir / RESAVE).glob("step_*")):
+                tag_dir = self.dir / new.name
+                if not TAG_RE.match(new.name) or not new.is_dir():
+                    continue
+                if (new / MANIFEST).is_file() and not verify_checkpoint(new, full=False):
+                    # killed while swapping a complete new save in (_swap_in): it goes in place, the
+                    # completed one it replaces is discarded by the loop below
+                    if (tag_dir / MANIFEST).is_file():
+                        if self._replaced_dir(new.name).exists():
+                            self._discard_replaced(self._replaced_dir(new.name), new.name, log=log)
+                        os.replace(tag_dir, self._replaced_dir(new.name))
+                    elif tag_dir.exists():
+                        shutil.rmtree(tag_dir)
+                    os.replace(new, tag_dir)
+                    shutil.rmtree(universal_dir(tag_dir), ignore_errors=True)
+                    restored.append(new.name)
+                    log(f"checkpoint {new.name}: a new save of it was complete when it was interrupted: put in place")
+                else:  # an interrupted new save: the completed checkpoint of the step never left its place
+                    shutil.rmtree(new)
+            shutil.rmtree(self.dir / RESAVE, ignore_errors=True)  # what is left: DeepSpeed's zero_to_fp32.py copy
             for kept in sorted(self.dir.glob(".step_*.replaced")):
                 tag = kept.name[1:-len(".replaced")]
                 tag_dir = self.dir / tag
                 if not TAG_RE.match(tag) or not kept.is_dir():
                     continue
                 if (tag_dir / MANIFEST).is_file():
-                    shutil.rmtree(kept)
+                    self._discard_replaced(kept, tag, log=log)
                     continue
                 if tag_dir.exists():
                     shutil.rmtree(tag_dir)
@@ -349,7 +428,7 @@ class CheckpointManager:
         self._verified.pop(step, None)
         latest = self.dir / LATEST
         if latest.is_file() and latest.read_text().strip() == tag:
-            kept = self.completed_steps()
+            kept = [s for s in self.completed_steps() if not self._known_damage(s)]
             if kept:
                 self._point_latest(tag_for(kept[-1]))
             else:

@@ -206,7 +206,9 @@ def _run(cfg: Config, args, denv, plan, precision: str) -> int:
     dp_rank, dp_size = engine_dp(engine, plan, rank)
     try:
         from mgt_scale.data import verify_data_once
-        verify_data_once(cfg.data)  # once per node, in parallel: the opens below check sizes only
+        verify_data_once(cfg.data,  # once per node, in parallel: the opens below check sizes only; a restart
+                         # hashes only shards changed since (checkpoint.verify=full: every shard, every start)
+                         cache=None if cfg.checkpoint.verify == "full" else Path(run_dir) / ".data_verified.json")
         loader = build_train_loader(cfg.data, seq_len=cfg.data.seq_len, global_batch=plan.global_batch,
                                     micro_batch=plan.micro_batch, dp_rank=dp_rank, dp_size=dp_size,
                                     vocab_size=cfg.model.vocab_size)

@@ -41,15 +41,16 @@ def plan_retention(steps: list[int], complete: list[int], newest: int, keep_last
     return delete, damaged
 
 
-def move_damaged(ckpt_dir: Path, tag: str, problems: list[str]) -> Path:
-    """Move checkpoints/<tag> to checkpoints/damaged/<time>-<tag>/<tag> and write reason.txt there."""
+def move_damaged(ckpt_dir: Path, tag: str, problems: list[str], src: Path | None = None) -> Path:
+    """Move checkpoints/<tag> (or `src`, a copy of it kept aside) to checkpoints/damaged/<time>-<tag>/<tag>
+    and write reason.txt there."""
     base = ckpt_dir / DAMAGED / f"{time.strftime('%Y%m%d-%H%M%S')}-{tag}"
     dest, n = base, 1
     while dest.exists():
         n += 1
         dest = base.with_name(f"{base.name}-{n}")
     dest.mkdir(parents=True)
-    os.replace(ckpt_dir / tag, dest / tag)
+    os.replace(ckpt_dir / tag if src is None else src, dest / tag)
     (dest / REASON).write_text(
         f"{tag} failed verification on {time.strftime('%Y-%m-%d %H:%M:%S %z')} and was moved here by "
         "mgt-scale, so that `--resume auto` never picks it and retention (checkpoint.keep_last) never "

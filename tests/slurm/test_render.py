@@ -343,3 +343,92 @@ def test_render_warns_when_nothing_checkpoints_between_signals(tmp_path, capsys,
                         "--set", f"checkpoint.interval={interval}")
     assert S.main(argv) == 0
     assert ("warning: checkpoint.interval=0" in capsys.readouterr().err) == warned
+
+
+# ----------------------------------------------------------------------------------------------
+# Node failure: which nodes the requeued job excludes (outside SLURM: stand-in sinfo / scontrol)
+
+FAKE_SINFO = """#!/bin/bash
+echo "sinfo $*" >> "$FAKE_LOG"
+case " $* " in
+  *" -t down,fail "*) printf '%s\\n' ${FAKE_DOWN//,/ };;
+  *" -t "*) printf '%s\\n' ${FAKE_DOWN//,/ } ${FAKE_NORESP//,/ };;  # a state query that includes no_respond
+  *) printf '%s\\n' ${FAKE_PARTITION//,/ };;
+esac
+"""
+FAKE_SCONTROL_JOB = """#!/bin/bash
+echo "scontrol $*" >> "$FAKE_LOG"
+case "$1 $2" in
+  "show hostnames") tr ',' '\\n' <<< "$3";;
+  "show job") echo "JobId=$4 JobName=j JobState=${FAKE_JOB_STATE:-PENDING} Reason=None \
+Restarts=${FAKE_SHOWN_RESTARTS:-1} Partition=gpu RunTime=00:10:00 TimeLimit=01:00:00 ExcNodeList=${FAKE_EXC:-(null)} NumNodes=1";;
+esac
+exit 0
+"""
+
+
+@pytest.fixture
+def failing_job(tmp_path):
+    """Render a job of `nodes` nodes (one task each) and run it once: every rank exits 1 and `sinfo`
+    reports FAKE_DOWN (and FAKE_NORESP: not responding only). Returns the `scontrol update` settings
+    the requeue helper applied (it runs detached: waited for) and the crash count file's value."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for name, body in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL_JOB), ("sinfo", FAKE_SINFO), ("stub", STUB)):
+        (bindir / name).write_text(body)
+        (bindir / name).chmod(0o755)
+    cfg = _config(tmp_path / "cfg.yaml", tmp_path / "run")
+
+    def run(nodes: int, down: str = "", noresp: str = "", excluded: str = "", partition: str = "",
+            extra: tuple[str, ...] = ()):
+        out = tmp_path / "job.sbatch"
+        argv = _render_argv(cfg, _entry(tmp_path / "e.py"), out, "--python", str(bindir / "stub"),
+                            "--no-reset-start-time", *extra)
+        argv[argv.index("--nodes") + 1], argv[argv.index("--tasks-per-node") + 1] = str(nodes), "1"
+        assert S.main(argv) == 0
+        log = tmp_path / "calls.log"
+        log.write_text("")
+        env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", FAKE_LOG=str(log), STUB_CODES="1",
+                   SLURM_JOB_ID="42", SLURM_RESTART_COUNT="0", SLURM_JOB_NUM_NODES=str(nodes),
+                   SLURM_JOB_NODELIST="n[1-9]", FAKE_DOWN=down, FAKE_NORESP=noresp, FAKE_EXC=excluded,
+                   FAKE_PARTITION=partition)
+        p = subprocess.run(["bash", str(out)], env=env, capture_output=True, text=True, timeout=60)
+        import time
+        deadline = time.time() + 20  # the detached helper updates the pending job within ~2 s
+        while time.time() < deadline and "scontrol update" not in log.read_text() and down:
+            time.sleep(0.2)
+        time.sleep(0.5)
+        calls = log.read_text().splitlines()
+        updates = [c.split(" ", 3)[3] for c in calls if c.startswith("scontrol update JobId=42 ")]
+        crashes = run_dir_crashes(tmp_path / "run")
+        return updates, crashes, p.stdout + p.stderr
+
+    return run
+
+
+def run_dir_crashes(run_dir: Path) -> int:
+    f = run_dir / "slurm" / "state" / "crashes-42"
+    return int(f.read_text()) if f.is_file() else 0
+
+
+def test_exclusions_accumulate_across_requeues(failing_job):
+    # n2 failed at an earlier requeue (the job's ExcNodeList); now n3: before, ExcNodeList=n3 alone
+    # and the next start could land on n2 again
+    updates, crashes, out = failing_job(1, down="n3", excluded="n2", partition="n1,n2,n3,n4,n5,n6")
+    assert updates == ["ExcNodeList=n3,n2"], out
+    assert crashes == 0  # a node failure is not a crash retry
+
+
+def test_exclusions_are_bounded_by_the_option_and_by_the_partition(failing_job):
+    updates, _, out = failing_job(1, down="n3", excluded="n2,n4,n5", partition="n1,n2,n3,n4,n5,n6,n7,n8",
+                                  extra=("--max-excluded-nodes", "2"))
+    assert updates == ["ExcNodeList=n3,n2"], out  # the newest two
+    # a partition of 4 nodes and a job of 2: at most 2 excluded, the oldest dropped
+    updates, _, out = failing_job(2, down="n3", excluded="n1,n4", partition="n1,n2,n3,n4")
+    assert updates == ["ExcNodeList=n3,n1"], out
+
+
+def test_a_node_only_not_responding_is_not_a_node_failure(failing_job):
+    # before: n3 (NOT_RESPONDING, not DOWN) was excluded and the crash was not counted as one
+    updates, crashes, out = failing_job(1, noresp="n3", partition="n1,n2,n3")
+    assert updates == [] and crashes == 1, out

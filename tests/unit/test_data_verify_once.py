@@ -122,3 +122,104 @@ def test_a_read_error_on_one_rank_still_reaches_the_gather(tmp_path, monkeypatch
     with pytest.raises(DataError, match="Input/output error"):
         verify_data_once(cfg.data)
     assert len(gathered) == 1 and gathered[0], "the failing rank never reached the gather"
+
+
+# -- restarts: <run.dir>/.data_verified.json (data/verify_cache.py) -------------------------------
+@pytest.fixture
+def hashed_files(monkeypatch):
+    """The shard / index files hashed (paths), by every sha256 of the data code."""
+    from mgt_scale.data import shards
+    real, seen = shards.sha256_file, []
+
+    def counting(path, chunk=1 << 22):
+        if Path(path).suffix in (".bin", ".npy"):
+            seen.append(Path(path).name)
+        return real(path, chunk)
+    monkeypatch.setattr(shards, "sha256_file", counting)
+    monkeypatch.setattr(shards, "_VERIFIED", {})
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    return seen
+
+
+def start(cfg, cache, seen):
+    """One start of a job: a new process (nothing verified in it yet)."""
+    from mgt_scale.data import shards, verify_data_once
+    shards._VERIFIED.clear()
+    seen.clear()
+    return verify_data_once(cfg.data, cache=cache)
+
+
+def test_a_restart_hashes_only_the_shards_that_changed(tmp_path, hashed_files):
+    import os
+    d = make_data(tmp_path / "data")
+    cfg = load_config(None, [f"data.path={d}"])
+    cache = tmp_path / "run" / ".data_verified.json"
+    every = sorted(f.name for f in d.iterdir() if f.suffix in (".bin", ".npy"))
+    first = start(cfg, cache, hashed_files)
+    assert sorted(hashed_files) == every and first["hashed_bytes"] == data_bytes(d)
+    assert cache.is_file()
+    second = start(cfg, cache, hashed_files)
+    assert hashed_files == [] and second["hashed_bytes"] == 0  # before: the whole data set, every start
+    shard = sorted(d.glob("train-*.bin"))[1]
+    st = shard.stat()
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # touched: hashed again
+    start(cfg, cache, hashed_files)
+    assert hashed_files == [shard.name]
+    start(cfg, cache, hashed_files)
+    assert hashed_files == []
+
+
+def test_a_changed_shard_is_found_and_nothing_is_recorded(tmp_path, hashed_files):
+    from mgt_scale.data import DataError
+    d = make_data(tmp_path / "data")
+    cfg = load_config(None, [f"data.path={d}"])
+    cache = tmp_path / "run" / ".data_verified.json"
+    start(cfg, cache, hashed_files)
+    shard = sorted(d.glob("train-*.bin"))[0]
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 1
+    shard.write_bytes(bytes(data))  # a new mtime
+    before = cache.read_text()
+    with pytest.raises(DataError, match="sha256 checksum mismatch"):
+        start(cfg, cache, hashed_files)
+    assert cache.read_text() == before
+
+
+def test_bytes_changed_under_the_same_size_and_mtime_are_trusted_unless_verifying_in_full(tmp_path, hashed_files):
+    """The limitation, stated: size + mtime + inode trusts the filesystem. checkpoint.verify=full
+    (the trainer passes no cache) and `mgt prep --verify` hash everything."""
+    import os
+
+    from mgt_scale.data import DataError, verify_output
+    d = make_data(tmp_path / "data")
+    cfg = load_config(None, [f"data.path={d}"])
+    cache = tmp_path / "run" / ".data_verified.json"
+    start(cfg, cache, hashed_files)
+    shard = sorted(d.glob("train-*.bin"))[0]
+    st = shard.stat()
+    with open(shard, "r+b") as f:  # in place: same inode, same size
+        f.seek(10)
+        b = f.read(1)
+        f.seek(10)
+        f.write(bytes([b[0] ^ 1]))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    start(cfg, cache, hashed_files)  # not seen
+    with pytest.raises(DataError, match="sha256 checksum mismatch"):
+        start(cfg, None, hashed_files)
+    from mgt_scale.data import shards
+    shards._VERIFIED.clear()
+    with pytest.raises(DataError, match="sha256 checksum mismatch"):
+        verify_output(d, full=True)
+
+
+def test_another_manifest_is_verified_in_full(tmp_path, hashed_files):
+    import json
+    d = make_data(tmp_path / "data")
+    cfg = load_config(None, [f"data.path={d}"])
+    cache = tmp_path / "run" / ".data_verified.json"
+    start(cfg, cache, hashed_files)
+    m = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").write_text(json.dumps(m, indent=1))  # same content, other bytes
+    start(cfg, cache, hashed_files)
+    assert sorted(hashed_files) == sorted(f.name for f in d.iterdir() if f.suffix in (".bin", ".npy"))

@@ -133,3 +133,51 @@ def test_shape_only_with_dry_run(tmp_path, capsys):
     cfg.write_text("data: {synthetic: copy}\nmonitor: {interval: 0}\n")
     assert main(["--config", str(cfg), "--nodes", "2"]) == 2
     assert main(["--config", str(cfg), "--dry-run", "--nodes", "0"]) == 2
+
+
+# -- memory: hpZ only where its secondary copy fits; bucket sizes capped -----------------------------
+# 192 x d 8192 (2.1e11 parameters) on 64 nodes x 8 GPUs: model states 7 GB per GPU, but hpZ's copy
+# (2 bytes x params / 8 GPUs) 52 GB
+HUGE = ["model.num_layers=192", "model.d_model=8192", "model.num_heads=64", "model.d_ff=32768"]
+
+
+def plan_of(out: str) -> tuple[str, dict]:
+    text = out.split("# plan\n", 1)[1]
+    plan, ds = text.split("# DeepSpeed config\n", 1)
+    return plan, json.loads(ds)
+
+
+def test_dry_run_of_a_small_model_keeps_hpz_and_prints_the_memory_estimate(tmp_path, capsys):
+    code, out = dry_run(tmp_path, capsys, "--nodes", "8", "--gpus-per-node", "8")
+    assert code == 0, out.err
+    plan, ds = plan_of(out.out)
+    assert ds["zero_optimization"]["zero_hpz_partition_size"] == 8
+    assert "memory per GPU (estimate" in plan and "budget 60.0 GB (0.75 x 80 GB)" in plan
+
+
+def test_dry_run_of_a_huge_model_turns_hpz_off_for_memory_and_caps_the_buckets(tmp_path, capsys):
+    from mgt_scale.parallel import gpu_profile as G
+    code, out = dry_run(tmp_path, capsys, "--nodes", "64", "--gpus-per-node", "8", sets=HUGE)
+    assert code == 0, out.err
+    plan, ds = plan_of(out.out)
+    z = ds["zero_optimization"]
+    assert "zero_hpz_partition_size" not in z  # before: 8, a 52 GB copy per GPU on top of the rest
+    assert "hierarchical partition: none (memory: estimated" in plan
+    # before: reduce 1.07e9 (2 x 4.3 GB fp32 buckets), prefetch 2.1e9, live 3.2e9 parameters
+    assert z["reduce_bucket_size"] == G.REDUCE_BUCKET_CAP == 5 * 10 ** 8
+    assert z["stage3_prefetch_bucket_size"] == G.PREFETCH_CAP
+    assert z["stage3_max_live_parameters"] == G.MAX_LIVE_CAP
+    zc = parsed(ds, 512).zero_config  # DeepSpeed reads the capped keys
+    assert (zc.reduce_bucket_size, zc.prefetch_bucket_size) == (5 * 10 ** 8, 10 ** 9)
+    cfg = load_config(None, [*BIG, *HUGE])
+    m = G.memory_estimate(cfg, plan_batch(cfg, 512), JobShape(64, 8))
+    assert m.total(False) <= m.budget < m.total(True)
+    # a GPU with more memory (parallel.gpu_memory_gb: H200 141 GB) keeps hpZ
+    code, out = dry_run(tmp_path, capsys, "--nodes", "64", "--gpus-per-node", "8",
+                        sets=[*HUGE, "parallel.gpu_memory_gb=141"])
+    assert code == 0 and plan_of(out.out)[1]["zero_optimization"]["zero_hpz_partition_size"] == 8
+
+
+def test_zero2_allgather_bucket_is_capped():
+    cfg, plan, ds = gpu_json([*HUGE, "parallel.zero_stage=2"], 64, 8)
+    assert ds["zero_optimization"]["allgather_bucket_size"] == 5 * 10 ** 8
