@@ -11,11 +11,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from mgt_scale.exit_codes import CONFIG_ERROR
+from mgt_scale.exit_codes import CONFIG_ERROR, CRASH
 from mgt_scale.logs import get_logger
 from mgt_scale.train.ckpt_format import LATEST, MANIFEST, TAG_RE, CheckpointError, verify_checkpoint
 from mgt_scale.train.ckpt_inspect import list_checkpoints
-from mgt_scale.train.ckpt_universal import make_universal
+from mgt_scale.train.ckpt_universal import ConversionError, make_universal
 
 log = get_logger(__name__)
 
@@ -76,9 +76,12 @@ def cmd_reshard(args) -> int:
         tag = latest.read_text().strip()
     try:
         out = make_universal(root / tag, force=args.force)
-    except CheckpointError as e:
+    except ConversionError as e:  # the converter failed on a good checkpoint: not the operator's input
         log.error(str(e))
-        return 1
+        return CRASH
+    except CheckpointError as e:  # damaged, or not a checkpoint: bad input
+        log.error(str(e))
+        return CONFIG_ERROR
     print(f"universal checkpoint: {out}\n`mgt train --resume auto` on any number of ranks now loads it")
     return 0
 

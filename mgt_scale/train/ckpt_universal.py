@@ -19,6 +19,11 @@ from mgt_scale.train.ckpt_format import (MANIFEST, CheckpointError, sha256_file,
 _log = get_logger(__name__)
 
 
+
+class ConversionError(CheckpointError):
+    """DeepSpeed's converter failed on a checkpoint that verified: a fault of the tool or the machine
+    (exit 1 of `mgt ckpt reshard`), unlike a damaged checkpoint (bad input, exit 2)."""
+
 def reshard_workers(requested: int = 0) -> int:
     """Worker processes for ds_to_universal: `requested`, or (0) the CPUs this process may use, at most 32."""
     if requested > 0:
@@ -62,7 +67,7 @@ def make_universal(tag_dir: Path, log=_log.info, force: bool = False, workers: i
     log("converting: " + " ".join(cmd))
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
-        raise CheckpointError(f"{tag_dir}: ds_to_universal failed (exit {r.returncode}):\n"
+        raise ConversionError(f"{tag_dir}: ds_to_universal failed (exit {r.returncode}):\n"
                               + (r.stdout[-2000:] + r.stderr[-2000:]))
     for f in tag_dir.glob("rng_rank*.pt"):
         shutil.copy2(f, tmp / f.name)

@@ -87,3 +87,20 @@ def test_a_conversion_at_resume_does_not_hash_the_verified_source_again(tmp_path
     hashed.clear()
     ckpt_universal.make_universal(d, log=lambda *a: None, force=True)  # `mgt ckpt reshard`: verifies first
     assert {"model.pt", "optim.pt"} <= set(hashed), hashed
+
+
+def test_reshard_exit_codes_damaged_is_bad_input_converter_failure_is_a_crash(tmp_path, monkeypatch):
+    """`mgt ckpt reshard`: a damaged checkpoint is the operator's input (exit 2, like every other damaged
+    checkpoint); DeepSpeed's converter failing on a checkpoint that verifies is not (exit 1)."""
+    import subprocess
+
+    from mgt_scale import exit_codes
+    from mgt_scale.commands import ckpt
+    from mgt_scale.train import ckpt_universal
+    run = tmp_path / "run"
+    d = make_checkpoint(run / "checkpoints" / "step_00000005")
+    monkeypatch.setattr(ckpt_universal.subprocess, "run",
+                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 3, "", "converter exploded"))
+    assert ckpt.main(["reshard", str(run), "--tag", d.name]) == exit_codes.CRASH
+    (d / "model.pt").write_bytes(b"x" * 100)  # same size, other bytes
+    assert ckpt.main(["reshard", str(run), "--tag", d.name]) == exit_codes.CONFIG_ERROR
