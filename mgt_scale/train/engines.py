@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from mgt_scale.config import Config
+from mgt_scale.data.synthetic import loss_mask_fn
 from mgt_scale.model import build_model, lm_loss
 from mgt_scale.parallel.collectives import any_rank, mean_over_ranks
 from mgt_scale.parallel.compile import compile_blocks
@@ -98,6 +99,7 @@ class Zero3Engine:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config)
         self.device = _device()
+        self.loss_mask_fn = loss_mask_fn(cfg.data)  # data.copy_loss: copied; None: every position
 
     @property
     def module(self) -> torch.nn.Module:
@@ -122,7 +124,8 @@ class Zero3Engine:
         nonfinite = False
         for x, y in micro_batches:
             logits = self.engine(x.to(self.device))
-            loss = lm_loss(logits, y.to(self.device))
+            mask = self.loss_mask_fn(y).to(self.device) if self.loss_mask_fn else None
+            loss = lm_loss(logits, y.to(self.device), mask)
             if inject_nan:
                 loss = loss * float("nan")
             bad = any_rank(not bool(torch.isfinite(loss.detach()).all()))
@@ -145,6 +148,7 @@ class Zero3Engine:
 
     @torch.no_grad()
     def eval_loss(self, batches: Sequence[Batch], mask_fn=None) -> float:
+        mask_fn = mask_fn or self.loss_mask_fn
         self.engine.eval()
         losses = []
         for x, y in batches:

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from mgt_scale.config import Config
+from mgt_scale.data.synthetic import loss_mask_fn
 from mgt_scale.parallel import ds_patches
 from mgt_scale.parallel.compile import compile_blocks
 from mgt_scale.parallel.ds_config import deepspeed_config
@@ -45,6 +46,7 @@ class PipelineEngine:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, config=self.ds_config)
         self.device = _device()
+        self.loss_mask_fn = loss_mask_fn(cfg.data)  # data.copy_loss: copied; labels become (targets, mask)
         self._grad_norm = float("nan")
         self._guarded = self._clipping = False
         if not self.engine.zero_optimization() and precision == "fp32":
@@ -87,6 +89,8 @@ class PipelineEngine:
             raise ValueError(f"pipeline step needs {self.engine.micro_batches} micro batches, got {len(micro_batches)}")
         self.loss_fn.inject_nan = inject_nan
         self._grad_norm = float("nan")
+        if self.loss_mask_fn:
+            micro_batches = [(x, (y, self.loss_mask_fn(y))) for x, y in micro_batches]
         skipped_before = self.engine.skipped_steps
         try:
             loss = float(self.engine.train_batch(data_iter=iter(list(micro_batches))))
@@ -106,6 +110,7 @@ class PipelineEngine:
 
     @torch.no_grad()
     def eval_loss(self, batches: Sequence[Batch], mask_fn=None) -> float:
+        mask_fn = mask_fn or self.loss_mask_fn
         data = [(x, (y, mask_fn(y))) if mask_fn else (x, y) for x, y in batches]
         loss = self.engine.eval_batch(iter(data), num_micro_batches=len(data))
         self.engine.module.train()
