@@ -45,10 +45,12 @@ from mgt_scale.logs import get_logger  # noqa: E402
 log = get_logger("bench.gpu_pilot")
 KINDS = ("preln", "postln", "deepnorm", "mgt")
 SIZES = {
-    # model, training cells, probes, factorial, data. 16 x 128 tokens per step and lr 1e-3 as hyp_main
+    # model, training cells, probes, factorial, data. 16 x 128 tokens per step, lr 1e-3, 8 x 16 x 128 valid
+    # tokens and 128 x 128 probe tokens as hyp_main; factorial cells in order of seed, then depth (100, the
+    # pilot's, first); 16 MB of stdlib give ~6 M tokens, ~30 k of them valid (8 MB: 15 k, under 16 k)
     "full": dict(d_model=256, num_heads=4, d_ff=1024, depth=100, steps=600, batch=16, seq=128, vocab=2048,
                  precision="bf16", lr=1e-3, probe_every=50, probe_batch=128, probe_seq=128, valid_batches=8,
-                 fact_depths=[12, 48, 100, 200], fact_seeds=[0, 1, 2], fact_batch=32, fact_seq=128, prep_mb=8.0),
+                 fact_depths=[100, 12, 48, 200], fact_seeds=[0, 1, 2], fact_batch=32, fact_seq=128, prep_mb=16.0),
     "tiny": dict(d_model=32, num_heads=2, d_ff=64, depth=4, steps=5, batch=4, seq=32, vocab=512,
                  precision="fp32", lr=1e-3, probe_every=2, probe_batch=4, probe_seq=32, valid_batches=2,
                  fact_depths=[4], fact_seeds=[0], fact_batch=4, fact_seq=32, prep_mb=0.3),
