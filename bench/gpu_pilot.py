@@ -47,7 +47,8 @@ KINDS = ("preln", "postln", "deepnorm", "mgt")
 SIZES = {
     # model, training cells, probes, factorial, data. 16 x 128 tokens per step, lr 1e-3, 8 x 16 x 128 valid
     # tokens and 128 x 128 probe tokens as hyp_main; factorial cells in order of seed, then depth (100, the
-    # pilot's, first); up to 16 MB of stdlib (Python 3.11: all 796 non-test files, 4.3 M tokens, 30 k valid; 8 MB gave 15 k valid, under 16 k)
+    # pilot's, first); up to 16 MB of stdlib (Python 3.11: all 796 non-test files, 4.3 M tokens, 30 k
+    # valid; 8 MB gave 15 k valid tokens, fewer than the 16 k evaluated)
     "full": dict(d_model=256, num_heads=4, d_ff=1024, depth=100, steps=600, batch=16, seq=128, vocab=2048,
                  precision="bf16", lr=1e-3, probe_every=50, probe_batch=128, probe_seq=128, valid_batches=8,
                  fact_depths=[100, 12, 48, 200], fact_seeds=[0, 1, 2], fact_batch=32, fact_seq=128, prep_mb=16.0),
@@ -161,7 +162,8 @@ def write_base(path: Path, data: Path, s: dict, steps: int) -> Path:
         "parallel": {"precision": s["precision"]},
         "train": {"max_steps": steps, "global_batch_size": s["batch"], "micro_batch_size": s["batch"],
                   "lr": s["lr"], "warmup_steps": max(1, steps // 20), "log_interval": 10},
-        "monitor": {"interval": s["probe_every"], "probe_batch_size": s["probe_batch"], "probe_seq_len": s["probe_seq"]},
+        "monitor": {"interval": s["probe_every"], "probe_batch_size": s["probe_batch"],
+                    "probe_seq_len": s["probe_seq"]},
     }
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
