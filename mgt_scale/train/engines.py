@@ -10,7 +10,6 @@ import torch
 import torch.distributed as dist
 
 from mgt_scale.config import Config
-from mgt_scale.data.synthetic import loss_mask_fn
 from mgt_scale.model import build_model, lm_loss
 from mgt_scale.parallel.collectives import any_rank, mean_over_ranks
 from mgt_scale.parallel.compile import compile_blocks
@@ -83,6 +82,8 @@ class Zero3Engine:
         deepspeed = import_deepspeed()
 
         self.cfg, self.plan, self.precision = cfg, plan, precision
+        from mgt_scale.data.synthetic import loss_mask_fn
+        self.loss_mask_fn = loss_mask_fn(cfg.data)  # data.copy_loss: copied; None: every position
         self.ds_config = deepspeed_config(cfg, plan, precision)
         if cfg.parallel.zero_stage == 3:
             model = build_model_zero_init(cfg, self.ds_config)
@@ -99,7 +100,6 @@ class Zero3Engine:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config)
         self.device = _device()
-        self.loss_mask_fn = loss_mask_fn(cfg.data)  # data.copy_loss: copied; None: every position
 
     @property
     def module(self) -> torch.nn.Module:

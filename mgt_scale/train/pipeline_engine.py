@@ -13,7 +13,6 @@ import torch
 import torch.distributed as dist
 
 from mgt_scale.config import Config
-from mgt_scale.data.synthetic import loss_mask_fn
 from mgt_scale.parallel import ds_patches
 from mgt_scale.parallel.compile import compile_blocks
 from mgt_scale.parallel.ds_config import deepspeed_config
@@ -37,6 +36,8 @@ class PipelineEngine:
         deepspeed = import_deepspeed()
 
         self.cfg, self.plan, self.precision = cfg, plan, precision
+        from mgt_scale.data.synthetic import loss_mask_fn
+        self.loss_mask_fn = loss_mask_fn(cfg.data)  # data.copy_loss: copied; labels become (targets, mask)
         self.ds_config = deepspeed_config(cfg, plan, precision)
         self.loss_fn = PipeLoss()
         module = build_pipeline_module(cfg, plan.pipeline_stages, self.loss_fn)
@@ -46,7 +47,6 @@ class PipelineEngine:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, config=self.ds_config)
         self.device = _device()
-        self.loss_mask_fn = loss_mask_fn(cfg.data)  # data.copy_loss: copied; labels become (targets, mask)
         self._grad_norm = float("nan")
         self._guarded = self._clipping = False
         if not self.engine.zero_optimization() and precision == "fp32":
