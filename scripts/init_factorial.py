@@ -47,10 +47,14 @@ def build(base: str, kind: str, depth: int, seed: int, init: str, alpha: float |
     return cfg, model
 
 
-def measure(cfg, model) -> dict:
+def measure(cfg, model, tokens=None) -> dict:
+    """Last-layer and minimum geometry of `model` on `tokens` (default: the config's probe batch), moved to
+    the model's device (bench/gpu_pilot.py probes on the GPU)."""
     from mgt_scale.monitor.probe import probe_geometry
     from mgt_scale.train.monitor_callback import probe_tokens
-    tokens = probe_tokens(cfg, cfg.model.vocab_size)
+    if tokens is None:
+        tokens = probe_tokens(cfg, cfg.model.vocab_size)
+    tokens = tokens.to(next(model.parameters()).device)
     layers = probe_geometry(model, tokens, 0, float64=True)["layers"]
     fin = lambda v: v is not None and math.isfinite(v)
     raw = [l["eff_rank_norm_raw"] for l in layers]

@@ -308,6 +308,9 @@ def validate(cfg: Config, source: Source = "<config>") -> None:
     if not d.path and not d.blend and d.synthetic == "none":
         _fail(source, "data.path", "no training data: set data.path (a `mgt prep` output), data.blend, "
               "or data.synthetic", "data.blend", "data.synthetic")
+    if d.copy_loss != "all" and d.synthetic != "copy":
+        _fail(source, "data.copy_loss", f"{d.copy_loss} applies to the copy task only: set data.synthetic=copy "
+              "or data.copy_loss=all", "data.synthetic")
     if cfg.monitor.interval > 0 and cfg.monitor.probe_seq_len > m.max_seq_len:
         _fail(source, "monitor.probe_seq_len", f"{cfg.monitor.probe_seq_len} exceeds model.max_seq_len={m.max_seq_len} "
               "(lower monitor.probe_seq_len, or set monitor.interval=0 to switch the probe off)",

@@ -81,6 +81,11 @@ class MGTConfig:
     alpha_shape: Literal["scalar", "channel"] = "scalar"
     proj_rank: int = num(0, ge=0)  # 0: full d x d W_gate and W_beta (the paper); r > 0: low-rank d x r x d factors
     fused: bool = True  # fast path (one gate+beta matmul, fewer elementwise kernels); false: the paper op by op
+    # what beta's projection reads: "x" the raw stream, beta = lam tanh(X W_beta + b) + eps (the paper), or
+    # "ln" the sublayer's normalised input, beta = lam tanh(LN(X) W_beta + b) + eps (issue #33: a stream
+    # that grows with depth cannot then saturate the tanh; with proj_init fan_in, LN(X) W_beta has unit
+    # variance at init where X W_beta has the stream's, so beta starts spread, not at ~tanh(b_beta))
+    beta_input: Literal["x", "ln"] = "x"
 
 
 @dataclass(frozen=True)
@@ -155,6 +160,9 @@ class DataConfig:
     prefetch: int = num(4, ge=0)  # batches prepared ahead by the background thread (0: synchronous)
     valid_fraction_batches: int = num(4, ge=0)  # validation batches evaluated at each eval
     synthetic: Literal["none", "copy", "random"] = "none"  # generated data instead of shards
+    # copy task (synthetic: copy): the training and validation loss over every position ("all"), or over
+    # the copied half only ("copied": the positions that predict the copy; the first half is noise)
+    copy_loss: Literal["all", "copied"] = "all"
     verify_checksums: bool = True  # sha256 every shard when the loader opens it (size/counts: always)
 
 

@@ -76,6 +76,14 @@ class RandomTokenSource:
         return hashed_tokens(self.seed, self.stream, indices, self.seq_len + 1, self.vocab_size)
 
 
+def loss_mask_fn(data_cfg):
+    """The training and validation loss's mask function (targets -> bool mask) of a data config:
+    `copy_task_mask` for the copy task with `data.copy_loss: copied`, else None (every position)."""
+    if data_cfg.synthetic == "copy" and getattr(data_cfg, "copy_loss", "all") == "copied":
+        return copy_task_mask
+    return None
+
+
 def copy_task_mask(targets: torch.Tensor) -> torch.Tensor:
     """Bool mask, same shape as `targets` ([..., seq_len]), True at the positions that predict the
     copied half of a copy-task sample (target positions n .. 2n - 1, n = seq_len // 2)."""

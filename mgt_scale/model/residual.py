@@ -63,6 +63,9 @@ class ResidualOp(nn.Module):
     Gate and beta projections read the raw stream X (not LN(X)), as the paper writes them. Their weights
     live in one matrix `gate_beta` (rows [0, d) for the gate, the rest for beta) so the fused path is a
     single matmul; with `mgt.proj_rank = r > 0` it is factored as up(r -> rows) @ down(d -> r).
+    `mgt.beta_input: ln` makes beta read the sublayer's normalised input instead, beta = lam tanh(LN(X)
+    W_beta + b_beta) + eps (the gate still reads X): then the gate and beta rows are two matmuls (with
+    `proj_rank`, the shared down-projection is applied to X for the gate and to LN(X) for beta).
     `mgt.fused` (default) picks `_fused_update`; `mgt.fused: false` picks `_reference_update`, the formulas
     above op by op, which the tests hold the fused path to (fp32, 1e-6). `parallel.compile: blocks` fuses
     the fused path's elementwise chain into a few kernels (mgt_scale/parallel/compile.py; it replaced a
@@ -79,6 +82,8 @@ class ResidualOp(nn.Module):
         m = cfg.mgt
         self.lam, self.eps = m.lam, m.eps
         self.fused = m.fused
+        # getattr: a Hugging Face export written before the option existed has no beta_input in config.json
+        self.beta_reads_ln = getattr(m, "beta_input", "x") == "ln"
         self.norm_eps = cfg.norm_eps
         self.use_gate = self.kind in ("mgt", "mhc_gate")
         self.use_beta = self.kind in ("mgt", "ddl")
@@ -142,8 +147,10 @@ class ResidualOp(nn.Module):
             return self._norm(x + sublayer(x), v["norm_weight"], v["norm_bias"])
         if kind == "deepnorm":
             return self._norm(self.deepnorm_alpha * x + sublayer(x), v["norm_weight"], v["norm_bias"])
-        f = sublayer(self._norm(x, v["norm_weight"], v["norm_bias"]))
-        out, gate, beta = self._fused_update(x, f, v) if self.fused else self._reference_update(x, f, v)
+        xn = self._norm(x, v["norm_weight"], v["norm_bias"])
+        f = sublayer(xn)
+        xb = xn if self.beta_reads_ln and self.use_beta else None  # what beta reads, when not X
+        out, gate, beta = self._fused_update(x, f, v, xb) if self.fused else self._reference_update(x, f, v, xb)
         if self.stats_sink is not None:
             with torch.no_grad():
                 self.stats_sink(self, {
@@ -161,17 +168,19 @@ class ResidualOp(nn.Module):
         gate = torch.sigmoid(self._norm(g_pre, v["gate_norm_weight"], v["gate_norm_bias"]))
         return gate, f * gate
 
-    def _reference_update(self, x: torch.Tensor, f: torch.Tensor, v: dict):
+    def _reference_update(self, x: torch.Tensor, f: torch.Tensor, v: dict, xb: Optional[torch.Tensor] = None):
         """The paper's formulas op by op, with separate gate and beta matmuls: the reference that the
-        fused path is tested against (`mgt.fused: false`)."""
+        fused path is tested against (`mgt.fused: false`). `xb`: what beta reads instead of X (LN(X))."""
         h, up = (F.linear(x, self.gate_beta_down), self.gate_beta_up) if self.proj_rank else (x, self.gate_beta)
         gate, val = self._gated(f, F.linear(h, up[: self.gate_rows]) if self.use_gate else None, v)
         if not self.use_beta:
             return x + val, gate, None
+        if xb is not None:
+            h = F.linear(xb, self.gate_beta_down) if self.proj_rank else xb
         beta = mgt_beta(F.linear(h, up[self.gate_rows:]) + v["beta_bias"], self.lam, self.eps)
         return mgt_update(x, val, beta, v["alpha"]), gate, beta
 
-    def _fused_update(self, x: torch.Tensor, f: torch.Tensor, v: dict):
+    def _fused_update(self, x: torch.Tensor, f: torch.Tensor, v: dict, xb: Optional[torch.Tensor] = None):
         """Same values as `_reference_update` (fp32 to rounding), fewer and cheaper kernels; each choice
         below was measured on CPU (bench/RESULTS.md):
         - projections: full form, one matmul for gate and beta rows, split (not sliced: a split's backward is
@@ -182,10 +191,18 @@ class ResidualOp(nn.Module):
           here, and the affine part is one kernel (addcmul);
         - update X + beta (V - alpha X) as addcmul(X, beta, addcmul(V, alpha, X, -1)): two kernels instead
           of four; with one beta per token, X (1 - alpha beta) + beta V, where 1 - alpha beta is per token.
+        `xb` (beta_input: ln): beta reads LN(X), so its rows are a matmul of their own.
         """
         gr = self.gate_rows
         # g_pre = X W_gate^T; z2 = 2 (X W_beta^T + b_beta), the factor 2 folded into a matmul or an add
-        if self.proj_rank:
+        if xb is not None:
+            if self.proj_rank:
+                up, h, hb = self.gate_beta_up, F.linear(x, self.gate_beta_down), F.linear(xb, self.gate_beta_down)
+            else:
+                up, h, hb = self.gate_beta, x, xb
+            g_pre = F.linear(h, up[:gr]) if self.use_gate else None
+            z2 = _twice_affine(hb, up[gr:], v["beta_bias"])
+        elif self.proj_rank:
             h = F.linear(x, self.gate_beta_down)
             g_pre = F.linear(h, self.gate_beta_up[:gr]) if self.use_gate else None
             z2 = _twice_affine(h, self.gate_beta_up[gr:], v["beta_bias"]) if self.use_beta else None

@@ -82,6 +82,8 @@ class Zero3Engine:
         deepspeed = import_deepspeed()
 
         self.cfg, self.plan, self.precision = cfg, plan, precision
+        from mgt_scale.data.synthetic import loss_mask_fn
+        self.loss_mask_fn = loss_mask_fn(cfg.data)  # data.copy_loss: copied; None: every position
         self.ds_config = deepspeed_config(cfg, plan, precision)
         if cfg.parallel.zero_stage == 3:
             model = build_model_zero_init(cfg, self.ds_config)
@@ -122,7 +124,8 @@ class Zero3Engine:
         nonfinite = False
         for x, y in micro_batches:
             logits = self.engine(x.to(self.device))
-            loss = lm_loss(logits, y.to(self.device))
+            mask = self.loss_mask_fn(y).to(self.device) if self.loss_mask_fn else None
+            loss = lm_loss(logits, y.to(self.device), mask)
             if inject_nan:
                 loss = loss * float("nan")
             bad = any_rank(not bool(torch.isfinite(loss.detach()).all()))
@@ -145,6 +148,7 @@ class Zero3Engine:
 
     @torch.no_grad()
     def eval_loss(self, batches: Sequence[Batch], mask_fn=None) -> float:
+        mask_fn = mask_fn or self.loss_mask_fn
         self.engine.eval()
         losses = []
         for x, y in batches:

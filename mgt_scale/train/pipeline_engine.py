@@ -36,6 +36,8 @@ class PipelineEngine:
         deepspeed = import_deepspeed()
 
         self.cfg, self.plan, self.precision = cfg, plan, precision
+        from mgt_scale.data.synthetic import loss_mask_fn
+        self.loss_mask_fn = loss_mask_fn(cfg.data)  # data.copy_loss: copied; labels become (targets, mask)
         self.ds_config = deepspeed_config(cfg, plan, precision)
         self.loss_fn = PipeLoss()
         module = build_pipeline_module(cfg, plan.pipeline_stages, self.loss_fn)
@@ -87,6 +89,8 @@ class PipelineEngine:
             raise ValueError(f"pipeline step needs {self.engine.micro_batches} micro batches, got {len(micro_batches)}")
         self.loss_fn.inject_nan = inject_nan
         self._grad_norm = float("nan")
+        if self.loss_mask_fn:
+            micro_batches = [(x, (y, self.loss_mask_fn(y))) for x, y in micro_batches]
         skipped_before = self.engine.skipped_steps
         try:
             loss = float(self.engine.train_batch(data_iter=iter(list(micro_batches))))
@@ -106,6 +110,7 @@ class PipelineEngine:
 
     @torch.no_grad()
     def eval_loss(self, batches: Sequence[Batch], mask_fn=None) -> float:
+        mask_fn = mask_fn or self.loss_mask_fn
         data = [(x, (y, mask_fn(y))) if mask_fn else (x, y) for x, y in batches]
         loss = self.engine.eval_batch(iter(data), num_micro_batches=len(data))
         self.engine.module.train()

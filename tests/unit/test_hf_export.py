@@ -14,10 +14,12 @@ pytest.importorskip("transformers")
 from hf_helpers import run_isolated, tiny_model_config, train_small_tokenizer  # noqa: E402
 from mgt_scale.config import RESIDUAL_KINDS  # noqa: E402
 
-# every residual kind, plus MGT with low-rank projections, per-token beta and a tied head
+# every residual kind, plus MGT with low-rank projections, per-token beta and a tied head, and MGT with
+# beta reading LN(X) (model.mgt.beta_input: ln)
 VARIANTS = {k: {} for k in RESIDUAL_KINDS}
 VARIANTS["mgt_lowrank_tied"] = {"residual": "mgt", "tie_embeddings": True,
                                 "mgt": {"proj_rank": 4, "beta_shape": "token", "alpha_shape": "channel"}}
+VARIANTS["mgt_beta_ln"] = {"residual": "mgt", "mgt": {"beta_input": "ln"}}  # beta reads LN(X): config.json carries it
 
 LOAD = r'''
 import json, sys, torch
