@@ -1,20 +1,20 @@
 # In-process multi-rank tests of collective logic (after OLMo-core's `run_distributed_test`):
-# `run_ranks(fn, world_size, *args)` spawns `world_size` processes (torch.multiprocessing, spawn), joins
-# them into one gloo process group over a FileStore in a fresh temporary directory (no port to pick,
-# none to collide on), calls `fn(rank, world_size, *args)` in each and returns the ranks' return values
-# in rank order. An exception in any rank is raised here as `RankError` naming the rank, with its
-# traceback; a rank that does not finish within `timeout` seconds (a collective that one rank never
-# joins) is killed and named. No DeepSpeed, no launcher.
+# `run_ranks(fn, world_size, *args)` starts `world_size` processes (torch.multiprocessing, forkserver:
+# see START_METHOD), joins them into one gloo process group over a FileStore in a fresh temporary
+# directory (no port to pick, none to collide on), calls `fn(rank, world_size, *args)` in each and
+# returns the ranks' return values in rank order. An exception in any rank is raised here as
+# `RankError` naming the rank, with its traceback; a rank that does not finish within `timeout`
+# seconds (a collective that one rank never joins) is killed and named. No DeepSpeed, no launcher.
 #
-# Starting the processes (importing torch in each) is most of the cost: ~1 s of CPU per rank, many
-# seconds on a busy 2-core machine. `RankPool(world_size)` keeps the ranks and their group alive
-# across calls (`pool.run(fn, *args)`), so a test pays only for its own work; the `rank_pool` fixture
-# (tests/unit/conftest.py) hands out one pool per world size for the whole session. A call in which a
-# rank times out or dies, or raises while another gives no answer, restarts the pool's processes
-# (at its next call), since its other ranks may be stuck in a collective.
-# Rules for `fn`: a module-level function (spawn pickles it by name) with picklable arguments and
-# result; it must not destroy the process group, and it must undo what it changes in its process
-# (monkeypatches, environment), since the next test's function runs in the same process.
+# Starting the processes is most of the cost: importing torch, 1-2 s of CPU (many seconds on a busy
+# 2-core machine), once per forkserver (preloaded) or once per rank (spawn). `RankPool(world_size)`
+# keeps the ranks and their group alive across calls (`pool.run(fn, *args)`), so that a test pays only
+# for its own work; the `rank_pool` fixture (tests/unit/conftest.py) hands out one pool per world size
+# for the whole session. A call in which a rank times out or dies, or raises while another gives no
+# answer, restarts the pool's processes (at its next call): its other ranks may be stuck in a collective.
+# Rules for `fn`: a module-level function (pickled by name) with picklable arguments and result; it
+# must not destroy the process group, and it must undo what it changes in its process (monkeypatches,
+# environment): the next test's function runs in the same process.
 from __future__ import annotations
 
 import os
@@ -27,6 +27,10 @@ from typing import Any, Callable, Optional
 
 import torch.multiprocessing as mp
 
+# forkserver: a clean server process (not a fork of pytest and its threads) imports torch once and
+# forks the ranks from it, 3 ranks in ~1 s after the first pool instead of an import of torch per rank;
+# "spawn" works too (set MGT_MULTIRANK_START=spawn), at a torch import per rank
+START_METHOD = os.environ.get("MGT_MULTIRANK_START", "forkserver")
 DEFAULT_TIMEOUT_S = 120.0  # the first call of a pool also waits for the ranks to import torch
 
 
@@ -74,7 +78,9 @@ class RankPool:
         self._seq = 0
 
     def _start(self) -> None:
-        ctx = mp.get_context("spawn")
+        ctx = mp.get_context(START_METHOD)
+        if START_METHOD == "forkserver":
+            ctx.set_forkserver_preload(["torch", "torch.distributed"])  # before the server starts; else ignored
         self._tmp = tempfile.TemporaryDirectory(prefix="mgt_multirank_")
         store = os.path.join(self._tmp.name, "store")
         self._results = ctx.Queue()
@@ -84,13 +90,13 @@ class RankPool:
         for p in self._procs:
             p.start()
 
-    def close(self) -> None:
-        """Stops the ranks (politely, then by force)."""
+    def close(self, force: bool = False) -> None:
+        """Stops the ranks: asks them to leave, then kills those still there (at once with `force`)."""
         if not self._procs:
             return
         for q in self._tasks:
             q.put(None)
-        deadline = time.monotonic() + 2  # idle ranks leave at once; one stuck in a collective is killed
+        deadline = time.monotonic() + (0 if force else 2)  # idle ranks leave at once
         for p in self._procs:
             p.join(timeout=max(0.0, deadline - time.monotonic()))
             if p.is_alive():
@@ -121,10 +127,10 @@ class RankPool:
             return self._collect(seq, timeout)
         except RankError as e:
             if not e.every_rank_answered:
-                self.close()  # its other ranks may wait in a collective forever: restart at the next call
+                self.close(force=True)  # its other ranks may wait in a collective forever: restart at the next call
             raise
         except BaseException:
-            self.close()
+            self.close(force=True)
             raise
 
     def _collect(self, seq: int, timeout: float) -> list:

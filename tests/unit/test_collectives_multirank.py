@@ -46,7 +46,6 @@ def test_run_ranks_names_the_rank_that_raised(rank_pool):
     assert rank_pool(3).run(_echo)[2]["dist_rank"] == 2  # every rank answered: the group goes on
 
 
-@pytest.mark.slow  # starts and stops its own processes (seconds); the pool's tests cover the same code
 def test_run_ranks_starts_and_stops_its_own_ranks():
     assert run_ranks(_echo, 2) == [{"rank": r, "world": 2, "dist_rank": r, "dist_world": 2} for r in range(2)]
 
@@ -188,4 +187,4 @@ def test_a_collective_one_rank_never_joins_times_out_naming_the_ranks(rank_pool)
     tic = time.monotonic()
     with pytest.raises(RankError, match=r"rank 0: no result within 2 s \(ranks without one: \[0, 1, 2\]"):
         rank_pool(3).run(_hang_on_1, timeout=2)
-    assert time.monotonic() - tic < 15  # killed, not left to gloo's 30-minute default
+    assert time.monotonic() - tic < 10  # killed, not left to gloo's 30-minute default

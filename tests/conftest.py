@@ -1,0 +1,41 @@
+# The fast tier stays fast: a test with none of the tier markers (slow, distributed, slurm, multinode,
+# readme; pyproject.toml) that starts `mgt train` or the deepspeed launcher as a subprocess fails,
+# naming the command and the marker to add. Such a run takes 30-90 s on the 2-core test machine; the
+# fast tier (`bash scripts/test.sh --fast`) is meant to take about 2 minutes in all. subprocess.Popen
+# is wrapped for those tests only (subprocess.run / call / check_output go through it); the spawned
+# ranks of tests/unit/multirank.py do not use it.
+import os
+import subprocess
+
+import pytest
+
+TIER_MARKERS = ("slow", "distributed", "slurm", "multinode", "readme")
+
+
+def _starts_training(args) -> bool:
+    argv = [str(a) for a in ([args] if isinstance(args, (str, bytes, os.PathLike)) else args)]
+    if len(argv) == 1:  # a shell string
+        argv = argv[0].split()
+    names = [os.path.basename(a) for a in argv]
+    for i, a in enumerate(argv[:-1]):
+        if (a == "mgt_scale.cli" or names[i] == "mgt") and argv[i + 1] == "train":
+            return True
+    return any(n in ("deepspeed", "torchrun") for n in names[:3])
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_starts_no_training(request, monkeypatch):
+    if any(request.node.get_closest_marker(m) for m in TIER_MARKERS):
+        yield
+        return
+    real = subprocess.Popen
+
+    class GuardedPopen(real):
+        def __init__(self, args, *a, **k):
+            if _starts_training(args):
+                shown = " ".join(map(str, [args] if isinstance(args, (str, bytes)) else args))[:200]
+                raise AssertionError(f"a fast-tier test starts a training subprocess ({shown}): "
+                                     "mark it @pytest.mark.slow (tests/conftest.py)")
+            super().__init__(args, *a, **k)
+    monkeypatch.setattr(subprocess, "Popen", GuardedPopen)
+    yield
