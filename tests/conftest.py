@@ -24,7 +24,7 @@ def _starts_training(args) -> bool:
 
 
 @pytest.fixture(autouse=True)
-def _fast_tier_starts_no_training(request, monkeypatch):
+def _fast_tier_starts_no_training(request):
     if any(request.node.get_closest_marker(m) for m in TIER_MARKERS):
         yield
         return
@@ -37,5 +37,10 @@ def _fast_tier_starts_no_training(request, monkeypatch):
                 raise AssertionError(f"a fast-tier test starts a training subprocess ({shown}): "
                                      "mark it @pytest.mark.slow (tests/conftest.py)")
             super().__init__(args, *a, **k)
-    monkeypatch.setattr(subprocess, "Popen", GuardedPopen)
-    yield
+    # not through `monkeypatch`: requested here, it would be set up before tests/unit/conftest.py's
+    # _no_leaked_dist_env and undone after that fixture's check, which would then see the test's setenv
+    subprocess.Popen = GuardedPopen
+    try:
+        yield
+    finally:
+        subprocess.Popen = real
