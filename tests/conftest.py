@@ -1,6 +1,7 @@
 # The fast tier stays fast: a test with none of the tier markers (slow, distributed, slurm, multinode,
-# readme; pyproject.toml) that starts `mgt train` or the deepspeed launcher as a subprocess fails,
-# naming the command and the marker to add. Such a run takes 30-90 s on the 2-core test machine; the
+# readme; pyproject.toml) that starts `mgt train` or the deepspeed launcher as a subprocess, or builds
+# DeepSpeed in-process (the `inprocess_dist` fixture of tests/unit/conftest.py), fails, naming the
+# command and the marker to add. Such a run takes 30-90 s on the 2-core test machine; the
 # fast tier (`bash scripts/test.sh --fast`) is meant to take about 2 minutes in all. subprocess.Popen
 # is wrapped for those tests only (subprocess.run / call / check_output go through it); the spawned
 # ranks of tests/unit/multirank.py do not use it.
@@ -28,6 +29,9 @@ def _fast_tier_starts_no_training(request):
     if any(request.node.get_closest_marker(m) for m in TIER_MARKERS):
         yield
         return
+    if "inprocess_dist" in request.fixturenames:
+        pytest.fail("a fast-tier test builds DeepSpeed in-process (the inprocess_dist fixture): "
+                    "mark it @pytest.mark.slow (tests/conftest.py)", pytrace=False)
     real = subprocess.Popen
 
     class GuardedPopen(real):
