@@ -19,7 +19,8 @@ def _starts_training(args) -> bool:
         argv = argv[0].split()
     names = [os.path.basename(a) for a in argv]
     for i, a in enumerate(argv[:-1]):
-        if (a == "mgt_scale.cli" or names[i] == "mgt") and argv[i + 1] == "train":
+        if (a in ("mgt_scale.cli", "mgt_scale.commands", "mgt_scale.commands.main") or names[i] == "mgt") \
+                and argv[i + 1] == "train":
             return True
     return any(n in ("deepspeed", "torchrun") for n in names[:3])
 

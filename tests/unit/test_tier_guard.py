@@ -8,7 +8,7 @@ import pytest
 
 def test_a_fast_test_cannot_start_mgt_train():
     for argv in ([sys.executable, "-m", "mgt_scale.cli", "train", "--config", "x.yaml"],
-                 ["mgt", "train", "--dry-run"], ["deepspeed", "--num_gpus", "2", "launch/pretrain.py"],
+                 [sys.executable, "-m", "mgt_scale.commands", "train"], ["mgt", "train", "--dry-run"], ["deepspeed", "--num_gpus", "2", "launch/pretrain.py"],
                  "mgt train --config x.yaml"):
         with pytest.raises(AssertionError, match="mark it @pytest.mark.slow"):
             subprocess.run(argv, capture_output=True, shell=isinstance(argv, str), timeout=60)
