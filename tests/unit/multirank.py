@@ -103,6 +103,7 @@ class RankPool:
                 p.kill()
                 p.join(timeout=10)
         for q in (*self._tasks, self._results):
+            q.cancel_join_thread()  # never wait at exit to flush into a killed rank's pipe
             q.close()
         self._tmp.cleanup()
         self._procs = []
@@ -116,7 +117,7 @@ class RankPool:
     def run(self, fn: Callable, *args: Any, timeout: Optional[float] = None) -> list:
         """`[fn(0, world_size, *args), ..., fn(world_size - 1, world_size, *args)]`, each on its rank.
         Raises RankError for the first rank (by rank) that raised, died, or had no result within
-        `timeout` seconds; the ranks are then restarted at the next call."""
+        `timeout` seconds; unless every rank answered, the ranks are restarted at the next call."""
         if not self._procs:
             self._start()
         self._seq += 1
