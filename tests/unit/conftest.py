@@ -1,4 +1,4 @@
-# Shared fixtures for the unit tests.
+# Shared fixtures for the unit tests (`rank_pool`, at the end: gloo ranks for collective logic, multirank.py).
 # `inprocess_dist`: a one-rank gloo process group for tests that build a DeepSpeed engine in the pytest
 # process. It sets the torchrun-style variables only for the module that uses it and restores them
 # afterwards: left behind, they make every later `mgt train` subprocess believe it is rank 0 of a
@@ -36,3 +36,19 @@ def _no_leaked_dist_env(request):
         return
     after = {k: os.environ.get(k) for k in DIST_VARS}
     assert before == after, f"test leaked distributed environment variables: {before} -> {after}"
+
+
+@pytest.fixture(scope="session")
+def rank_pool():
+    """`rank_pool(n)`: a multirank.RankPool of n gloo ranks, shared by the session's tests (started at
+    first use, stopped at the end), so that a multi-rank test does not pay for starting processes."""
+    from multirank import RankPool
+    pools = {}
+
+    def get(world_size: int):
+        if world_size not in pools:
+            pools[world_size] = RankPool(world_size)
+        return pools[world_size]
+    yield get
+    for pool in pools.values():
+        pool.close()

@@ -70,6 +70,7 @@ def shard_value(tag_dir: Path) -> float:
     return float(torch.load(tag_dir / "zero_pp_rank_0_optim_states.pt", weights_only=True)["w"][0])
 
 
+@pytest.mark.slow
 def test_an_async_save_returns_before_the_write_and_saves_the_state_of_its_step(tmp_path):
     from mgt_scale.train.ckpt_format import LATEST, verify_checkpoint
     r = run(tmp_path, {})
@@ -87,6 +88,7 @@ def test_an_async_save_returns_before_the_write_and_saves_the_state_of_its_step(
     ({"MGT_FAULT_KILL_DURING_SAVE": "4"}, False),  # every file written and hashed, no manifest
     ({"MGT_FAULT_KILL_AFTER_MANIFEST": "4"}, True),  # manifest written, `latest_good` not yet moved
 ])
+@pytest.mark.slow
 def test_a_kill_during_an_async_save_loses_nothing(tmp_path, faults, complete):
     from mgt_scale.config import load_config
     from mgt_scale.train.checkpoint import CheckpointManager

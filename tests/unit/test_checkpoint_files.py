@@ -14,6 +14,8 @@ import torch
 
 from mgt_scale.config import load_config
 
+pytestmark = pytest.mark.slow  # a DeepSpeed engine trained in-process, `mgt` subprocesses
+
 OVR = ["data.synthetic=copy", "model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.d_ff=64",
        "model.vocab_size=64", "model.max_seq_len=32", "data.seq_len=16", "monitor.interval=0",
        "train.global_batch_size=4", "train.micro_batch_size=2", "parallel.precision=fp32"]

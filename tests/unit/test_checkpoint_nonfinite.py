@@ -2,6 +2,7 @@
 # a NaN loss is skipped without touching parameters or optimizer state (Adam moments and step count),
 # and the run that took it continues exactly like a run in which that batch never happened.
 
+import pytest
 import torch
 
 from mgt_scale.config import load_config
@@ -46,6 +47,7 @@ def same(a, b):
             assert v == w, k
 
 
+@pytest.mark.slow
 def test_nan_step_is_skipped_exactly(inprocess_dist, tmp_path):
     cfg = load_config(None, ["data.synthetic=copy", "model.num_layers=2", "model.d_model=32", "model.num_heads=4",
                              "model.d_ff=64", "model.vocab_size=64", "model.max_seq_len=32", "data.seq_len=16", "monitor.interval=0",

@@ -13,6 +13,7 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -20,6 +21,7 @@ import torch.multiprocessing as mp
 from mgt_scale.cluster.dist_env import free_port
 from mgt_scale.config import load_config
 
+pytestmark = pytest.mark.slow  # ranks spawned per test, DeepSpeed imported in each
 SHARD_FLOATS = 1 << 14  # 64 KiB per rank
 
 

@@ -80,6 +80,7 @@ def test_round_trip_exact(prepped, corpus):
     assert Tokenizer(prepped / "tokenizer.model").sp.piece_to_id("\n") != 0
 
 
+@pytest.mark.slow
 def test_unigram_round_trip_and_reused_tokenizer(prepped, corpus, tmp_path, capsys):
     out = tmp_path / "uni"
     code, _ = run(["--input", corpus, "--output", out, "--vocab-size", VOCAB, "--tokenizer-type", "unigram",
@@ -287,6 +288,7 @@ def prep_with(prepped: Path, inputs, out: Path, capsys, *extra) -> tuple[int, st
                 "--valid-fraction", "0.2", *extra], capsys)
 
 
+@pytest.mark.slow
 def test_csv_and_tsv_rows_are_documents(prepped, tmp_path, capsys):
     import csv
 
@@ -319,6 +321,7 @@ def test_csv_and_tsv_rows_are_documents(prepped, tmp_path, capsys):
         and "EOF inside string" in err and err.count("\n") == 1  # the parser's reason, not datasets' wrapper
 
 
+@pytest.mark.slow
 def test_save_to_disk_folders(prepped, tmp_path, capsys):
     import datasets
 

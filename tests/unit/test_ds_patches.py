@@ -54,6 +54,7 @@ def batch(seed: int):
     return [(torch.randint(0, 32, (1, 8), generator=g), torch.randint(0, 32, (1, 8), generator=g)) for _ in range(2)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("refused", [None, *PIPELINE_PATCHES, "off"])
 def test_pipeline_patches_install_only_when_they_fit(inprocess_dist, monkeypatch, refused):
     """Each patch installed exactly when its guard allows (another recorded hash stands in for a DeepSpeed

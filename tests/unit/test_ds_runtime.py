@@ -85,6 +85,7 @@ def _worker(rank: int, port: int, backend: str, results):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["gloo", "cpu:gloo"])
 def test_collectives_on_two_ranks(backend):
     with socket.socket() as s:

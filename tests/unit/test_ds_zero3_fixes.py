@@ -37,6 +37,7 @@ def test_contiguous_run_is_the_concatenation_without_a_copy():
 ALL_FIXES = ["fp32-master-reuse", "gradient-view"]
 
 
+@pytest.mark.slow
 def test_the_installed_deepspeed_gets_all_fixes(inprocess_dist):
     # Fails when a DeepSpeed upgrade rewrites a patched method: then check ds_zero3_fixes against it.
     assert ds_zero3_fixes.applied_fixes() == ALL_FIXES
@@ -46,6 +47,7 @@ def test_the_installed_deepspeed_gets_all_fixes(inprocess_dist):
 @pytest.mark.parametrize("name,install,method", [
     ("fp32-master-reuse", "_install_master_reuse", "_create_fp32_partitions"),
     ("gradient-view", "_install_gradient_view", "_prepare_fp32_grad_for_sub_group")])
+@pytest.mark.slow
 def test_a_fix_refuses_to_install_on_other_source(inprocess_dist, monkeypatch, name, install, method):
     """A DeepSpeed whose method is not the source checked (stood in for by another recorded hash) keeps
     its own method, and the start-up line names the fix as not installed."""
@@ -67,6 +69,7 @@ def test_a_fix_refuses_to_install_on_other_source(inprocess_dist, monkeypatch, n
     assert f"{method} not the source checked" in line, line
 
 
+@pytest.mark.slow
 def test_the_off_switch_installs_nothing(inprocess_dist, monkeypatch):
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
 
@@ -131,6 +134,7 @@ def count_calls(engines: dict, attr: str) -> dict:
     return calls
 
 
+@pytest.mark.slow
 def test_fixes_train_bit_identically_and_remove_the_copies(inprocess_dist):
     on, off = build(True), build(False)
     flattens = count_calls({"on": on, "off": off}, "flatten")
@@ -148,6 +152,7 @@ def test_fixes_train_bit_identically_and_remove_the_copies(inprocess_dist):
     assert isinstance(o_on.device, str)  # the wrapper put DeepSpeed's own value back
 
 
+@pytest.mark.slow
 def test_fixes_train_bit_identically_in_bf16(inprocess_dist):
     # bf16 model, fp32 master partitions (a tiny model: bf16 matmul is slow on this CPU)
     on, off = build(True, "bf16"), build(False, "bf16")
@@ -156,6 +161,7 @@ def test_fixes_train_bit_identically_in_bf16(inprocess_dist):
     assert_same_weights(weights(on), weights(off))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("save_fixes,load_fixes", [(False, True), (True, False)], ids=["off-to-on", "on-to-off"])
 def test_checkpoints_resume_exactly_across_the_fixes(inprocess_dist, tmp_path, save_fixes, load_fixes):
     whole = build(load_fixes)
@@ -169,6 +175,7 @@ def test_checkpoints_resume_exactly_across_the_fixes(inprocess_dist, tmp_path, s
     assert_same_weights(weights(second), weights(whole))
 
 
+@pytest.mark.slow
 def test_a_skipped_non_finite_step_leaves_weights_and_gradients_clean(inprocess_dist):
     e, ref = build(True), build(True)
     train(e, 1, True)

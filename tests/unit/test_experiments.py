@@ -99,6 +99,7 @@ def test_invalid_cell_value_fails_before_running(tmp_path, capsys):
     assert "num_heads-3__seed-0" in err and "model.num_heads" in err
 
 
+@pytest.mark.slow
 def test_repo_sweep_configs_parse():
     files = sorted((REPO / "configs" / "experiments").glob("*.yaml"))
     sweeps = [f for f in files if not f.name.startswith("base_")]

@@ -90,6 +90,7 @@ def generate(capsys, *args) -> tuple[int, str, str]:
 
 
 # ------------------------------------------------------------------ run and checkpoint directories
+@pytest.mark.slow
 def test_generate_from_run_and_checkpoint_dir_equals_export(saved, capsys):
     run_dir, exp = saved
     before = snapshot(run_dir)
@@ -103,6 +104,7 @@ def test_generate_from_run_and_checkpoint_dir_equals_export(saved, capsys):
     assert snapshot(run_dir) == before  # nothing written into the run directory
 
 
+@pytest.mark.slow
 def test_probe_from_run_dir_without_config(saved, tmp_path):
     import json
     from mgt_scale.commands.probe import main
@@ -112,6 +114,7 @@ def test_probe_from_run_dir_without_config(saved, tmp_path):
     assert geo["num_layers"] == 2 and len(geo["layers"]) == 3
 
 
+@pytest.mark.slow
 def test_generate_damaged_checkpoint_and_missing_dir_exit_2(saved, tmp_path, capsys):
     run_dir, _ = saved
     copy = tmp_path / "run"
@@ -187,6 +190,7 @@ def test_version():
     assert r.returncode == 0 and r.stdout.strip() == f"mgt {importlib.metadata.version('mgt-scale')}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what", ["help", "ckpt list", "subcommand help"])
 def test_closed_pipe_ends_quietly(tmp_path, what):
     """`mgt -h | head -1`: the reader is gone before mgt writes (closed at once here, so the test does

@@ -127,6 +127,7 @@ def test_rewrite_refuses_what_it_cannot_carry():
         rewrite_source("x.py", "from mgt_scale.train.flops import x\n")
 
 
+@pytest.mark.slow
 def test_cli_format_hf(tmp_path, capsys):
     """`mgt export EXPORT_DIR --output DIR --format hf` from an mgt export; a bad source exits 2."""
     from safetensors.torch import save_file

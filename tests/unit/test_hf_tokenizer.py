@@ -10,6 +10,8 @@ pytest.importorskip("transformers")
 
 from hf_helpers import stdlib_texts, train_small_tokenizer  # noqa: E402
 
+pytestmark = pytest.mark.slow  # trains SentencePiece tokenizers (seconds each)
+
 SAMPLE = [
     "def f(x):\n    return x  # comment\n",
     "  leading, trailing and double  spaces  ",

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 
+@pytest.mark.slow
 def test_model_import_does_not_load_deepspeed():
     code = ("import sys, mgt_scale.model, mgt_scale.config; "
             "bad = [m for m in sys.modules if m.split('.')[0] == 'deepspeed']; "

@@ -112,6 +112,7 @@ def test_resolve_wandb_mode(tmp_path):
     assert L.resolve_wandb_mode("auto", home) == "online"
 
 
+@pytest.mark.slow
 def test_wandb_offline_logs_and_keeps_run_id(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))

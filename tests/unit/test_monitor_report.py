@@ -38,6 +38,7 @@ def write_run(run_dir, with_geometry=True, with_ops=True):
             g.log_geometry(make_geometry_record(step, layer_geometry(hs), ops), step)
 
 
+@pytest.mark.slow
 def test_report_writes_plots_and_numbers(tmp_path, capsys):
     write_run(tmp_path)
     assert report.main([str(tmp_path)]) == 0
@@ -70,6 +71,7 @@ def test_report_writes_plots_and_numbers(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_report_without_geometry_or_ops(tmp_path):
     write_run(tmp_path, with_geometry=False)
     assert report.main([str(tmp_path), "--out", str(tmp_path / "r"), "--dpi", "50"]) == 0
@@ -85,6 +87,7 @@ def test_report_without_geometry_or_ops(tmp_path):
     assert "No operator statistics" in (run2 / "report" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_single_probe_run(tmp_path):
     with JsonlLogger(tmp_path / METRICS_FILE) as m:
         m.log({"loss": 3.0, "lr": 1e-3}, step=5)
@@ -131,6 +134,7 @@ def _probe_lines(ax):
     return [ln for ln in ax.lines if (ln.get_gid() or "").startswith("probe_step_")]
 
 
+@pytest.mark.slow
 def test_plots_show_every_probe_and_the_alarm_thresholds(tmp_path):
     """The figures draw the data: one line per probe, the config's thresholds, beta in beta units."""
     import numpy as np
@@ -175,6 +179,7 @@ def test_plots_show_every_probe_and_the_alarm_thresholds(tmp_path):
     assert mesh.colorbar is not None and "beta" in mesh.colorbar.ax.get_ylabel()
 
 
+@pytest.mark.slow
 def test_report_md_and_pngs_with_alarms(tmp_path):
     write_run(tmp_path)
     write_config(tmp_path, **ALARMS, alarm_policy="rollback")
@@ -186,6 +191,7 @@ def test_report_md_and_pngs_with_alarms(tmp_path):
     assert "- final valid loss: 2.2000 (step 100)" in md  # valid_loss records still summarised
 
 
+@pytest.mark.slow
 def test_alarms_off_or_unknown_draw_no_threshold(tmp_path):
     write_run(tmp_path)
     _, geometry = report.load_run(tmp_path)

@@ -103,6 +103,7 @@ def batch(seed: int):
     return [(torch.randint(0, 16, (1, 4), generator=g), torch.randint(0, 16, (1, 4), generator=g)) for _ in range(2)]
 
 
+@pytest.mark.slow
 def test_bf16_pipeline_accumulates_in_fp32_and_skips_nonfinite(inprocess_dist):
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 

@@ -16,17 +16,20 @@ def mgt(*args, cwd, env=None):
                           cwd=cwd, timeout=300, env=env)
 
 
+@pytest.mark.slow
 def test_missing_config_file(tmp_path):
     r = mgt("train", "--config", "nope.yaml", cwd=tmp_path)
     assert r.returncode == 2 and "nope.yaml" in r.stderr and "not found" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_bad_override_names_key(tmp_path):
     r = mgt("train", "--config", str(REPO / "configs/tiny_synthetic.yaml"), "--set", "train.lrr=1", cwd=tmp_path)
     assert r.returncode == 2 and "train.lrr" in r.stderr
 
 
+@pytest.mark.slow
 def test_missing_data_dir_leaves_failed_status(tmp_path):
     run_dir = tmp_path / "run"
     r = mgt("train", "--config", str(REPO / "configs/demo.yaml"), "--set", f"run.dir={run_dir}",
@@ -36,12 +39,14 @@ def test_missing_data_dir_leaves_failed_status(tmp_path):
     assert status["state"] == "failed" and not (run_dir / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_bad_topology_message(tmp_path):
     r = mgt("train", "--config", str(REPO / "configs/tiny_synthetic.yaml"), "--set", "train.global_batch_size=12",
             "--set", "train.micro_batch_size=4", "--num-ranks", "2", "--dry-run", cwd=tmp_path)
     assert r.returncode == 2 and "train.global_batch_size=12" in r.stderr and "multiple of 8" in r.stderr
 
 
+@pytest.mark.slow
 def test_num_ranks_under_a_launcher_that_disagrees(tmp_path):
     # A stray torchrun environment (or --num-ranks inside an srun step) must not silently train 1 rank.
     env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29999")
@@ -50,6 +55,7 @@ def test_num_ranks_under_a_launcher_that_disagrees(tmp_path):
     assert r.returncode == 2 and "--num-ranks 2" in r.stderr and "world of 1" in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_dry_run_prints_config_and_deepspeed_json(tmp_path):
     r = mgt("train", "--config", str(REPO / "configs/tiny_synthetic.yaml"), "--dry-run", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -57,6 +63,7 @@ def test_dry_run_prints_config_and_deepspeed_json(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_existing_checkpoints_need_resume(tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints" / "step_00000001").mkdir(parents=True)

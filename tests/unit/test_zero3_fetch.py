@@ -57,6 +57,7 @@ def ds_hooked(module) -> bool:
 @pytest.mark.parametrize("extra", [(), ("parallel.activation_checkpointing=true",),
                                    ("parallel.activation_checkpointing=true", "parallel.checkpoint_policy=selective")],
                          ids=["plain", "ckpt", "ckpt-selective"])
+@pytest.mark.slow
 def test_block_fetch_trains_exactly_like_module_fetch(inprocess_dist, extra):
     e_block, r_block, w_block = run("block", extra)
     e_mod, r_mod, w_mod = run("module", extra)
@@ -73,6 +74,7 @@ def test_block_fetch_trains_exactly_like_module_fetch(inprocess_dist, extra):
         assert ds_hooked(blk.ffn.up)
 
 
+@pytest.mark.slow
 def test_selective_checkpointing_under_zero3_trains_exactly_like_no_checkpointing(inprocess_dist):
     _, r_plain, w_plain = run("block")
     _, r_sel, w_sel = run("block", ("parallel.activation_checkpointing=true", "parallel.checkpoint_policy=selective"))
@@ -89,6 +91,7 @@ def test_unknown_fetch_mode_is_an_error_naming_the_key():
 @pytest.mark.parametrize("extra", [(), ("parallel.offload_optimizer=cpu",),
                                    ("parallel.offload_optimizer=cpu", "parallel.offload_params=cpu")],
                          ids=["no-offload", "offload-optimizer", "offload-both"])
+@pytest.mark.slow
 def test_one_rank_reduces_gradients_in_place_with_the_same_numbers(inprocess_dist, monkeypatch, extra):
     from mgt_scale.parallel.ds_config import deepspeed_config
     from mgt_scale.parallel.topology import plan_batch
@@ -107,6 +110,7 @@ def test_one_rank_reduces_gradients_in_place_with_the_same_numbers(inprocess_dis
     assert deepspeed_config(cfg, plan_batch(cfg, 2), "fp32")["zero_optimization"]["reduce_scatter"] is True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [(), ("parallel.offload_optimizer=cpu",)], ids=["no-offload", "offload-optimizer"])
 def test_one_rank_uses_torchs_linear_with_the_same_numbers(inprocess_dist, monkeypatch, extra):
     import torch.nn.functional as F
