@@ -83,13 +83,18 @@ class _Below(logging.Filter):
         return record.levelno < self.level
 
 
+_LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING, "WARN": logging.WARNING,
+           "ERROR": logging.ERROR}
+
+
 def parse_level(value: str | None) -> int:
-    """A level name of MGT_LOG_LEVEL; an unknown name is an error that names the variable."""
+    """A level name of MGT_LOG_LEVEL; an unknown name is an error that names the variable. Only DEBUG,
+    INFO, WARNING (alias WARN) and ERROR: a level above ERROR (CRITICAL, FATAL) would drop the error line
+    that explains a failed command or a crash, and NOTSET is not a threshold an operator means."""
     name = (value or "INFO").strip().upper()
-    level = logging.getLevelName(name)
-    if not isinstance(level, int):
+    if name not in _LEVELS:
         raise ValueError(f"{LEVEL_ENV}={value!r}: not a log level (DEBUG, INFO, WARNING, ERROR)")
-    return level
+    return _LEVELS[name]
 
 
 def setup_logging(rank: int | None = None, world: int | None = None, level: str | int | None = None,
