@@ -312,7 +312,8 @@ def _parser() -> argparse.ArgumentParser:
                             "resumes on the remaining nodes with a smaller data-parallel size (zero3 only)")
         p.add_argument("--max-excluded-nodes", type=int, default=8,
                        help="failed nodes the job's requeues keep excluded (ExcNodeList, newest first; never so "
-                            "many that the partition cannot give the job its nodes)")
+                            "many that the partition's usable nodes cannot give the job its nodes; nodes "
+                            "excluded at submission are kept besides)")
         p.add_argument("--time", required=True, help="wall limit per job, HH:MM:SS or D-HH:MM:SS")
         p.add_argument("--partition")
         p.add_argument("--account")
