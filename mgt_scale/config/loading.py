@@ -281,6 +281,11 @@ def validate(cfg: Config, source: Source = "<config>") -> None:
             if getattr(m.mgt, key) != getattr(MGTConfig, key):
                 _fail(source, f"model.mgt.{key}", "is only read with model.mgt.proj_init: std (now fan_in): "
                       "set model.mgt.proj_init=std to draw the projections with this std", "model.mgt.proj_init")
+    if m.mgt.beta_input != MGTConfig.beta_input and m.residual not in ("mgt", "ddl"):
+        # like gate_init_std above: a setting nothing reads is refused, not silently dropped
+        _fail(source, "model.mgt.beta_input", f"{m.mgt.beta_input} is read only by the residual kinds with a "
+              f"beta (mgt, ddl), not model.residual={m.residual}: remove it or pick one of those kinds",
+              "model.residual")
     if m.mgt.proj_rank >= m.d_model:
         _fail(source, "model.mgt.proj_rank", f"must be in [0, d_model), got {m.mgt.proj_rank}", "model.d_model")
     if t.global_batch_size % t.micro_batch_size:
