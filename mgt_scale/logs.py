@@ -34,6 +34,11 @@ def _env_rank() -> int:
     return 0
 
 
+def process_rank() -> int:
+    """This process's global rank as the launcher's environment gives it (0 outside a launcher)."""
+    return _env_rank()
+
+
 def _env_world() -> int:
     for var in ("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
         if os.environ.get(var, "").isdigit():
