@@ -357,9 +357,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info(f"wrote {out} (job {r.job_name}, {spec.nodes} node(s) x {spec.tasks_per_node} task(s), "
                  f"resolved config {r.config_copy})")
         if args.cmd == "render":
-            if spec.chain > 1:
-                log.info(f"chain: submit it {spec.chain} times (`sbatch {shlex.quote(str(out))}`): "
-                         f"--dependency=singleton runs them one after the other")
+            if spec.chain > 1:  # the command's product (what to do with the script): output, not logging
+                print(f"chain: submit it {spec.chain} times (`sbatch {shlex.quote(str(out))}`): "
+                      f"--dependency=singleton runs them one after the other")
             return exit_codes.FINISHED
         if args.dry_run:
             for _ in range(spec.chain):

@@ -163,6 +163,21 @@ def test_backslash_in_sbatch_path_is_refused(tmp_path, capsys):
     assert "backslash" in capsys.readouterr().err
 
 
+def test_chain_instruction_is_printed_at_any_log_level(tmp_path, capsys, monkeypatch):
+    """`render --chain N`'s "submit it N times" is the command's product: before, an INFO line that
+    MGT_LOG_LEVEL=WARNING swallowed."""
+    from mgt_scale.logs import setup_logging
+    setup_logging(rank=0, world=1, level="WARNING", all_ranks=False)
+    try:
+        cfg = _config(tmp_path / "cfg.yaml", tmp_path / "run")
+        out = tmp_path / "job.sbatch"
+        capsys.readouterr()
+        assert S.main(_render_argv(cfg, _entry(tmp_path / "e.py"), out, "--chain", "3")) == 0
+        assert "submit it 3 times" in capsys.readouterr().out
+    finally:
+        setup_logging(rank=0, world=1, level="INFO", all_ranks=False)
+
+
 def test_placeholders_all_filled(tmp_path):
     cfg = _config(tmp_path / "cfg.yaml", tmp_path / "run")
     out = tmp_path / "job.sbatch"
