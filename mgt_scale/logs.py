@@ -102,6 +102,12 @@ def parse_level(value: str | None) -> int:
     return _LEVELS[name]
 
 
+def lines_name_the_rank() -> bool:
+    """Whether this process's log lines already start with `[rank N]` (set up for a world of more than
+    one rank): a message then need not name its rank again."""
+    return any(isinstance(h.formatter, _Format) and h.formatter.prefix for h in logging.getLogger(ROOT).handlers)
+
+
 def setup_logging(rank: int | None = None, world: int | None = None, level: str | int | None = None,
                   all_ranks: bool | None = None) -> logging.Logger:
     """Configure the `mgt_scale` logger for this process (idempotent: a second call replaces the

@@ -158,5 +158,6 @@ def crashed(exc: BaseException, run_dir: Path, rank: int) -> int:
         cause = f"crashed: {one_line(exc)}"
     if rank == 0 and run_dir.is_dir():
         write_failed_status(run_dir, code, cause)
-    log.error(cause if rank == 0 else f"rank {rank}: {cause}")
+    from mgt_scale.logs import lines_name_the_rank  # `[rank N]` already, in a world of several ranks
+    log.error(cause if rank == 0 or lines_name_the_rank() else f"rank {rank}: {cause}")
     return code
