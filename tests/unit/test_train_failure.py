@@ -184,3 +184,19 @@ def test_a_crash_line_names_its_rank_once(tmp_path, capsys, world, last):
         assert capsys.readouterr().err.strip().splitlines()[-1] == last
     finally:
         setup_logging(rank=0, world=1, level="INFO", all_ranks=False)
+
+
+@pytest.mark.parametrize("err, code", [(errno.ENOSPC, exit_codes.NO_SPACE), (errno.EDQUOT, exit_codes.NO_SPACE),
+                                       (errno.EACCES, exit_codes.CONFIG_ERROR)])
+def test_export_out_of_space_exits_no_space(tmp_path, monkeypatch, capsys, err, code):
+    """`mgt export` mapped every OSError to 2; a full disk or spent quota is 88, as for training."""
+    from mgt_scale.commands import export as cmd
+
+    def full(src, output, dtype="fp32", log=None):
+        raise OSError(err, os.strerror(err), str(Path(output) / "model.safetensors"))
+    monkeypatch.setattr(cmd, "export", full)
+    capsys.readouterr()
+    assert cmd.main([str(tmp_path), "--output", str(tmp_path / "out")]) == code
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert ("no space left writing" in last) == (code == exit_codes.NO_SPACE), last
+    assert str(tmp_path / "out" / "model.safetensors") in last
