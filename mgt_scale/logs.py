@@ -34,6 +34,11 @@ def _env_rank() -> int:
     return 0
 
 
+def process_rank() -> int:
+    """This process's global rank as the launcher's environment gives it (0 outside a launcher)."""
+    return _env_rank()
+
+
 def _env_world() -> int:
     for var in ("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
         if os.environ.get(var, "").isdigit():
@@ -83,13 +88,24 @@ class _Below(logging.Filter):
         return record.levelno < self.level
 
 
+_LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING, "WARN": logging.WARNING,
+           "ERROR": logging.ERROR}
+
+
 def parse_level(value: str | None) -> int:
-    """A level name of MGT_LOG_LEVEL; an unknown name is an error that names the variable."""
+    """A level name of MGT_LOG_LEVEL; an unknown name is an error that names the variable. Only DEBUG,
+    INFO, WARNING (alias WARN) and ERROR: a level above ERROR (CRITICAL, FATAL) would drop the error line
+    that explains a failed command or a crash, and NOTSET is not a threshold an operator means."""
     name = (value or "INFO").strip().upper()
-    level = logging.getLevelName(name)
-    if not isinstance(level, int):
+    if name not in _LEVELS:
         raise ValueError(f"{LEVEL_ENV}={value!r}: not a log level (DEBUG, INFO, WARNING, ERROR)")
-    return level
+    return _LEVELS[name]
+
+
+def lines_name_the_rank() -> bool:
+    """Whether this process's log lines already start with `[rank N]` (set up for a world of more than
+    one rank): a message then need not name its rank again."""
+    return any(isinstance(h.formatter, _Format) and h.formatter.prefix for h in logging.getLogger(ROOT).handlers)
 
 
 def setup_logging(rank: int | None = None, world: int | None = None, level: str | int | None = None,

@@ -312,7 +312,8 @@ def _parser() -> argparse.ArgumentParser:
                             "resumes on the remaining nodes with a smaller data-parallel size (zero3 only)")
         p.add_argument("--max-excluded-nodes", type=int, default=8,
                        help="failed nodes the job's requeues keep excluded (ExcNodeList, newest first; never so "
-                            "many that the partition cannot give the job its nodes)")
+                            "many that the partition's usable nodes cannot give the job its nodes; nodes "
+                            "excluded at submission are kept besides)")
         p.add_argument("--time", required=True, help="wall limit per job, HH:MM:SS or D-HH:MM:SS")
         p.add_argument("--partition")
         p.add_argument("--account")
@@ -356,9 +357,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info(f"wrote {out} (job {r.job_name}, {spec.nodes} node(s) x {spec.tasks_per_node} task(s), "
                  f"resolved config {r.config_copy})")
         if args.cmd == "render":
-            if spec.chain > 1:
-                log.info(f"chain: submit it {spec.chain} times (`sbatch {shlex.quote(str(out))}`): "
-                         f"--dependency=singleton runs them one after the other")
+            if spec.chain > 1:  # the command's product (what to do with the script): output, not logging
+                print(f"chain: submit it {spec.chain} times (`sbatch {shlex.quote(str(out))}`): "
+                      f"--dependency=singleton runs them one after the other")
             return exit_codes.FINISHED
         if args.dry_run:
             for _ in range(spec.chain):

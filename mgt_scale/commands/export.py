@@ -1,7 +1,8 @@
 # `mgt export RUN_DIR|CKPT_DIR --output DIR [--dtype fp32|bf16] [--format mgt|hf]`: a consolidated,
 # DeepSpeed-free copy of a checkpoint's weights (mgt_scale/train/export.py), or with `--format hf` a
 # transformers directory (mgt_scale/hf/export_hf.py). Bad input (no checkpoint at the path, a damaged
-# one, an unwritable --output) exits 2 (CONFIG_ERROR).
+# one, an unwritable --output) exits 2 (CONFIG_ERROR); a write that ran out of disk space or quota exits
+# 88 (NO_SPACE) with the line that names the path and the free space (train/failure.py).
 from __future__ import annotations
 
 import argparse
@@ -28,10 +29,24 @@ def main(argv: list[str] | None = None) -> int:
         if args.format == "hf":
             return _export_hf(args)
         export(args.source, args.output, args.dtype)
-    except (ExportError, OSError) as e:  # no checkpoint there, a damaged one, an unwritable --output
+    except OSError as e:
+        return _os_error(e, args.output)
+    except ExportError as e:  # no checkpoint there, a damaged one
         log.error(str(e))
         return CONFIG_ERROR
     return 0
+
+
+def _os_error(e: OSError, output: str) -> int:
+    """ENOSPC / EDQUOT (or a write that failed on a full filesystem): NO_SPACE with the path and the free
+    space; any other OSError (an unwritable --output) is bad input."""
+    from pathlib import Path
+
+    from mgt_scale import exit_codes
+    from mgt_scale.train.failure import no_space_message
+    cause = no_space_message(e, Path(output), then="export again")
+    log.error(cause or str(e))
+    return exit_codes.NO_SPACE if cause else CONFIG_ERROR
 
 
 def _export_hf(args) -> int:
@@ -39,6 +54,8 @@ def _export_hf(args) -> int:
     from mgt_scale.train.model_source import SourceError
     try:
         export_hf(args.source, args.output, args.dtype)
+    except OSError as e:
+        return _os_error(e, args.output)
     except (SourceError, HFExportError, ImportError) as e:
         hint = " (install the `hf` extra: pip install 'mgt-scale[hf]')" if isinstance(e, ImportError) else ""
         log.error(f"{e}{hint}")

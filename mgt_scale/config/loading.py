@@ -193,19 +193,26 @@ def apply_override(data: dict, key: str, value: Any, source: str) -> None:
                 _fail(source, ".".join(parts[: i + 1]), "is not a section")
 
 
-# keys of earlier versions that are accepted and ignored, with a warning, so that their configs (and the
-# config.yaml saved in every run directory, which resumption reads) still load: key -> why
-RETIRED_KEYS = {"model.mgt.cpu_kernel": "the C++ CPU kernel was retired; parallel.compile=blocks fuses the "
-                                        "MGT update instead (bench/RESULTS.md section 6)",
-                "monitor.probe_seed": "nothing ever drew from it: the geometry probe is the first validation batch "
-                                      "(monitor.probe_batch_size x monitor.probe_seq_len)"}
+# keys of earlier versions that are accepted and ignored, so that their configs (and the config.yaml
+# saved in every run directory, which resumption reads) still load: key -> (why, the old default). A
+# value other than the old default is warned about on global rank 0 (INFO elsewhere: every rank loads
+# the config at every restart, and 512 copies of one warning per requeue drown the log); the old default,
+# which every saved config.yaml of those versions holds, is dropped silently.
+RETIRED_KEYS = {"model.mgt.cpu_kernel": ("the C++ CPU kernel was retired; parallel.compile=blocks fuses the "
+                                         "MGT update instead (bench/RESULTS.md section 6)", True),
+                "monitor.probe_seed": ("nothing ever drew from it: the geometry probe is the first validation "
+                                       "batch (monitor.probe_batch_size x monitor.probe_seq_len)", 4321)}
+_NO_VALUE = object()
 
 
-def _retired(key: str, source: str) -> bool:
-    """Whether `key` is retired (then warn, naming the source that sets it)."""
+def _retired(key: str, source: str, value=_NO_VALUE) -> bool:
+    """Whether `key` is retired (then, unless `value` is its old default, say so, naming the source)."""
     if key not in RETIRED_KEYS:
         return False
-    log.warning(f"{source}: {key} is ignored: {RETIRED_KEYS[key]}")
+    why, old_default = RETIRED_KEYS[key]
+    if value is _NO_VALUE or value != old_default:
+        from mgt_scale.logs import process_rank
+        (log.warning if process_rank() == 0 else log.info)(f"{source}: {key} is ignored: {why}")
     return True
 
 
@@ -216,7 +223,7 @@ def _drop_retired(data: dict, source: str) -> None:
         node = data
         for part in path:
             node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict) and last in node and _retired(key, source):
+        if isinstance(node, dict) and last in node and _retired(key, source, node[last]):
             del node[last]
 
 
@@ -241,7 +248,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         _drop_retired(data, source)
     for text in overrides:
         key, value = parse_override(text)
-        if _retired(key, f"--set {text}"):
+        if _retired(key, f"--set {text}", value):
             continue
         apply_override(data, key, value, f"--set {text}")
         sources.set(key, text)
@@ -281,6 +288,11 @@ def validate(cfg: Config, source: Source = "<config>") -> None:
             if getattr(m.mgt, key) != getattr(MGTConfig, key):
                 _fail(source, f"model.mgt.{key}", "is only read with model.mgt.proj_init: std (now fan_in): "
                       "set model.mgt.proj_init=std to draw the projections with this std", "model.mgt.proj_init")
+    if m.mgt.beta_input != MGTConfig.beta_input and m.residual not in ("mgt", "ddl"):
+        # like gate_init_std above: a setting nothing reads is refused, not silently dropped
+        _fail(source, "model.mgt.beta_input", f"{m.mgt.beta_input} is read only by the residual kinds with a "
+              f"beta (mgt, ddl), not model.residual={m.residual}: remove it or pick one of those kinds",
+              "model.residual")
     if m.mgt.proj_rank >= m.d_model:
         _fail(source, "model.mgt.proj_rank", f"must be in [0, d_model), got {m.mgt.proj_rank}", "model.d_model")
     if t.global_batch_size % t.micro_batch_size:

@@ -88,8 +88,9 @@ def verify_data_once(data_cfg, cache: str | Path | None = None) -> dict:
     too), the problems gathered over the world, and every rank raises the same DataError if any. Later
     opens in this process then check sizes and counts only (shards.is_verified).
     `cache` (<run.dir>/.data_verified.json, verify_cache.py): files recorded there as verified, with
-    the same manifest, size, mtime and inode, are not hashed again (a restart hashes what changed only);
-    global rank 0 records a successful check. Returns {"hashed_bytes": this rank's, "trusted": files}."""
+    the same manifest, size, mtime, device and inode on this same host, are not hashed again (a restart
+    hashes what changed only); each node's local rank 0 contributes its node's stats, global rank 0
+    records them all, per host. Returns {"hashed_bytes": this rank's, "trusted": files}."""
     import torch.distributed as dist
 
     from mgt_scale.data import verify_cache
@@ -130,9 +131,15 @@ def verify_data_once(data_cfg, cache: str | Path | None = None) -> dict:
         raise DataError("; ".join(problems))
     for d in dirs:
         mark_verified(d)
+    if cache is not None:
+        nodes = {verify_cache.host(): seen}
+        if multi:  # every node's own stats, from its local rank 0, to the writer
+            every = [None] * dist.get_world_size()
+            dist.all_gather_object(every, (verify_cache.host(), seen) if local_rank == 0 else None)
+            nodes = dict(e for e in every if e is not None)
     if cache is not None and (not multi or dist.get_rank() == 0):
         try:
-            verify_cache.record(Path(cache), seen)
+            verify_cache.record(Path(cache), nodes)
         except OSError as e:  # the next start hashes everything again: slower, not wrong
             from mgt_scale.logs import get_logger
             get_logger(__name__).warning("could not record the data verification in %s (%s): the next start "

@@ -197,7 +197,8 @@ class ResidualOp(nn.Module):
         # g_pre = X W_gate^T; z2 = 2 (X W_beta^T + b_beta), the factor 2 folded into a matmul or an add
         if xb is not None:
             if self.proj_rank:
-                up, h, hb = self.gate_beta_up, F.linear(x, self.gate_beta_down), F.linear(xb, self.gate_beta_down)
+                up, hb = self.gate_beta_up, F.linear(xb, self.gate_beta_down)
+                h = F.linear(x, self.gate_beta_down) if self.use_gate else None  # ddl: no gate reads X
             else:
                 up, h, hb = self.gate_beta, x, xb
             g_pre = F.linear(h, up[:gr]) if self.use_gate else None

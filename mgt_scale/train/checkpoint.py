@@ -6,7 +6,7 @@
 # retention (last K that verify, plus every M-th), the resume choice made by rank 0 and broadcast, each
 # rank hashing only its own share (ckpt_collective), and each rank's parameter layout recorded and
 # checked before anything loads. A new save of a step that has a completed checkpoint (after a
-# rollback) is written to checkpoints/.resave/step_N and swapped in only once complete and verified,
+# rollback) is written to checkpoints/.resave/step_N and swapped in only once complete and size-checked,
 # so `latest_good` never names a half-written directory; one that fails verification is moved to
 # checkpoints/damaged/ (never resumed from, never counted, never deleted). DeepSpeed's own `latest`
 # file is never written or read.
@@ -199,7 +199,7 @@ class CheckpointManager:
                 else:
                     # a completed checkpoint of this step (a save after a rollback to it) stays in place,
                     # and `latest_good` on it, until the new one, written beside it, is complete and
-                    # verified (_swap_in); a kill in between leaves recover_interrupted_saves() to clean up
+                    # size-checked (_swap_in); a kill in between leaves recover_interrupted_saves() to clean up
                     write_dir = self._resave_dir(tag)
                     shutil.rmtree(write_dir, ignore_errors=True)
                     write_dir.mkdir(parents=True)
@@ -306,7 +306,7 @@ class CheckpointManager:
         self._discard_replaced(replaced, tag_dir.name)
         return None
 
-    def _discard_replaced(self, replaced: Path, tag: str, log=print) -> None:
+    def _discard_replaced(self, replaced: Path, tag: str, log=_log.warning) -> None:
         """Rank 0: the completed checkpoint a new save of its step replaced is deleted, unless it fails
         the size check (a stat per file): then it is damaged, and set aside to checkpoints/damaged/ like
         any other, never deleted."""

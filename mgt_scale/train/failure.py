@@ -102,10 +102,11 @@ def _filesystem_full(where: Path) -> bool:
             pass
 
 
-def no_space_message(exc: BaseException, fallback: Path) -> Optional[str]:
+def no_space_message(exc: BaseException, fallback: Path,
+                     then: str = "resume with --resume auto") -> Optional[str]:
     """The `error:` line for a run that ran out of disk space or quota, or None if `exc` is not that.
     It names the path being written (`fallback`, the run directory, when the exception does not say)
-    and the free space on its filesystem."""
+    and the free space on its filesystem; `then`: what to do once space is freed."""
     chain = list(exception_chain(exc))
     texts = [str(e).lower() for e in chain]
     path = Path(failed_path(exc) or fallback)
@@ -120,7 +121,7 @@ def no_space_message(exc: BaseException, fallback: Path) -> Optional[str]:
     except OSError as e:
         space = f"free space of {where} unknown ({e})"
     return (f"no space left writing {path}: {space} ({one_line(exc)}). Free space there (or move run.dir) "
-            f"and resume with --resume auto; exit {exit_codes.NO_SPACE}: not requeued")
+            f"and {then}; exit {exit_codes.NO_SPACE}: not requeued")
 
 
 def one_line(exc: BaseException, limit: int = 500) -> str:
@@ -158,5 +159,6 @@ def crashed(exc: BaseException, run_dir: Path, rank: int) -> int:
         cause = f"crashed: {one_line(exc)}"
     if rank == 0 and run_dir.is_dir():
         write_failed_status(run_dir, code, cause)
-    log.error(cause if rank == 0 else f"rank {rank}: {cause}")
+    from mgt_scale.logs import lines_name_the_rank  # `[rank N]` already, in a world of several ranks
+    log.error(cause if rank == 0 or lines_name_the_rank() else f"rank {rank}: {cause}")
     return code

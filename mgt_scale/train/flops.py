@@ -1,6 +1,7 @@
 # FLOP accounting for MFU: training FLOPs per token for every residual kind (6 x matmul parameters,
 # plus attention scores, plus MGT's gate and beta projections, which are ordinary matmul parameters
-# and so already inside the 6N term; plus mHC's stream mixing matmuls), the parameter count of every kind,
+# and so already inside the 6N term, MGT's low-rank down-projection twice with beta_input: ln; plus mHC's
+# stream mixing matmuls), the parameter count of every kind,
 # and the per-device peak FLOP/s (configured or detected).
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ def block_matmul_params(cfg: ModelConfig) -> int:
         rows = (d if cfg.residual in ("mgt", "mhc_gate") else 0) + \
                ((d if m.beta_shape == "channel" else 1) if cfg.residual in ("mgt", "ddl") else 0)
         per_op = m.proj_rank * (d + rows) if m.proj_rank else rows * d
+        if m.proj_rank and m.beta_input == "ln" and cfg.residual == "mgt":
+            per_op += m.proj_rank * d  # the shared down-projection runs twice: on X (gate), on LN(X) (beta)
         per_block += 2 * per_op
     elif cfg.residual == "mhc":  # phi: n*d -> 2n + n^2 (H_pre, H_post, H_res logits)
         n = cfg.mhc.num_streams

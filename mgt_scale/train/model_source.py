@@ -3,7 +3,8 @@
 # config is the one saved with the weights (export: config.yaml; checkpoint: its resolved config, or the
 # run's), or one the user passes, which is checked against the weights tensor by tensor first, so a
 # mismatch is one line naming the config file, the tensor and both shapes instead of torch's
-# size-mismatch traceback. Checkpoints are consolidated in memory (export.consolidated_from_checkpoint):
+# size-mismatch traceback; then, where a config is saved with the weights, its `model` section must
+# equal the given one key for key (same shapes can still be another function: model.mgt.beta_input). Checkpoints are consolidated in memory (export.consolidated_from_checkpoint):
 # nothing is written into the run directory.
 from __future__ import annotations
 
@@ -59,6 +60,32 @@ def load_state_checked(model: torch.nn.Module, sd: dict[str, torch.Tensor], weig
         raise SourceError(f"config {config_path} does not fit the weights in {weights}: "
                           f"{result.unexpected_keys[0]} is not in this config's model "
                           f"({len(result.unexpected_keys)} unknown); {hint}")
+
+
+def _first_difference(a, b, prefix: str):
+    """The first dotted key (and both values) where two nested dicts differ, or None."""
+    for k in list(a) + [k for k in b if k not in a]:
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            found = _first_difference(x, y, f"{prefix}.{k}")
+            if found:
+                return found
+        elif x != y:
+            return f"{prefix}.{k}", x, y
+    return None
+
+
+def check_same_model(cfg, saved_cfg, config_path: Path, saved_path: Path) -> None:
+    """A config the user gave (--config, --set model.*) must describe the model the weights were trained
+    as, not only its shapes: model.mgt.beta_input, lam, eps, the residual kind's details change the
+    function with the same tensors, so a difference would silently compute with another formula."""
+    import dataclasses
+    diff = _first_difference(dataclasses.asdict(cfg.model), dataclasses.asdict(saved_cfg.model), "model")
+    if diff:
+        key, given, trained = diff
+        raise SourceError(f"config {config_path}: {key} = {given!r}, but the weights were trained with "
+                          f"{key} = {trained!r} ({saved_path}): the model would compute another function; "
+                          f"leave out --config / --set model.* (the saved config is used) or set {key}: {trained!r}")
 
 
 def _load_config(path: Path, overrides=()):
@@ -120,4 +147,6 @@ def open_model(source: str | Path, config: str | Path | None = None, overrides=(
     model = build_model(cfg.model, seed=0)
     load_state_checked(model, {k: v.to(torch.float32) for k, v in sd.items()}, weights, config_path,
                        cfg.model.tie_embeddings, given=config is not None or bool(overrides))
+    if (config is not None or overrides) and saved.is_file():
+        check_same_model(cfg, _load_config(saved), config_path, saved)
     return Loaded(model.to(dtype).eval(), cfg, config_path, tokenizer or _data_tokenizer(cfg), origin)

@@ -163,6 +163,21 @@ def test_backslash_in_sbatch_path_is_refused(tmp_path, capsys):
     assert "backslash" in capsys.readouterr().err
 
 
+def test_chain_instruction_is_printed_at_any_log_level(tmp_path, capsys, monkeypatch):
+    """`render --chain N`'s "submit it N times" is the command's product: before, an INFO line that
+    MGT_LOG_LEVEL=WARNING swallowed."""
+    from mgt_scale.logs import setup_logging
+    setup_logging(rank=0, world=1, level="WARNING", all_ranks=False)
+    try:
+        cfg = _config(tmp_path / "cfg.yaml", tmp_path / "run")
+        out = tmp_path / "job.sbatch"
+        capsys.readouterr()
+        assert S.main(_render_argv(cfg, _entry(tmp_path / "e.py"), out, "--chain", "3")) == 0
+        assert "submit it 3 times" in capsys.readouterr().out
+    finally:
+        setup_logging(rank=0, world=1, level="INFO", all_ranks=False)
+
+
 def test_placeholders_all_filled(tmp_path):
     cfg = _config(tmp_path / "cfg.yaml", tmp_path / "run")
     out = tmp_path / "job.sbatch"
@@ -351,6 +366,12 @@ def test_render_warns_when_nothing_checkpoints_between_signals(tmp_path, capsys,
 FAKE_SINFO = """#!/bin/bash
 echo "sinfo $*" >> "$FAKE_LOG"
 case " $* " in
+  *" %N %t "*)  # node and compact state: FAKE_DOWN down, FAKE_DRAIN drained, the rest of the partition idle
+    for n in ${FAKE_PARTITION//,/ }; do
+      case ",$FAKE_DOWN," in *",$n,"*) echo "$n down"; continue;; esac
+      case ",${FAKE_DRAIN:-}," in *",$n,"*) echo "$n drain"; continue;; esac
+      echo "$n idle"
+    done;;
   *" -t down,fail "*) printf '%s\\n' ${FAKE_DOWN//,/ };;
   *" -t "*) printf '%s\\n' ${FAKE_DOWN//,/ } ${FAKE_NORESP//,/ };;  # a state query that includes no_respond
   *) printf '%s\\n' ${FAKE_PARTITION//,/ };;
@@ -380,7 +401,14 @@ def failing_job(tmp_path):
     cfg = _config(tmp_path / "cfg.yaml", tmp_path / "run")
 
     def run(nodes: int, down: str = "", noresp: str = "", excluded: str = "", partition: str = "",
-            extra: tuple[str, ...] = ()):
+            extra: tuple[str, ...] = (), mine: str | None = None, drain: str = ""):
+        """`excluded`: the job's ExcNodeList now; `mine`: those this script excluded before (its state
+        file, newest first), the rest being the operator's."""
+        state = tmp_path / "run" / "slurm" / "state"
+        state.mkdir(parents=True, exist_ok=True)
+        (state / "excluded-42").unlink(missing_ok=True)
+        if mine is not None:
+            (state / "excluded-42").write_text("".join(f"{n}\n" for n in mine.split(",") if n))
         out = tmp_path / "job.sbatch"
         argv = _render_argv(cfg, _entry(tmp_path / "e.py"), out, "--python", str(bindir / "stub"),
                             "--no-reset-start-time", *extra)
@@ -391,7 +419,7 @@ def failing_job(tmp_path):
         env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", FAKE_LOG=str(log), STUB_CODES="1",
                    SLURM_JOB_ID="42", SLURM_RESTART_COUNT="0", SLURM_JOB_NUM_NODES=str(nodes),
                    SLURM_JOB_NODELIST="n[1-9]", FAKE_DOWN=down, FAKE_NORESP=noresp, FAKE_EXC=excluded,
-                   FAKE_PARTITION=partition)
+                   FAKE_PARTITION=partition, FAKE_DRAIN=drain)
         p = subprocess.run(["bash", str(out)], env=env, capture_output=True, text=True, timeout=60)
         import time
         deadline = time.time() + 20  # the detached helper updates the pending job within ~2 s
@@ -401,6 +429,7 @@ def failing_job(tmp_path):
         calls = log.read_text().splitlines()
         updates = [c.split(" ", 3)[3] for c in calls if c.startswith("scontrol update JobId=42 ")]
         crashes = run_dir_crashes(tmp_path / "run")
+        run.mine = (state / "excluded-42").read_text().split() if (state / "excluded-42").is_file() else None
         return updates, crashes, p.stdout + p.stderr
 
     return run
@@ -414,18 +443,50 @@ def run_dir_crashes(run_dir: Path) -> int:
 def test_exclusions_accumulate_across_requeues(failing_job):
     # n2 failed at an earlier requeue (the job's ExcNodeList); now n3: before, ExcNodeList=n3 alone
     # and the next start could land on n2 again
-    updates, crashes, out = failing_job(1, down="n3", excluded="n2", partition="n1,n2,n3,n4,n5,n6")
+    updates, crashes, out = failing_job(1, down="n3", excluded="n2", mine="n2", partition="n1,n2,n3,n4,n5,n6")
     assert updates == ["ExcNodeList=n3,n2"], out
+    assert failing_job.mine == ["n3", "n2"]  # the script's own, newest first, for the next failure
     assert crashes == 0  # a node failure is not a crash retry
 
 
 def test_exclusions_are_bounded_by_the_option_and_by_the_partition(failing_job):
-    updates, _, out = failing_job(1, down="n3", excluded="n2,n4,n5", partition="n1,n2,n3,n4,n5,n6,n7,n8",
-                                  extra=("--max-excluded-nodes", "2"))
-    assert updates == ["ExcNodeList=n3,n2"], out  # the newest two
-    # a partition of 4 nodes and a job of 2: at most 2 excluded, the oldest dropped
-    updates, _, out = failing_job(2, down="n3", excluded="n1,n4", partition="n1,n2,n3,n4")
-    assert updates == ["ExcNodeList=n3,n1"], out
+    # slurmctld returns ExcNodeList sorted: the age comes from the script's state file, not the list
+    updates, _, out = failing_job(1, down="n3", excluded="n2,n4,n5", mine="n5,n4,n2",
+                                  partition="n1,n2,n3,n4,n5,n6,n7,n8", extra=("--max-excluded-nodes", "2"))
+    assert updates == ["ExcNodeList=n3,n5"], out  # the newest two (before: n3,n2, by the sorted list)
+    assert failing_job.mine == ["n3", "n5"]
+    # a partition of 4 usable nodes and a job of 2: n3 is down (excluding it costs nothing), n4 kept,
+    # n1 the oldest dropped
+    updates, _, out = failing_job(2, down="n3", excluded="n1,n4", mine="n4,n1", partition="n1,n2,n3,n4")
+    assert updates == ["ExcNodeList=n3,n4"], out
+
+
+def test_the_operators_exclusions_are_always_kept(failing_job):
+    """Nodes excluded at submission (--exclude) are not the script's: never dropped, never counted in
+    --max-excluded-nodes (before: merged into the capped list, and dropped as the "oldest")."""
+    updates, _, out = failing_job(1, down="n3", excluded="n1,n2,n6", mine="n6",
+                                  partition="n1,n2,n3,n4,n5,n6,n7,n8", extra=("--max-excluded-nodes", "1"))
+    assert updates == ["ExcNodeList=n3,n1,n2"], out
+    assert failing_job.mine == ["n3"]
+
+
+def test_down_and_drained_nodes_do_not_count_as_room(failing_job):
+    """The job (2 nodes) could never start if fewer than 2 usable nodes stay: of n1..n6, n5 and n6
+    are drained and n3 is down, so excluding n2 and n4 (the script's, earlier) would leave n1 alone.
+    Before: all 6 nodes counted, and the job was left pending for ever."""
+    updates, _, out = failing_job(2, down="n3", excluded="n2,n4", mine="n4,n2", drain="n5,n6",
+                                  partition="n1,n2,n3,n4,n5,n6")
+    assert updates == ["ExcNodeList=n3,n4"], out
+    assert "not excluded" in out and "n2" in out.split("not excluded", 1)[1].splitlines()[0]
+
+
+def test_no_array_expansion_that_set_u_breaks_on_old_bash():
+    """Under `set -u`, bash < 4.4 aborts on "${A[@]}" of an empty array: only arrays that are never
+    empty (the rendered srun arguments and command) may be expanded without a guard."""
+    text = (Path(S.__file__).resolve().parents[2] / "slurm" / "train.sbatch.in").read_text()
+    bare = {m.group(1) for m in re.finditer(r'(?<![+\w])"\$\{(\w+)\[@\]\}"', text)}
+    guarded = {m.group(1) for m in re.finditer(r'\$\{(\w+)\[@\]\+"\$\{\1\[@\]\}"\}', text)}
+    assert bare - guarded <= {"SRUN_ARGS", "TRAIN_CMD"}, bare - guarded
 
 
 def test_a_node_only_not_responding_is_not_a_node_failure(failing_job):

@@ -145,3 +145,20 @@ def test_ranks_write_a_resave_beside_the_step_and_it_is_swapped_in_whole(tmp_pat
     for r in range(world):
         assert files[f"shard_rank{r}.pt"]["rank"] == r
         assert torch.load(ck / tag_for(4) / f"shard_rank{r}.pt")["w"][0].item() == 2.0  # the new save's
+
+
+def test_setting_a_replaced_checkpoint_aside_is_a_warning_on_stderr(tmp_path, capsys):
+    """Before: print()ed to stdout (no `warning:`, no rank prefix, and not silenced by MGT_LOG_LEVEL)."""
+    from mgt_scale.logs import setup_logging
+    setup_logging(rank=0, world=1, level="INFO", all_ranks=False)
+    m = manager(tmp_path)
+    m.save(StandInEngine(), 4, {})
+    shard = tmp_path / "checkpoints" / tag_for(4) / "optim_states.pt"
+    shard.write_bytes(shard.read_bytes()[:100])
+    capsys.readouterr()
+    manager(tmp_path).save(StandInEngine(), 4, {})
+    out, err = capsys.readouterr()
+    assert len(aside(tmp_path)) == 1
+    assert "failed verification" not in out
+    assert any(line.startswith("warning: checkpoint step_") and "failed verification" in line
+               for line in err.splitlines()), err

@@ -161,9 +161,10 @@ def test_zero3_engine_with_compiled_blocks_trains_like_eager(inprocess_dist, ext
 
 def test_retired_cpu_kernel_key_is_accepted_and_ignored(tmp_path, capsys):
     """Configs of earlier versions (and the config.yaml in every run directory, which `--resume` reads) hold
-    `model.mgt.cpu_kernel`: they load, with a warning, and the key is gone from the resolved config."""
+    `model.mgt.cpu_kernel`: they load, with a warning unless it is the old default (true), and the key is
+    gone from the resolved config."""
     old = tmp_path / "config.yaml"
-    old.write_text("model:\n  mgt:\n    cpu_kernel: true\n    fused: true\ndata:\n  synthetic: random\n")
+    old.write_text("model:\n  mgt:\n    cpu_kernel: false\n    fused: true\ndata:\n  synthetic: random\n")
     cfg = load_config(old, ["model.mgt.cpu_kernel=false"])
     assert not hasattr(cfg.model.mgt, "cpu_kernel") and cfg.model.mgt.fused
     err = capsys.readouterr().err

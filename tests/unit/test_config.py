@@ -250,3 +250,24 @@ def test_retired_probe_seed_still_loads(tmp_path):
     old.write_text(old.read_text().replace("\nmonitor:\n", "\nmonitor:\n  probe_seed: 4321\n", 1))
     cfg = load_config(old)
     assert not hasattr(cfg.monitor, "probe_seed") and cfg.monitor.probe_batch_size == Config().monitor.probe_batch_size
+
+
+@pytest.mark.parametrize("rank, value, warned", [(0, 4321, False), (3, 4321, False), (0, 99, True), (3, 99, False)])
+def test_retired_key_warns_on_rank_0_only_and_not_at_its_old_default(tmp_path, monkeypatch, capsys, rank, value, warned):
+    """Every saved config.yaml of earlier versions holds probe_seed: 4321 (the old default), and every rank
+    loads it at every restart: before, one warning per rank per requeue (512 lines on 512 ranks)."""
+    from mgt_scale.logs import setup_logging
+    old = tmp_path / "config.yaml"
+    save_config(dataclasses.replace(Config(), data=dataclasses.replace(Config().data, synthetic="random")), old)
+    old.write_text(old.read_text().replace("\nmonitor:\n", f"\nmonitor:\n  probe_seed: {value}\n", 1))
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.delenv("MGT_LOG_ALL_RANKS", raising=False)
+    monkeypatch.delenv("MGT_LOG_LEVEL", raising=False)
+    setup_logging()
+    try:
+        capsys.readouterr()
+        load_config(old)
+        assert ("monitor.probe_seed is ignored" in capsys.readouterr().err) == warned
+    finally:
+        setup_logging(rank=0, world=1, level="INFO", all_ranks=False)

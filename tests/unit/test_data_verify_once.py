@@ -223,3 +223,61 @@ def test_another_manifest_is_verified_in_full(tmp_path, hashed_files):
     (d / "manifest.json").write_text(json.dumps(m, indent=1))  # same content, other bytes
     start(cfg, cache, hashed_files)
     assert sorted(hashed_files) == sorted(f.name for f in d.iterdir() if f.suffix in (".bin", ".npy"))
+
+
+def test_a_record_made_on_one_host_is_not_trusted_on_another(tmp_path, hashed_files, monkeypatch):
+    """A node-local copy on host B (same path, size, mtime, even inode) is hashed on B even though
+    host A verified its own copy: each node trusts only what was recorded on that node."""
+    import socket
+    d = make_data(tmp_path / "data")
+    cfg = load_config(None, [f"data.path={d}"])
+    cache = tmp_path / "run" / ".data_verified.json"
+    every = sorted(f.name for f in d.iterdir() if f.suffix in (".bin", ".npy"))
+    monkeypatch.setattr(socket, "gethostname", lambda: "node-a")
+    start(cfg, cache, hashed_files)
+    start(cfg, cache, hashed_files)
+    assert hashed_files == []  # host A: trusted
+    monkeypatch.setattr(socket, "gethostname", lambda: "node-b")
+    start(cfg, cache, hashed_files)
+    assert sorted(hashed_files) == every  # before: trusted from node A's record
+    start(cfg, cache, hashed_files)
+    assert hashed_files == []
+    monkeypatch.setattr(socket, "gethostname", lambda: "node-a")
+    start(cfg, cache, hashed_files)
+    assert hashed_files == []  # A's record kept when B's was added
+
+
+def test_every_node_records_its_own_stats(tmp_path, hashed_files, monkeypatch):
+    """In a multi-node world the writer (global rank 0) records each node's stats, contributed by that
+    node's local rank 0, under that node's host name; a device number that differs is not trusted."""
+    import json
+    import socket
+
+    import torch.distributed as dist
+
+    from mgt_scale.data import verify_cache
+    d = make_data(tmp_path / "data")
+    cfg = load_config(None, [f"data.path={d}"])
+    cache = tmp_path / "run" / ".data_verified.json"
+    monkeypatch.setattr(socket, "gethostname", lambda: "node-a")
+    shard = sorted(d.glob("train-*.bin"))[0].name
+    other = {f: dict(st, dev=st["dev"] + 1) for f, st in
+             {f: verify_cache.stat_key(d / f) for f in [shard]}.items()}
+
+    def all_gather_object(out, obj):  # rank 1: local rank 0 of node-b, with its own stats
+        if isinstance(obj, list):
+            out[:] = [obj, []]
+        else:
+            out[:] = [obj, ("node-b", {str(d): (obj[1][str(d)][0], other, obj[1][str(d)][2])})]
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+    start(cfg, cache, hashed_files)
+    hosts = json.loads(cache.read_text())["hosts"]
+    assert sorted(hosts) == ["node-a", "node-b"]
+    assert list(hosts["node-b"][str(d.absolute())]["files"]) == [shard]
+    monkeypatch.setattr(socket, "gethostname", lambda: "node-b")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    start(cfg, cache, hashed_files)
+    assert shard in hashed_files  # node-b's record names another device: hashed

@@ -20,7 +20,11 @@ FORMS = [("preln", {}), ("postln", {}), ("deepnorm", {}), ("mgt", {}), ("mgt", {
          ("mgt", {"beta_shape": "token"}), ("mgt", {"proj_rank": 4}), ("mgt", {"proj_rank": 4, "beta_shape": "token"}),
          ("mhc_gate", {}), ("mhc_gate", {"proj_rank": 4}), ("ddl", {}), ("ddl", {"beta_shape": "token"}),
          ("ddl", {"proj_rank": 4}), ("mhc", {}), ("mhc", {"num_streams": 1}), ("mhc", {"num_streams": 3}),
-         ("ddl_delta", {}), ("ddl_delta", {"value": "norm"}), ("ddl_delta", {"value": "sublayer"})]
+         ("ddl_delta", {}), ("ddl_delta", {"value": "norm"}), ("ddl_delta", {"value": "sublayer"}),
+         # beta reading LN(X): with proj_rank, MGT's shared down-projection runs on X and on LN(X)
+         ("mgt", {"beta_input": "ln"}), ("mgt", {"proj_rank": 4, "beta_input": "ln"}),
+         ("mgt", {"proj_rank": 4, "beta_input": "ln", "beta_shape": "token"}),
+         ("ddl", {"proj_rank": 4, "beta_input": "ln"})]
 
 
 def _inplace_addmm_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
@@ -145,3 +149,12 @@ def test_peak_flops_configured_wins_and_cpu_has_none(monkeypatch):
     assert flops.peak_flops_per_device(0.0) == 835e12
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some Unknown Accelerator")
     assert flops.peak_flops_per_device(0.0) == 0.0
+
+
+def test_ln_low_rank_second_down_projection_by_hand():
+    """mgt, proj_rank r, beta_input ln: the down-projection (r x d) runs on X (gate) and on LN(X) (beta),
+    2 d r more FLOPs per token and sublayer forward, 6 d r forward + backward."""
+    d, r, L = 32, 4, 3
+    x, ln = tiny("mgt", proj_rank=r), tiny("mgt", proj_rank=r, beta_input="ln")
+    assert flops.flops_per_token(ln, T) - flops.flops_per_token(x, T) == 6 * L * 2 * d * r
+    assert flops.num_params(ln) == flops.num_params(x)  # the same weights, used twice

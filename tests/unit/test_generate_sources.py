@@ -212,3 +212,22 @@ def test_closed_pipe_ends_quietly(tmp_path, what):
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
     # argparse swallows the write error of its own help text (and the text with it): quiet exit 0
     assert rc == (0 if what == "subcommand help" else 141)
+
+
+@pytest.mark.parametrize("change, key", [("model.mgt.beta_input=ln", "model.mgt.beta_input"),
+                                         ("model.mgt.lam=0.5", "model.mgt.lam")])
+def test_config_with_the_same_shapes_but_another_model_exit_2(tmp_path, capsys, change, key):
+    """Same tensor shapes, another formula: before, generate/probe computed with it silently."""
+    exp = make_export(tmp_path / "exp", 64, None)
+    other = tmp_path / "other.yaml"
+    save_config(load_config(None, OVR + [change]), other)
+    code, _, err = generate(capsys, exp, "--config", other, "--prompt-ids", "1,2")
+    assert code == 2 and key in err and str(other) in err, err
+    from mgt_scale.commands.probe import main
+    capsys.readouterr()
+    assert main(["--checkpoint", str(exp), "--set", change]) == 2
+    assert key in capsys.readouterr().err
+    same = tmp_path / "same.yaml"
+    save_config(load_config(None, OVR), same)
+    code, _, err = generate(capsys, exp, "--config", same, "--prompt-ids", "1,2")
+    assert code == 0, err

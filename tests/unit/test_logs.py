@@ -51,3 +51,12 @@ def test_bad_level_names_the_variable():
     with pytest.raises(ValueError, match="MGT_LOG_LEVEL='chatty'"):
         parse_level("chatty")
     assert parse_level("debug") == logging.DEBUG
+
+
+@pytest.mark.parametrize("name", ["CRITICAL", "fatal", "NOTSET", "50"])
+def test_level_that_would_hide_errors_is_refused(name):
+    """A level above ERROR would drop every error line (a failed command exits 2 printing nothing)."""
+    with pytest.raises(ValueError, match="MGT_LOG_LEVEL"):
+        parse_level(name)
+    assert parse_level("warn") == logging.WARNING
+    assert parse_level("ERROR") == logging.ERROR

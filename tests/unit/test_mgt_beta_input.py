@@ -124,3 +124,13 @@ def test_monitor_beta_statistics_are_of_the_ln_beta():
     # at init LN(X) W_beta has unit variance (fan_in init), X W_beta the stream's (~0.02): beta spreads
     assert float(beta.std()) > 0.1 > float(raw.std())
     assert not math.isclose(ops[0]["beta_std"], float(raw.std(unbiased=False)), rel_tol=0.5)
+
+
+@pytest.mark.parametrize("kind", ["preln", "postln", "deepnorm", "mhc", "mhc_gate", "ddl_delta"])
+def test_ln_with_a_kind_without_beta_is_refused(kind):
+    """Before: accepted and silently without effect (these kinds have no beta)."""
+    with pytest.raises(ConfigError, match="model.mgt.beta_input"):
+        load_config(None, ["model.mgt.beta_input=ln", f"model.residual={kind}", "data.synthetic=random"])
+    assert load_config(None, [f"model.residual={kind}", "data.synthetic=random"]).model.mgt.beta_input == "x"
+    for ok in ("mgt", "ddl"):
+        load_config(None, ["model.mgt.beta_input=ln", f"model.residual={ok}", "data.synthetic=random"])

@@ -168,3 +168,35 @@ torch.save, shutil.disk_usage = save, disk_usage
     assert status["reason"] == last[len("error: "):]
     assert (run_dir / "checkpoints" / "step_00000002" / "mgt_manifest.json").is_file()
     assert not (ck / "mgt_manifest.json").exists()
+
+
+@pytest.mark.parametrize("world, last", [(4, "[rank 2] error: crashed: ValueError: boom"),
+                                         (1, "error: rank 2: crashed: ValueError: boom")])
+def test_a_crash_line_names_its_rank_once(tmp_path, capsys, world, last):
+    """The formatter prefixes `[rank N]` in a world of several ranks: before, `[rank 2] error: rank 2:`."""
+    from mgt_scale.logs import setup_logging
+    setup_logging(rank=2, world=world, level="INFO", all_ranks=False)
+    try:
+        try:
+            raise ValueError("boom")
+        except ValueError as e:
+            assert crashed(e, tmp_path, rank=2) == exit_codes.CRASH
+        assert capsys.readouterr().err.strip().splitlines()[-1] == last
+    finally:
+        setup_logging(rank=0, world=1, level="INFO", all_ranks=False)
+
+
+@pytest.mark.parametrize("err, code", [(errno.ENOSPC, exit_codes.NO_SPACE), (errno.EDQUOT, exit_codes.NO_SPACE),
+                                       (errno.EACCES, exit_codes.CONFIG_ERROR)])
+def test_export_out_of_space_exits_no_space(tmp_path, monkeypatch, capsys, err, code):
+    """`mgt export` mapped every OSError to 2; a full disk or spent quota is 88, as for training."""
+    from mgt_scale.commands import export as cmd
+
+    def full(src, output, dtype="fp32", log=None):
+        raise OSError(err, os.strerror(err), str(Path(output) / "model.safetensors"))
+    monkeypatch.setattr(cmd, "export", full)
+    capsys.readouterr()
+    assert cmd.main([str(tmp_path), "--output", str(tmp_path / "out")]) == code
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert ("no space left writing" in last) == (code == exit_codes.NO_SPACE), last
+    assert str(tmp_path / "out" / "model.safetensors") in last
