@@ -62,9 +62,19 @@ def load_state_checked(model: torch.nn.Module, sd: dict[str, torch.Tensor], weig
                           f"({len(result.unexpected_keys)} unknown); {hint}")
 
 
+def _changes_the_function(key: str) -> bool:
+    """Model keys that do not change what trained weights compute: initial values (`*init*`: the weights
+    replace them), the fused vs op-by-op implementation of the same formula, and max_seq_len (rotary
+    positions are computed, not learned; generation past it recomputes on a window)."""
+    return not ("init" in key or key in ("fused", "max_seq_len"))
+
+
 def _first_difference(a, b, prefix: str):
-    """The first dotted key (and both values) where two nested dicts differ, or None."""
+    """The first dotted key (and both values) where two nested model dicts differ in a way that changes
+    the computed function, or None."""
     for k in list(a) + [k for k in b if k not in a]:
+        if not _changes_the_function(k):
+            continue
         x, y = a.get(k), b.get(k)
         if isinstance(x, dict) and isinstance(y, dict):
             found = _first_difference(x, y, f"{prefix}.{k}")

@@ -231,3 +231,14 @@ def test_config_with_the_same_shapes_but_another_model_exit_2(tmp_path, capsys, 
     save_config(load_config(None, OVR), same)
     code, _, err = generate(capsys, exp, "--config", same, "--prompt-ids", "1,2")
     assert code == 0, err
+
+
+def test_config_differing_only_in_init_or_implementation_is_accepted(tmp_path, capsys):
+    """Initial values (the trained weights replace them), fused vs op by op (one formula) and max_seq_len
+    (rotary positions are computed) do not change what the weights compute: such a --config loads."""
+    exp = make_export(tmp_path / "exp", 64, None)
+    other = tmp_path / "other.yaml"
+    save_config(load_config(None, OVR + ["model.init_std=0.05", "model.mgt.fused=false",
+                                         "model.mgt.beta_bias_init=0.1", "model.max_seq_len=512"]), other)
+    code, _, err = generate(capsys, exp, "--config", other, "--prompt-ids", "1,2")
+    assert code == 0, err
