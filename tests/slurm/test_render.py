@@ -440,6 +440,7 @@ def run_dir_crashes(run_dir: Path) -> int:
     return int(f.read_text()) if f.is_file() else 0
 
 
+@pytest.mark.slow  # > 2 s (runs the rendered script several times / a subprocess)
 def test_exclusions_accumulate_across_requeues(failing_job):
     # n2 failed at an earlier requeue (the job's ExcNodeList); now n3: before, ExcNodeList=n3 alone
     # and the next start could land on n2 again
@@ -449,6 +450,7 @@ def test_exclusions_accumulate_across_requeues(failing_job):
     assert crashes == 0  # a node failure is not a crash retry
 
 
+@pytest.mark.slow  # > 2 s (runs the rendered script several times / a subprocess)
 def test_exclusions_are_bounded_by_the_option_and_by_the_partition(failing_job):
     # slurmctld returns ExcNodeList sorted: the age comes from the script's state file, not the list
     updates, _, out = failing_job(1, down="n3", excluded="n2,n4,n5", mine="n5,n4,n2",
@@ -461,6 +463,7 @@ def test_exclusions_are_bounded_by_the_option_and_by_the_partition(failing_job):
     assert updates == ["ExcNodeList=n3,n4"], out
 
 
+@pytest.mark.slow  # > 2 s (runs the rendered script several times / a subprocess)
 def test_the_operators_exclusions_are_always_kept(failing_job):
     """Nodes excluded at submission (--exclude) are not the script's: never dropped, never counted in
     --max-excluded-nodes (before: merged into the capped list, and dropped as the "oldest")."""
@@ -470,6 +473,7 @@ def test_the_operators_exclusions_are_always_kept(failing_job):
     assert failing_job.mine == ["n3"]
 
 
+@pytest.mark.slow  # > 2 s (runs the rendered script several times / a subprocess)
 def test_down_and_drained_nodes_do_not_count_as_room(failing_job):
     """The job (2 nodes) could never start if fewer than 2 usable nodes stay: of n1..n6, n5 and n6
     are drained and n3 is down, so excluding n2 and n4 (the script's, earlier) would leave n1 alone.

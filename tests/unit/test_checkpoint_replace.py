@@ -90,6 +90,7 @@ def test_latest_good_names_a_complete_checkpoint_while_a_step_is_saved_again(sav
     assert verify_checkpoint(ckpt / "step_00000004") == []
 
 
+@pytest.mark.slow  # > 2 s (runs the rendered script several times / a subprocess)
 def test_a_sigkill_during_a_resave_leaves_latest_good_on_a_complete_checkpoint(saved_once):
     import subprocess
     import sys
