@@ -1,13 +1,15 @@
-# Activation checkpointing policies (mgt_scale.model.recompute): "full" and "selective" must give
+# Activation checkpointing policies (mgt_scale.model.recompute), applied from outside the model by
+# mgt_scale.parallel.checkpointing.apply_activation_checkpointing: "full" and "selective" must give
 # exactly the losses and gradients of no checkpointing, and "selective" must really skip recomputing
 # the narrowing matmuls (counted at the dispatcher during the backward) and nothing else.
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mgt_scale.config import MGTConfig, ModelConfig, load_config
+from mgt_scale.config import MGTConfig, ModelConfig, ParallelConfig, load_config
 from mgt_scale.model import build_model, lm_loss
 from mgt_scale.model.recompute import checkpoint_segment, narrowing_matmul
+from mgt_scale.parallel.checkpointing import apply_activation_checkpointing
 
 MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
 
@@ -28,7 +30,8 @@ class CountMatmuls(TorchDispatchMode):
 
 def train_step(cfg: ModelConfig, every: int, policy: str, count: bool = False):
     model = build_model(cfg, seed=11)
-    model.checkpoint_every, model.checkpoint_policy = every, policy
+    apply_activation_checkpointing(model, ParallelConfig(activation_checkpointing=every > 0,
+                                                         checkpoint_every_layers=max(every, 1), checkpoint_policy=policy))
     tokens = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(4))
     fwd, bwd = CountMatmuls(), CountMatmuls()
     with fwd if count else torch.enable_grad():
