@@ -53,7 +53,10 @@ def model_grads(cfg: ModelConfig, dev, tokens, checkpoint_every: int = 0, compil
     """Logits and every parameter gradient of `cfg` (fp32, seed 3) on `tokens`; `compiled`: each block under
     torch.compile, as `parallel.compile: blocks` runs it."""
     model = build_model(cfg, seed=3, device=dev)
-    model.checkpoint_every = checkpoint_every
+    from mgt_scale.config import ParallelConfig
+    from mgt_scale.parallel.checkpointing import apply_activation_checkpointing
+    apply_activation_checkpointing(model, ParallelConfig(activation_checkpointing=checkpoint_every > 0,
+                                                         checkpoint_every_layers=max(checkpoint_every, 1)))
     if compiled:
         compile_blocks(model)
     with torch.no_grad():  # move alpha off its zero init, so the alpha X term is exercised

@@ -5,7 +5,7 @@
 # ROWS until `--budget` seconds are spent (the device lends about 10 minutes a call); a row that does not
 # finish in time is reported as such. Prints one JSON line per row and a table: step time, tokens/s, MFU
 # (mgt_scale.train.flops: model FLOPs over the GPU's dense bf16 peak), peak GPU memory allocated.
-# The engine runs as `mgt train` builds it (Zero3Engine, activation checkpointing one block per segment,
+# The engine runs as `mgt train` builds it (ZeroEngine, activation checkpointing one block per segment,
 # AdamW), on random tokens, without data loading, logging or checkpoints. Usage:
 #   python bench/gpu_perf.py [--budget 300] [--quick]      (--quick: a small fp32 shape, for a CPU dry run)
 from __future__ import annotations
@@ -51,14 +51,14 @@ def worker(overrides: list[str], steps: int, warmup: int) -> dict:
     from mgt_scale.config import load_config
     from mgt_scale.parallel.ds_runtime import import_deepspeed, init_distributed
     from mgt_scale.parallel.topology import plan_batch
-    from mgt_scale.train.engines import Zero3Engine
+    from mgt_scale.engine.zero import ZeroEngine
     from mgt_scale.train.flops import flops_per_token, peak_flops_per_device
 
     init_distributed(import_deepspeed())
     cfg = load_config(None, overrides)
     precision = cfg.parallel.precision
     tic = time.perf_counter()
-    engine = Zero3Engine(cfg, plan_batch(cfg, 1), precision)
+    engine = ZeroEngine(cfg, plan_batch(cfg, 1), precision)
     build_s = time.perf_counter() - tic
     dev = engine.device
     cuda = dev.type == "cuda"

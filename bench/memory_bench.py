@@ -9,8 +9,9 @@ size (RSS, /proc/self/statm) as the baseline (libraries + weights), then run one
 the baseline (activations, gradients and the Adam moments; the last two, 3 x params x 4 bytes, are the
 same with and without checkpointing, so they are also shown and subtracted for the activation ratio),
 and the median step time. The baseline is taken before the first step on purpose: after a step the
-allocator keeps freed activation pages, which would hide most of the peak. Activation checkpointing = MGTModel.checkpoint_every = 1 (torch non-reentrant
-checkpoint per block, as zero3 mode does)."""
+allocator keeps freed activation pages, which would hide most of the peak. Activation checkpointing =
+mgt_scale.parallel.checkpointing.apply_activation_checkpointing, one block per segment (torch non-reentrant
+checkpoint per block, as zero mode does)."""
 from __future__ import annotations
 
 import argparse
@@ -39,7 +40,9 @@ def worker(a: argparse.Namespace) -> dict:
     cfg = ModelConfig(num_layers=a.depth, d_model=a.d_model, num_heads=a.heads, d_ff=4 * a.d_model,
                       vocab_size=a.vocab, max_seq_len=a.seq, residual=a.residual)
     model = build_model(cfg, seed=0)
-    model.checkpoint_every = 1 if a.ac else 0
+    from mgt_scale.config import ParallelConfig
+    from mgt_scale.parallel.checkpointing import apply_activation_checkpointing
+    apply_activation_checkpointing(model, ParallelConfig(activation_checkpointing=bool(a.ac)))
     opt = build_optimizer(model, TrainConfig())
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, a.vocab, (a.batch, a.seq), generator=g)

@@ -59,7 +59,9 @@ def build_plain(spec: dict):
     dtype = torch.bfloat16 if spec["precision"] == "bf16" else torch.float32
     model = build_model(cfg_of(spec), device=dev, dtype=dtype)
     if spec.get("ckpt"):  # "full" or "selective" (mgt_scale.model.recompute), one block per segment
-        model.checkpoint_every, model.checkpoint_policy = 1, spec["ckpt"]
+        from mgt_scale.config import ParallelConfig
+        from mgt_scale.parallel.checkpointing import apply_activation_checkpointing
+        apply_activation_checkpointing(model, ParallelConfig(activation_checkpointing=True, checkpoint_policy=spec["ckpt"]))
     if spec.get("compile"):  # as `parallel.compile: blocks` does in the trainer: each block's forward
         from mgt_scale.parallel.compile import compile_blocks
         compile_blocks(model)
@@ -152,7 +154,7 @@ def trainer_sets(spec: dict, mode: str, ranks: int, run_dir: Path) -> dict:
 
 
 def zero3_interleaved_worker(spec: dict) -> dict:
-    """The plain loop (clipping, as the trainer does) and `Zero3Engine.train_step` on 1 rank, the step the
+    """The plain loop (clipping, as the trainer does) and `ZeroEngine.train_step` on 1 rank, the step the
     trainer times, in one process, one step of each in turn: the engine's overhead without the scatter
     of separate processes. A second engine runs DeepSpeed's own stage-3 code (our ds_zero3_fixes off, as
     MGT_DS_ZERO3_FIXES=0 would), so their share shows in the same run. DeepSpeed's ZeRO-3 replaces
@@ -164,7 +166,7 @@ def zero3_interleaved_worker(spec: dict) -> dict:
     from mgt_scale.parallel import ds_zero3_fixes
     from mgt_scale.parallel.ds_runtime import import_deepspeed, init_distributed
     from mgt_scale.parallel.topology import plan_batch
-    from mgt_scale.train.engines import Zero3Engine
+    from mgt_scale.engine.zero import ZeroEngine
 
     dist_env.apply(dist_env.derive_dist_env())  # a single process: rank 0 of 1, as `mgt train` sets it up
     init_distributed(import_deepspeed())
@@ -176,7 +178,7 @@ def zero3_interleaved_worker(spec: dict) -> dict:
         cfg = load_config(REPO / "configs/tiny_synthetic.yaml", [f"{k}={v}" for k, v in sets.items()])
         for name, fixes in (("zero3", True), ("zero3 unfixed", False)):
             ds_zero3_fixes.set_enabled(fixes)  # fp32-master-reuse acts when the optimizer is built
-            engines[name] = (Zero3Engine(cfg, plan_batch(cfg, 1), spec["precision"]), fixes)
+            engines[name] = (ZeroEngine(cfg, plan_batch(cfg, 1), spec["precision"]), fixes)
     engine_linear = F.linear
     times: dict = {"plain": [], **{name: [] for name in engines}}
     for i in range(spec["warmup"] + spec["steps"]):
@@ -349,7 +351,7 @@ def engine_inprocess_table(args, base, out) -> None:
             ["zero3 train_step", r["zero3"], tok / r["zero3"], r["zero3"] / r["plain"]],
             ["zero3 train_step, DeepSpeed's own code (our ZeRO-3 fixes off)", r["zero3 unfixed"],
              tok / r["zero3 unfixed"], r["zero3 unfixed"] / r["plain"]]]
-    out.append(table(f"Engine overhead in one process (1 rank; plain loop and Zero3Engine.train_step, one step of "
+    out.append(table(f"Engine overhead in one process (1 rank; plain loop and ZeroEngine.train_step, one step of "
                      f"each in turn, median of {steps} each)", ["engine", "step s", "tokens/s", "x plain"], rows))
     print(out[-1], flush=True)
 

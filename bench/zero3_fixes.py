@@ -35,14 +35,14 @@ def worker(spec: dict) -> dict:
     from mgt_scale.parallel import ds_zero3_fixes
     from mgt_scale.parallel.ds_runtime import import_deepspeed, init_distributed
     from mgt_scale.parallel.topology import plan_batch
-    from mgt_scale.train.engines import Zero3Engine
+    from mgt_scale.engine.zero import ZeroEngine
 
     dist_env.apply(dist_env.derive_dist_env())
     init_distributed(import_deepspeed())
     with tempfile.TemporaryDirectory() as tmp:
         sets = trainer_sets(spec, "zero3", 1, Path(tmp) / "run")
         cfg = load_config(REPO / "configs/tiny_synthetic.yaml", [f"{k}={v}" for k, v in sets.items()])
-        engine = Zero3Engine(cfg, plan_batch(cfg, 1), "fp32")
+        engine = ZeroEngine(cfg, plan_batch(cfg, 1), "fp32")
     step_times, opt_times = [], []
     inner = engine.optimizer.step
 

@@ -185,9 +185,9 @@ def render(spec: JobSpec, write_config: bool = True) -> Rendered:
         raise RenderError(f"--workdir: {spec.workdir} is not a directory")
 
     cfg, run_dir, job_name = _resolve_run(spec)
-    if min_nodes < spec.nodes and cfg.parallel.mode != "zero3":
+    if min_nodes < spec.nodes and cfg.parallel.mode != "zero":
         raise RenderError(f"--min-nodes {min_nodes} < --nodes {spec.nodes}: a job resumed on fewer nodes changes "
-                          f"its world size, which only parallel.mode=zero3 checkpoints can follow (this run is "
+                          f"its world size, which only parallel.mode=zero checkpoints can follow (this run is "
                           f"{cfg.parallel.mode}); drop --min-nodes")
     if min_nodes < spec.nodes:  # a requeue after a node failure may come back on any count in between
         from mgt_scale.config import ConfigError

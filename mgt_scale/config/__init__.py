@@ -6,10 +6,11 @@ from mgt_scale.config.loading import (CONFIG_FILE, RETIRED_KEYS, Sources, apply_
                                       load_config, parse_override, save_config, to_dict, validate)
 from mgt_scale.config.schema import (INT64_MAX, MGT_FAMILY, RESIDUAL_KINDS, BlendSource, CheckpointConfig, Config,
                                      ConfigError, DataConfig, DDLDeltaConfig, LogConfig, MGTConfig, MHCConfig,
-                                     ModelConfig, MonitorConfig, ParallelConfig, Range, RunConfig, TrainConfig, num)
+                                     ModelConfig, MonitorConfig, ParallelConfig, Range, RunConfig, TrainConfig, canonical_mode,
+                                     num)
 
 __all__ = ["CONFIG_FILE", "RETIRED_KEYS", "Sources", "apply_override", "check_ranges", "config_hash", "from_dict", "load_config",
            "parse_override", "save_config", "to_dict", "validate", "INT64_MAX", "MGT_FAMILY", "RESIDUAL_KINDS",
            "BlendSource", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DDLDeltaConfig", "LogConfig",
            "MGTConfig", "MHCConfig", "ModelConfig", "MonitorConfig", "ParallelConfig", "Range", "RunConfig",
-           "TrainConfig", "num"]
+           "TrainConfig", "canonical_mode", "num"]

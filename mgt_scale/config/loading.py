@@ -305,13 +305,13 @@ def validate(cfg: Config, source: Source = "<config>") -> None:
     if p.mode == "pipeline" and p.zero_stage > 1:
         _fail(source, "parallel.zero_stage",
               f"ZeRO stage {p.zero_stage} is incompatible with DeepSpeed's pipeline engine "
-              "(it supports ZeRO-0/1 only): set parallel.zero_stage=1 or parallel.mode=zero3", "parallel.mode")
-    if p.mode == "zero3" and p.pipeline_stages != 1:
-        _fail(source, "parallel.pipeline_stages", "must be 1 in zero3 mode (use parallel.mode=pipeline)",
+              "(it supports ZeRO-0/1 only): set parallel.zero_stage=1 or parallel.mode=zero", "parallel.mode")
+    if p.mode == "zero" and p.pipeline_stages != 1:
+        _fail(source, "parallel.pipeline_stages", "must be 1 in zero mode (use parallel.mode=pipeline)",
               "parallel.mode")
-    if p.mode == "zero3" and p.zero_stage not in (1, 2, 3):
-        _fail(source, "parallel.zero_stage", f"must be 1, 2 or 3 in zero3 mode, got {p.zero_stage}", "parallel.mode")
-    if p.compile == "blocks" and p.mode == "zero3" and p.zero_stage == 3 and p.zero3_fetch != "block":
+    if p.mode == "zero" and p.zero_stage not in (1, 2, 3):
+        _fail(source, "parallel.zero_stage", f"must be 1, 2 or 3 in zero mode, got {p.zero_stage}", "parallel.mode")
+    if p.compile == "blocks" and p.mode == "zero" and p.zero_stage == 3 and p.zero3_fetch != "block":
         _fail(source, "parallel.compile", "blocks needs parallel.zero3_fetch=block under ZeRO-3 (per-module "
               "fetch hooks would run inside the compiled block)", "parallel.zero3_fetch")
     if p.mode == "pipeline" and p.pipeline_stages > m.num_layers:

@@ -170,8 +170,10 @@ class DataConfig:
 class ParallelConfig:
     """Engine mode and topology. world size = pipeline_stages x data-parallel size."""
 
-    mode: Literal["zero3", "pipeline"] = "zero3"
-    zero_stage: int = num(3, ge=0, le=3)  # zero3 mode: 3 (1 and 2 allowed for experiments); pipeline mode: 0 or 1 only
+    # "zero": DeepSpeed ZeRO over all ranks (stages 1-3, `zero_stage`); "zero3" is its old name, accepted and
+    # normalised to "zero" (saved configs and checkpoint manifests say "zero" from then on: canonical_mode)
+    mode: Literal["zero", "zero3", "pipeline"] = "zero"
+    zero_stage: int = num(3, ge=0, le=3)  # zero mode: 3 (1 and 2 allowed for experiments); pipeline mode: 0 or 1 only
     pipeline_stages: int = num(1, ge=1)
     # how pipeline stages are cut: "flops" balances the training FLOPs of each stage's layers (blocks,
     # LM head; the embedding lookup costs ~0), mgt_scale.parallel.pipeline.layer_costs; "parameters"
@@ -212,6 +214,17 @@ class ParallelConfig:
     # "blocks": torch.compile (inductor) each transformer block's forward in place, applied by both engines
     # (mgt_scale/parallel/compile.py): the MGT update, rotary and GELU chains fused; "none": eager
     compile: Literal["none", "blocks"] = "none"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", canonical_mode(self.mode))
+
+
+MODE_ALIASES = {"zero3": "zero"}
+
+
+def canonical_mode(mode: str) -> str:
+    """`parallel.mode` (or a checkpoint manifest's `mode`) under its canonical name: "zero3" -> "zero"."""
+    return MODE_ALIASES.get(mode, mode)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 # Activation checkpointing for a segment of blocks: torch non-reentrant checkpointing, either full
 # recomputation ("full") or selective ("selective": the outputs of matmuls that narrow their input are kept,
-# everything else is recomputed in the backward). Pure torch; used by MGTModel (zero3 mode) and by the
-# pipeline stages.
+# everything else is recomputed in the backward). Pure torch; applied from outside the model by
+# mgt_scale.parallel.checkpointing (to MGTModel's blocks in zero mode, to the pipeline stages' layers).
 from __future__ import annotations
 
 import functools

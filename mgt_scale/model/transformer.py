@@ -3,12 +3,15 @@
 # (`embed.*`, `blocks.{i}.*`, `head.*`), and each is initialised from its own seeded generator, so a
 # block gets the same weights whichever rank or stage builds it. Pure torch: no DeepSpeed import.
 # `forward(tokens, cache=KVCache(...))` decodes incrementally (mgt_scale.train.sampling); without a cache
-# the forward is the training one, unchanged.
+# the forward is the training one, unchanged. `init_units` is the one initialisation path: the plain model,
+# the ZeRO-3 partitioned build and the pipeline stages all run it. Activation checkpointing and compiling
+# are applied from outside (mgt_scale.parallel.checkpointing, mgt_scale.parallel.compile).
 from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Optional
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Iterable, Optional
 
 import torch
 import torch.nn as nn
@@ -17,7 +20,6 @@ import torch.nn.functional as F
 from mgt_scale.config import ModelConfig
 from mgt_scale.model.layers import CausalSelfAttention, FeedForward, LayerKV, normal_from_cpu_
 from mgt_scale.model.loss import CHUNK_ELEMENTS, chunked_lm_loss
-from mgt_scale.model.recompute import checkpoint_segment
 from mgt_scale.model.residual import deepnorm_constants
 from mgt_scale.model.residual_baselines import expand_streams, make_residual_op, num_streams, reduce_streams
 
@@ -27,6 +29,21 @@ def module_generator(seed: int, index: int) -> torch.Generator:
     g = torch.Generator(device="cpu")
     g.manual_seed(seed * 1_000_003 + index)
     return g
+
+
+def init_units(units: Iterable[tuple[nn.Module, int]], cfg: ModelConfig, seed: int,
+               gather: Optional[Callable[[nn.Module], ContextManager[bool]]] = None) -> None:
+    """Initialise each (unit, unit index) from `module_generator(seed, index)` through the unit's own
+    `init_weights(cfg, gen)`: the one path every way of building the stack takes (MGTModel.init_weights,
+    the ZeRO-3 partitioned build in mgt_scale.engine.zero, the pipeline stages in mgt_scale.parallel.pipeline),
+    so their weights are equal by construction. `gather(unit)`: a context manager around each unit that
+    makes its parameters whole and yields whether this process writes them (ZeRO-3: DeepSpeed's
+    GatheredParameters with rank 0 as the modifier, passed in by the engine: this package never imports
+    DeepSpeed); None: the parameters are local and this process writes them."""
+    for unit, idx in units:
+        with (gather(unit) if gather is not None else nullcontext(True)) as write:
+            if write:
+                unit.init_weights(cfg, module_generator(seed, idx))
 
 
 def _xavier_(t: torch.Tensor, gain: float, gen: torch.Generator) -> None:
@@ -102,8 +119,21 @@ class Head(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, cfg: ModelConfig, gen: torch.Generator) -> None:
+        """Final norm to weight 1, bias 0; the projection drawn unless it is the embedding's (tied)."""
         self.norm.reset_parameters()
-        normal_from_cpu_(self.proj.weight, cfg.init_std, gen)
+        if not cfg.tie_embeddings:
+            normal_from_cpu_(self.proj.weight, cfg.init_std, gen)
+
+
+class BlockStack(nn.ModuleList):
+    """The blocks (`blocks.{i}`) with a forward that runs them in order. A parallel wrapper may replace
+    this instance's forward from outside (mgt_scale.parallel.checkpointing: segments of k blocks
+    recomputed in the backward) without renaming any parameter."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self:
+            x = block(x)
+        return x
 
 
 class KVCache:
@@ -123,22 +153,23 @@ class KVCache:
 class MGTModel(nn.Module):
     """Decoder-only LM: embed -> blocks -> head. `forward(tokens)` returns logits [B, T, vocab].
 
-    Activation checkpointing: set `checkpoint_every` = k > 0 to recompute each segment of k blocks in
-    the backward pass (torch non-reentrant checkpointing with `checkpoint_policy` "full" or "selective",
-    mgt_scale.model.recompute; a parallel engine may substitute its own `checkpoint_fn`).
+    Activation checkpointing is applied from outside, on `blocks` (a BlockStack):
+    `mgt_scale.parallel.checkpointing.apply_activation_checkpointing(model, cfg.parallel)`.
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.embed = TokenEmbedding(cfg)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.blocks = BlockStack(Block(cfg, i) for i in range(cfg.num_layers))
         self.head = Head(cfg)
         if cfg.tie_embeddings:
             self.head.proj.weight = self.embed.tok.weight
-        self.checkpoint_every = 0
-        self.checkpoint_policy = "full"  # see mgt_scale.model.recompute
-        self.checkpoint_fn: Optional[Callable] = None
+
+    def units(self) -> list[tuple[nn.Module, int]]:
+        """(module, unit index) of every pipeline-cuttable unit: 0 the embedding, 1..L the blocks, L+1
+        the head (with tied embeddings only its final norm is its own)."""
+        return [(self.embed, 0), *((b, i + 1) for i, b in enumerate(self.blocks)), (self.head, self.cfg.num_layers + 1)]
 
     def init_weights(self, seed: int = 0) -> None:
         """Initialise every parameter; the one place that documents initialisation.
@@ -156,16 +187,9 @@ class MGTModel(nn.Module):
         - mhc / ddl_delta operators: see MHCResidual / DeltaResidual.init_weights (residual_baselines.py)
         - head.proj.weight ~ N(0, init_std) (unless tied to the embedding)
         Each unit draws from its own generator (seed, unit index): the weights do not depend on how
-        the stack is partitioned across pipeline stages or on the order units are built.
+        the stack is partitioned across pipeline stages or on the order units are built (`init_units`).
         """
-        L = self.cfg.num_layers
-        self.embed.init_weights(self.cfg, module_generator(seed, 0))
-        for i, block in enumerate(self.blocks):
-            block.init_weights(self.cfg, module_generator(seed, i + 1))
-        if not self.cfg.tie_embeddings:
-            self.head.init_weights(self.cfg, module_generator(seed, L + 1))
-        else:
-            self.head.norm.reset_parameters()
+        init_units(self.units(), self.cfg, seed)
 
     def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
         x = self.embed(tokens)
@@ -173,23 +197,7 @@ class MGTModel(nn.Module):
             for block, layer_cache in zip(self.blocks, cache.layers):
                 x = block(x, layer_cache)
             return self.head(x)
-        k = self.checkpoint_every
-        if k and self.training and torch.is_grad_enabled():
-            ckpt = self.checkpoint_fn or functools.partial(checkpoint_segment, policy=self.checkpoint_policy)
-            for start in range(0, len(self.blocks), k):
-                x = ckpt(_run_blocks(self.blocks[start:start + k]), x)
-        else:
-            for block in self.blocks:
-                x = block(x)
-        return self.head(x)
-
-
-def _run_blocks(blocks: nn.ModuleList) -> Callable[[torch.Tensor], torch.Tensor]:
-    def run(x: torch.Tensor) -> torch.Tensor:
-        for b in blocks:
-            x = b(x)
-        return x
-    return run
+        return self.head(self.blocks(x))
 
 
 def build_model(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "cpu",
@@ -215,6 +223,14 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, mask: Optional[torch.Te
         return loss.mean()
     m = mask.reshape(-1).to(loss.dtype)
     return (loss * m).sum() / m.sum().clamp_min(1.0)
+
+
+def unit_params(cfg: ModelConfig) -> dict:
+    """Parameter counts of one block, the embedding and the head (untied), counted on the meta device
+    (no memory): the units ZeRO-3 fetches as one and the pipeline's layers."""
+    with torch.device("meta"):
+        units = {"block": Block(cfg, 0), "embedding": TokenEmbedding(cfg), "head": Head(cfg)}
+    return {name: sum(p.numel() for p in m.parameters()) for name, m in units.items()}
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -2,7 +2,7 @@
 # `parallel.compile: blocks` compiles each transformer block's forward in place, so that inductor fuses the
 # MGT update's elementwise chain, the rotary tables and rotation, and the GELU, in the forward and in the
 # backward, on CPU (C++/OpenMP kernels) and GPU (Triton) alike. The model code stays eager; both engines
-# call `compile_blocks` (ZeRO-3: mgt_scale/train/engines.py; pipeline: mgt_scale/train/pipeline_engine.py).
+# call `compile_blocks` (ZeRO: mgt_scale/engine/zero.py; pipeline: mgt_scale/engine/pipeline.py).
 #
 # Only `Block.forward` is compiled, not the module call: the hooks a parallel engine puts on a block
 # (DeepSpeed ZeRO-3's parameter fetch and release with `parallel.zero3_fetch: block`) run eagerly around the
@@ -20,7 +20,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from mgt_scale.logs import get_logger
 from mgt_scale.model.transformer import Block
+
+log = get_logger(__name__)
 
 
 def compile_block(block: Block) -> None:
@@ -42,7 +45,7 @@ def compile_block(block: Block) -> None:
 def compile_blocks(model: nn.Module, mode: str = "blocks", verbose: bool = False) -> int:
     """Compile every Block of `model` (a MGTModel, a DeepSpeed PipelineModule's stage, or a wrapper of
     either) for `parallel.compile` = `mode`; returns how many were compiled (0 for mode "none"). `verbose`:
-    say so on stdout, since the first step then takes minutes longer than the others."""
+    say so (log, INFO), since the first step then takes minutes longer than the others."""
     if mode == "none":
         return 0
     if mode != "blocks":
@@ -51,6 +54,6 @@ def compile_blocks(model: nn.Module, mode: str = "blocks", verbose: bool = False
     for block in blocks:
         compile_block(block)
     if verbose and blocks:
-        print(f"parallel.compile: blocks: {len(blocks)} blocks of this rank under torch.compile (one graph, compiled "
-              "in the first step and again at the first evaluation)", flush=True)
+        log.info(f"parallel.compile: blocks: {len(blocks)} blocks of this rank under torch.compile (one graph, "
+                 "compiled in the first step and again at the first evaluation)")
     return len(blocks)

@@ -1,14 +1,12 @@
 # Parameter names across layouts. Canonical names are MGTModel's (`embed.*`, `blocks.{i}.*`, `head.*`);
 # DeepSpeed's pipeline names a parameter `{layer_idx}.xxx` (and tied ones `tied_modules.embed.xxx`).
-# A consolidated fp32 state dict with canonical names is the exchange format between `zero3` and
+# A consolidated fp32 state dict with canonical names is the exchange format between `zero` and
 # `pipeline` runs: `consolidated_state_dict(engine)` exports it from either engine and
-# `load_consolidated(engine, sd)` loads it into either (weights only; optimizer moments start fresh).
+# `load_consolidated(engine, sd)` loads it into either (weights only; optimizer moments start fresh);
+# the engines do the gathering (mgt_scale.engine), this module the naming.
 from __future__ import annotations
 
 import re
-
-import torch
-import torch.distributed as dist
 
 from mgt_scale.config import ModelConfig
 
@@ -73,70 +71,17 @@ def canonical_to_pipe(cfg: ModelConfig, state: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Engine-level export / import
-
-
-def _gather_objects(obj) -> list:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
+# Engine-level export / import: each engine gathers and scatters its own layout
+# (mgt_scale.engine.base.Engine.consolidated_state_dict / load_consolidated_state_dict).
 
 
 def consolidated_state_dict(engine) -> dict:
-    """Full fp32 state dict with canonical names, on every rank (collective). `engine` is a
-    Zero3Engine or PipelineEngine (or anything with `.mode` and `.module`)."""
-    if engine.mode == "pipeline":
-        cfg = engine.cfg.model
-        local = {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
-        merged: dict = {}
-        for part in _gather_objects(local):
-            merged.update(part)
-        return pipe_to_canonical(cfg, merged)
-    module = engine.module
-    params = dict(module.named_parameters(remove_duplicate=False))
-    if any(hasattr(p, "ds_id") for p in params.values()):
-        import deepspeed
-        out = {}
-        for name, p in params.items():
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                out[name] = p.detach().float().cpu().clone()
-        return out
-    return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+    """Full fp32 state dict with canonical names, on every rank (collective); `engine` is an Engine."""
+    return engine.consolidated_state_dict()
 
 
-@torch.no_grad()
 def load_consolidated(engine, state: dict) -> None:
-    """Load a canonical fp32 state dict into either engine (collective). Strict: every parameter of
-    the engine's model must be present and no unknown key may be given."""
-    if engine.mode == "pipeline":
-        cfg = engine.cfg.model
-        pipe_state = canonical_to_pipe(cfg, state)
-        own = engine.module.state_dict()
-        missing = [k for k in own if k not in pipe_state]
-        if missing:
-            raise KeyError(f"consolidated state lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        engine.module.load_state_dict({k: pipe_state[k] for k in own}, strict=True)
-    else:
-        params = dict(engine.module.named_parameters(remove_duplicate=False))
-        unknown = [k for k in state if k not in params]
-        missing = [k for k in params if k not in state]
-        if unknown or missing:
-            raise KeyError(f"consolidated state: unknown {unknown[:5]}, missing {missing[:5]}")
-        zero3 = any(hasattr(p, "ds_id") for p in params.values())
-        if zero3:
-            import deepspeed
-            for name, p in params.items():
-                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                    if not dist.is_initialized() or dist.get_rank() == 0:
-                        p.data.copy_(state[name].to(p.dtype))
-        else:
-            for name, p in params.items():
-                p.data.copy_(state[name].to(p.device, p.dtype))
-    opt = getattr(engine, "optimizer", None)
-    inner = getattr(opt, "optimizer", None)
-    for o in (opt, inner):
-        if o is not None and hasattr(o, "refresh_fp32_params"):
-            o.refresh_fp32_params()
-            break
+    """Load a canonical fp32 state dict into an Engine (collective). Strict: every parameter of the
+    engine's model must be present and no unknown key may be given."""
+    engine.load_consolidated_state_dict(state)
+

@@ -50,7 +50,7 @@ def deepspeed_config(cfg: Config, plan: BatchPlan, precision: str, profile: Opti
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": False},
     }
-    if p.mode == "zero3":
+    if p.mode == "zero":
         zero: dict = {"stage": p.zero_stage}
         if p.zero_stage == 3:
             zero.update({

@@ -1,6 +1,6 @@
 # The one guard for every change mgt-scale makes to DeepSpeed's code: the ZeRO-3 optimizer fixes
 # (mgt_scale/parallel/ds_zero3_fixes.py), the pipeline engine's clipping over all stages and its
-# non-finite step skip (mgt_scale/train/pipeline_engine.py), and the pipeline partition given by FLOPs
+# non-finite step skip (mgt_scale/engine/pipeline.py), and the pipeline partition given by FLOPs
 # (mgt_scale/parallel/pipeline.py). A patch is installed only when
 #   - its group's off switch (an environment variable) is not "0", and
 #   - the source of every DeepSpeed function it replaces or relies on has the sha256 recorded here, the
@@ -44,10 +44,10 @@ PATCHES = {p.name: p for p in (
     # ds_zero3_fixes: the method it replaces, whose every step but the copy it repeats
     Patch("gradient-view", "zero3", (f"{_STAGE3}._prepare_fp32_grad_for_sub_group",),
           "44d0f71378ee31203be8a31ee00394efae995307a4abc8d512755c2aa6bfe1bd"),
-    # pipeline_engine: replaces clip_fp32_gradients, which _take_model_step calls for fp32 ZeRO-0 runs
+    # engine.pipeline: replaces clip_fp32_gradients, which _take_model_step calls for fp32 ZeRO-0 runs
     Patch("pipeline-clip-all-stages", "pipeline", (f"{_ENGINE}.clip_fp32_gradients", f"{_ENGINE}._take_model_step"),
           "866f221af66d79f63156f6139be00eb2e02b648370496c9bcc3058f2014ada11"),
-    # pipeline_engine: wraps optimizer.step; _take_model_step reads optimizer.overflow after it
+    # engine.pipeline: wraps optimizer.step; _take_model_step reads optimizer.overflow after it
     Patch("pipeline-nonfinite-skip", "pipeline", (f"{_ENGINE}._take_model_step",),
           "b5e1145cf37b0f2a7e131ec0d9cd40c89f6caaf6444a1969e7caa8f523413ae4"),
     # pipeline.GivenPartitionModule: replaces _partition_layers, which __init__ calls once to set `parts`

@@ -80,13 +80,10 @@ def shape_from_env(world_size: int) -> JobShape:
 
 
 def unit_params(cfg: ModelConfig) -> dict:
-    """Parameter counts of the units ZeRO-3 fetches as one (counted on the meta device: no memory)."""
-    import torch
-
-    from mgt_scale.model import Block, Head, TokenEmbedding
-    with torch.device("meta"):
-        units = {"block": Block(cfg, 0), "embedding": TokenEmbedding(cfg), "head": Head(cfg)}
-    return {name: sum(p.numel() for p in m.parameters()) for name, m in units.items()}
+    """Parameter counts of the units ZeRO-3 fetches as one (mgt_scale.model.unit_params: on the meta
+    device, no memory; torch is imported here, not when this module loads)."""
+    from mgt_scale.model import unit_params as count
+    return count(cfg)
 
 
 @dataclass(frozen=True)
@@ -154,7 +151,7 @@ def hpz_memory_problem(cfg: Config, plan: BatchPlan, shape: JobShape) -> str | N
 def hpz_partition(cfg: Config, plan: BatchPlan, shape: JobShape) -> int:
     """zero_hpz_partition_size: GPUs per node for a multi-node ZeRO-3 job, else 1 (flat)."""
     p = cfg.parallel
-    if (p.mode != "zero3" or p.zero_stage != 3 or p.hierarchical_partition != "node" or shape.nodes < 2
+    if (p.mode != "zero" or p.zero_stage != 3 or p.hierarchical_partition != "node" or shape.nodes < 2
             or p.offload_params == "cpu" or plan.data_parallel % shape.gpus_per_node):
         return 1
     return shape.gpus_per_node
@@ -220,7 +217,7 @@ def describe(cfg: Config, plan: BatchPlan, precision: str, profile: str, shape: 
         for key, value in z.items():
             lines.append(f"  {key} = {value:,}: {why[key]}" if not isinstance(value, bool)
                          else f"  {key} = {str(value).lower()}: {why[key]}")
-        if p.mode == "zero3" and p.zero_stage == 3:
+        if p.mode == "zero" and p.zero_stage == 3:
             m = memory_estimate(cfg, plan, shape)
             lines.append(f"  memory per GPU (estimate, activations not counted): model states {m.states / 1e9:.1f} GB "
                          f"+ gathered parameters and buckets {m.working / 1e9:.1f} GB = {m.total(False) / 1e9:.1f} GB; "
@@ -228,7 +225,7 @@ def describe(cfg: Config, plan: BatchPlan, precision: str, profile: str, shape: 
             if m.total(False) > m.budget:
                 lines.append("  warning: the estimate exceeds the budget even without hpZ: use more GPUs, "
                              "parallel.offload_optimizer=cpu, or check parallel.gpu_memory_gb")
-        if p.mode == "zero3" and p.zero_stage == 3 and "zero_hpz_partition_size" not in z:
+        if p.mode == "zero" and p.zero_stage == 3 and "zero_hpz_partition_size" not in z:
             mem = hpz_memory_problem(cfg, plan, shape) if hpz_partition(cfg, plan, shape) > 1 else None
             reason = ("one node" if shape.nodes < 2 else "parallel.hierarchical_partition=none"
                       if p.hierarchical_partition == "none" else "parameters offloaded to the CPU"

@@ -11,9 +11,11 @@ Layer list (layer index = DeepSpeed's name prefix of a pipeline parameter, `{idx
   (its parameters live under `tied_modules.embed.*` on the first and last stage; DeepSpeed all-reduces
   their gradients)
 
-Each wrapper initialises itself from the same per-unit generator as `MGTModel.init_weights`
+Each wrapper initialises itself through `mgt_scale.model.init_units`, the path of `MGTModel.init_weights`
 (`module_generator(seed, unit_index)`: 0 embedding, 1..L blocks, L+1 head), so a pipeline run starts
-from exactly the weights of a `zero3` run or of the plain single-process model, whatever the partition.
+from exactly the weights of a `zero` run or of the plain single-process model, whatever the partition.
+Activation checkpointing is applied to the built PipelineModule from outside
+(mgt_scale.parallel.checkpointing: DeepSpeed's `activation_checkpoint_interval` with our checkpoint function).
 `mgt_scale.parallel.convert` maps pipeline names to the canonical `embed.*` / `blocks.{i}.*` / `head.*`.
 
 ZeRO and pipelines: DeepSpeed's pipeline engine rejects ZeRO stages 2 and 3 (it partitions the stack
@@ -22,24 +24,25 @@ of each stage, and config validation rejects `parallel.zero_stage > 1` with `par
 """
 from __future__ import annotations
 
-import functools
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from mgt_scale.config import Config, ModelConfig
-from mgt_scale.model import Block, Head, TokenEmbedding, lm_loss, module_generator
-from mgt_scale.model.recompute import checkpoint_segment
+from mgt_scale.logs import get_logger
+from mgt_scale.model import Block, Head, TokenEmbedding, init_units, lm_loss, unit_params
 from mgt_scale.model.residual_baselines import num_streams, reduce_streams
 from mgt_scale.parallel.collectives import all_reduce
 
+log = get_logger(__name__)
 
-def _materialise(module: nn.Module, init: Callable[[], None]) -> None:
+
+def _materialise(module: nn.Module, cfg: ModelConfig, seed: int, unit_index: int) -> None:
     """Allocate a module built on the meta device, then run our init (no default init first)."""
     module.to_empty(device="cpu")
-    init()
+    init_units([(module, unit_index)], cfg, seed)
 
 
 class EmbeddingPipe(TokenEmbedding):
@@ -48,7 +51,7 @@ class EmbeddingPipe(TokenEmbedding):
     def __init__(self, cfg: ModelConfig, seed: int):
         with torch.device("meta"):
             super().__init__(cfg)
-        _materialise(self, lambda: self.init_weights(cfg, module_generator(seed, 0)))
+        _materialise(self, cfg, seed, 0)
 
 
 class BlockPipe(Block):
@@ -57,7 +60,7 @@ class BlockPipe(Block):
     def __init__(self, cfg: ModelConfig, layer_idx: int, seed: int):
         with torch.device("meta"):
             super().__init__(cfg, layer_idx)
-        _materialise(self, lambda: self.init_weights(cfg, module_generator(seed, layer_idx + 1)))
+        _materialise(self, cfg, seed, layer_idx + 1)
 
 
 class HeadPipe(Head):
@@ -66,7 +69,7 @@ class HeadPipe(Head):
     def __init__(self, cfg: ModelConfig, seed: int):
         with torch.device("meta"):
             super().__init__(cfg)
-        _materialise(self, lambda: self.init_weights(cfg, module_generator(seed, cfg.num_layers + 1)))
+        _materialise(self, cfg, seed, cfg.num_layers + 1)
 
 
 class HeadNormPipe(nn.Module):
@@ -183,7 +186,6 @@ def flops_partition(cfg: Config, stages: int) -> list[int]:
 def layer_params(cfg: ModelConfig) -> list[int]:
     """Parameter count of each pipeline layer, counted on the meta device (as DeepSpeed's "parameters"
     method counts them: a tied embedding at both ends)."""
-    from mgt_scale.parallel.gpu_profile import unit_params
     u = unit_params(cfg)
     tail = [2 * cfg.d_model, u["embedding"]] if cfg.tie_embeddings else [u["head"]]
     return [u["embedding"], *([u["block"]] * cfg.num_layers), *tail]
@@ -233,29 +235,27 @@ def _given_partition_class():
 
 def build_pipeline_module(cfg: Config, num_stages: int, loss_fn: Optional[PipeLoss] = None, verbose: bool = True):
     """The PipelineModule of the stack; needs torch.distributed initialised (every rank calls it).
-    Activation checkpointing (`parallel.activation_checkpointing`) recomputes every
-    `parallel.checkpoint_every_layers` consecutive layers of a stage (torch non-reentrant checkpoint,
-    which also lets the embedding's segment get gradients; `parallel.checkpoint_policy` full or selective)."""
+    Activation checkpointing is applied to it afterwards (mgt_scale.parallel.checkpointing)."""
     from deepspeed.pipe import PipelineModule
 
     from mgt_scale.parallel import ds_patches
     p = cfg.parallel
-    interval = p.checkpoint_every_layers if p.activation_checkpointing else 0
     kwargs = dict(layers=layer_specs(cfg.model, cfg.train.seed), num_stages=num_stages, loss_fn=loss_fn or PipeLoss(),
-                  partition_method=ds_partition_method(p.partition_method), activation_checkpoint_interval=interval,
-                  activation_checkpoint_func=functools.partial(checkpoint_segment, policy=p.checkpoint_policy))
+                  partition_method=ds_partition_method(p.partition_method))
     notes = []
     if p.partition_method == "flops" and ds_patches.guard("pipeline-given-partition"):
         module = _given_partition_class()(parts=flops_partition(cfg, num_stages), **kwargs)
     else:
         if p.partition_method == "flops":
-            notes.append("warning: partition_method flops: pipeline-given-partition NOT installed "
+            notes.append("partition_method flops: pipeline-given-partition NOT installed "
                          f"({ds_patches.refusal('pipeline-given-partition')}); DeepSpeed's 'parameters' used")
         module = PipelineModule(**kwargs)
     info = partition_info(module)
     info["flops"] = partition_costs(cfg, info["parts"])
     if verbose and torch.distributed.get_rank() == 0:
-        print("\n".join([describe_partition(info), *notes]), flush=True)
+        log.info(describe_partition(info))
+        for note in notes:
+            log.warning(note)
     return module
 
 

@@ -2,7 +2,7 @@
 # its own blocks on the probe batch, measures the geometry of the residual stream entering each of
 # them (and the last stage, the stack's output), and passes its output activation to the next stage
 # with a point-to-point send. The per-stage results are all-gathered, so every rank assembles the
-# same geometry.jsonl record (and so takes the same alarm decision) as a `zero3` run would.
+# same geometry.jsonl record (and so takes the same alarm decision) as a `zero` run would.
 """Pipeline-parallel geometry probe.
 
 Only data-parallel replica 0 of each stage computes (replicas hold identical weights); the other

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from mgt_scale.config import Config, config_hash, to_dict
+from mgt_scale.config import Config, canonical_mode, config_hash, to_dict
 from mgt_scale.logs import get_logger
 from mgt_scale.parallel.collectives import any_rank
 from mgt_scale.train.ckpt_collective import barrier, broadcast_obj, choose_step, first_problem, gather_obj, verify_shared
@@ -451,7 +451,7 @@ class CheckpointManager:
 
     # -- loading ---------------------------------------------------------------------------------
     def same_layout(self, manifest: dict) -> bool:
-        return (manifest["world_size"] == self.world_size and manifest["mode"] == self.cfg.parallel.mode
+        return (manifest["world_size"] == self.world_size and canonical_mode(manifest["mode"]) == self.cfg.parallel.mode
                 and manifest.get("pipeline_stages", 1) == self.cfg.parallel.pipeline_stages)
 
     def load(self, engine, tag_dir: Path, log=_log.info) -> dict:
@@ -468,7 +468,7 @@ class CheckpointManager:
                  f"{manifest.get('pipeline_stages', 1)} stages), resuming with {self.world_size} "
                  f"({self.cfg.parallel.mode}, {self.cfg.parallel.pipeline_stages} stages)")
         stages = self.cfg.parallel.pipeline_stages
-        zero3 = manifest["mode"] == "zero3" and self.cfg.parallel.mode == "zero3"
+        zero3 = canonical_mode(manifest["mode"]) == "zero" == self.cfg.parallel.mode
         # pipeline x ZeRO-1: another data-parallel size over the same stages (DeepSpeed's universal format)
         pipe = (manifest["mode"] == "pipeline" == self.cfg.parallel.mode and self.cfg.parallel.zero_stage == 1
                 and manifest.get("pipeline_stages", 1) == stages)

@@ -197,13 +197,13 @@ def _run(cfg: Config, args, denv, plan, precision: str) -> int:
     init_distributed(deepspeed, cfg.parallel.dist_timeout_minutes)
     if rank == 0:
         print(describe_env(denv, plan, precision), flush=True)
-        patched = {"zero3": cfg.parallel.zero_stage == 3, "pipeline": cfg.parallel.zero_stage == 0 and precision == "fp32"}
+        patched = {"zero": cfg.parallel.zero_stage == 3, "pipeline": cfg.parallel.zero_stage == 0 and precision == "fp32"}
         if patched[cfg.parallel.mode]:  # the runs our DeepSpeed patches act in (parallel/ds_patches.py)
             from mgt_scale.parallel import ds_patches
-            print(ds_patches.describe(cfg.parallel.mode), flush=True)
-    from mgt_scale.train.engines import build_engine
+            print(ds_patches.describe("zero3" if cfg.parallel.mode == "zero" else "pipeline"), flush=True)
+    from mgt_scale.engine import build_engine
     engine = build_engine(cfg, plan, precision)
-    dp_rank, dp_size = engine_dp(engine, plan, rank)
+    dp_rank, dp_size = engine.dp_rank, engine.dp_size
     try:
         from mgt_scale.data import verify_data_once
         verify_data_once(cfg.data,  # once per node, in parallel: the opens below check sizes only; a restart
@@ -301,13 +301,6 @@ def _leave_process_group() -> None:
             dist.destroy_process_group()
         except Exception as e:  # teardown must not change the run's exit code
             print(f"warning: process group teardown failed: {e}", file=sys.stderr, flush=True)
-
-
-def engine_dp(engine, plan, rank: int) -> tuple[int, int]:
-    """(data-parallel rank, data-parallel size) of this rank."""
-    if hasattr(engine, "dp_rank"):
-        return engine.dp_rank, plan.data_parallel
-    return rank, plan.data_parallel
 
 
 def describe_env(denv, plan, precision: str) -> str:

@@ -7,7 +7,6 @@
 # path, a damaged one) raises ExportError.
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -16,55 +15,10 @@ import torch
 from mgt_scale.config.loading import CONFIG_FILE
 from mgt_scale.data.shards import TOKENIZER_FILE
 from mgt_scale.logs import get_logger
-from mgt_scale.train.ckpt_format import MANIFEST
 
-WEIGHTS = "model.safetensors"  # the weights of an export (`mgt export`, and of the Hugging Face one)
-
-
-class ExportError(RuntimeError):
-    pass
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory (with a manifest), or a run directory -> its latest good checkpoint."""
-    from mgt_scale.train.ckpt_format import LATEST, MANIFEST, verify_checkpoint
-    p = Path(path)
-    if not (p / MANIFEST).is_file():
-        root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-        if (root / LATEST).is_file():
-            p = root / (root / LATEST).read_text().strip()
-        else:
-            raise ExportError(f"{path}: neither a checkpoint directory nor a run directory with a "
-                              f"checkpoints/{LATEST} pointer")
-    problems = verify_checkpoint(p)
-    if problems:
-        raise ExportError(f"{p}: checkpoint rejected: " + "; ".join(problems))
-    return p
-
-
-def checkpoint_config(tag_dir: Path):
-    from mgt_scale.config import load_config
-    for c in (tag_dir / CONFIG_FILE, tag_dir.parent.parent / CONFIG_FILE):
-        if c.is_file():
-            return load_config(c), c
-    raise ExportError(f"{tag_dir}: no {CONFIG_FILE} in the checkpoint or its run directory")
-
-
-def consolidated_from_checkpoint(tag_dir: Path, cfg) -> dict[str, torch.Tensor]:
-    """Canonical fp32 state dict from a sharded checkpoint, offline (no process group)."""
-    manifest = json.loads((tag_dir / MANIFEST).read_text())
-    if manifest.get("mode", "zero3") == "zero3":
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    else:  # pipeline: one file per layer, keyed by the layer's position in the PipelineModule
-        from mgt_scale.parallel.convert import pipe_to_canonical
-        merged = {}
-        for f in sorted(tag_dir.glob("layer_*-model_states.pt")):
-            idx = int(f.name.split("_")[1].split("-")[0])
-            for k, v in torch.load(f, map_location="cpu", weights_only=True).items():
-                merged[f"{idx}.{k}"] = v
-        sd = pipe_to_canonical(cfg.model, merged)
-    return {k: v.detach().float().contiguous().clone() for k, v in sd.items()}
+# the offline consolidation lives in model_source (which `--format hf` reaches through hf.export_hf): no cycle
+from mgt_scale.train.model_source import (WEIGHTS, ExportError, checkpoint_config,  # noqa: F401
+                                          consolidated_from_checkpoint, resolve_checkpoint)
 
 
 def export(src: str | Path, output: str | Path, dtype: str = "fp32", log=None) -> Path:

@@ -4,11 +4,14 @@
 # run's), or one the user passes, which is checked against the weights tensor by tensor first, so a
 # mismatch is one line naming the config file, the tensor and both shapes instead of torch's
 # size-mismatch traceback; then, where a config is saved with the weights, its `model` section must
-# equal the given one key for key (same shapes can still be another function: model.mgt.beta_input). Checkpoints are consolidated in memory (export.consolidated_from_checkpoint):
+# equal the given one in every key that changes the computed function (same shapes can still be another
+# function: model.mgt.beta_input). Checkpoints are consolidated in memory (consolidated_from_checkpoint,
+# here so that mgt_scale.train.export, mgt_scale.hf.export_hf and this module import without a cycle):
 # nothing is written into the run directory.
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +21,60 @@ import torch
 
 from mgt_scale.config.loading import CONFIG_FILE
 from mgt_scale.data.shards import TOKENIZER_FILE
-from mgt_scale.train.export import WEIGHTS
+
+WEIGHTS = "model.safetensors"  # the weights of an export (`mgt export`, and of the Hugging Face one)
 
 
 class SourceError(ValueError):
     """Bad input (a path that holds no model, a config that does not fit the weights): exit 2."""
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory (with a manifest), or a run directory -> its latest good checkpoint."""
+    from mgt_scale.train.ckpt_format import LATEST, MANIFEST, verify_checkpoint
+    p = Path(path)
+    if not (p / MANIFEST).is_file():
+        root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+        if (root / LATEST).is_file():
+            p = root / (root / LATEST).read_text().strip()
+        else:
+            raise ExportError(f"{path}: neither a checkpoint directory nor a run directory with a "
+                              f"checkpoints/{LATEST} pointer")
+    problems = verify_checkpoint(p)
+    if problems:
+        raise ExportError(f"{p}: checkpoint rejected: " + "; ".join(problems))
+    return p
+
+
+def checkpoint_config(tag_dir: Path):
+    from mgt_scale.config import load_config
+    for c in (tag_dir / CONFIG_FILE, tag_dir.parent.parent / CONFIG_FILE):
+        if c.is_file():
+            return load_config(c), c
+    raise ExportError(f"{tag_dir}: no {CONFIG_FILE} in the checkpoint or its run directory")
+
+
+def consolidated_from_checkpoint(tag_dir: Path, cfg) -> dict[str, torch.Tensor]:
+    """Canonical fp32 state dict from a sharded checkpoint, offline (no process group)."""
+    from mgt_scale.config import canonical_mode
+    from mgt_scale.train.ckpt_format import MANIFEST
+    manifest = json.loads((tag_dir / MANIFEST).read_text())
+    if canonical_mode(manifest.get("mode", "zero")) == "zero":
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    else:  # pipeline: one file per layer, keyed by the layer's position in the PipelineModule
+        from mgt_scale.parallel.convert import pipe_to_canonical
+        merged = {}
+        for f in sorted(tag_dir.glob("layer_*-model_states.pt")):
+            idx = int(f.name.split("_")[1].split("-")[0])
+            for k, v in torch.load(f, map_location="cpu", weights_only=True).items():
+                merged[f"{idx}.{k}"] = v
+        sd = pipe_to_canonical(cfg.model, merged)
+    return {k: v.detach().float().contiguous().clone() for k, v in sd.items()}
 
 
 @dataclass
@@ -119,8 +171,6 @@ def open_model(source: str | Path, config: str | Path | None = None, overrides=(
     `config` if given (checked against the weights), else from the config saved with the weights."""
     from safetensors.torch import load_file
     from mgt_scale.model import build_model
-    from mgt_scale.train.export import (ExportError, checkpoint_config, consolidated_from_checkpoint,
-                                        resolve_checkpoint)
     p = Path(source)
     if not p.exists():
         raise SourceError(f"{p}: no such file or directory (expected an export directory, a model.safetensors, "

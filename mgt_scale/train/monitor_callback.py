@@ -10,7 +10,6 @@ import torch
 from mgt_scale import exit_codes
 from mgt_scale.monitor.alarms import CollapseMonitor
 from mgt_scale.monitor.metrics import geometry_summary
-from mgt_scale.monitor.probe import probe_geometry
 from mgt_scale.train.trainer import Callback, StopTraining, Trainer
 
 
@@ -48,13 +47,7 @@ class MonitorCallback(Callback):
         tic = time.perf_counter()
         module = trainer.engine.module
         was_training = module.training
-        if trainer.engine.mode == "pipeline":
-            from mgt_scale.parallel.pipeline_probe import pipeline_probe_geometry
-            geo = pipeline_probe_geometry(module, self.tokens, step, self.cfg.model.stream_width,
-                                          self.cfg.model.num_layers, center=self.cfg.monitor.geometry_center)
-        else:
-            geo = probe_geometry(module, self.tokens.to(next(module.parameters()).device), step,
-                                 center=self.cfg.monitor.geometry_center)
+        geo = trainer.engine.probe_geometry(self.tokens, step, center=self.cfg.monitor.geometry_center)
         module.train(was_training)
         self.total_time += time.perf_counter() - tic
         summary = geometry_summary(geo["layers"])

@@ -1,5 +1,5 @@
 # The NaN / spike guard of the training loop. The engine skips the optimizer update of a step whose
-# loss (or gradient) is non-finite on any rank (see Zero3Engine.train_step); this callback counts the
+# loss (or gradient) is non-finite on any rank (see ZeroEngine.train_step); this callback counts the
 # skips, and after train.max_consecutive_nonfinite consecutive ones either rolls back to the last good
 # checkpoint (nonfinite_policy=rollback; the data position moves on, so the offending batches are not
 # replayed) or stops with exit_codes.NONFINITE (policy stop, or when rollbacks keep failing). Loss

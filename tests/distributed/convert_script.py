@@ -15,23 +15,19 @@ from mgt_scale.data import build_train_loader, build_valid_batches
 from mgt_scale.parallel.ds_runtime import import_deepspeed, init_distributed
 from mgt_scale.parallel.convert import consolidated_state_dict, load_consolidated
 from mgt_scale.parallel.topology import plan_batch
-from mgt_scale.train.engines import Zero3Engine
-from mgt_scale.train.pipeline_engine import PipelineEngine
+from mgt_scale.engine.zero import ZeroEngine
+from mgt_scale.engine.pipeline import PipelineEngine
 from mgt_scale.train.schedule import lr_at
 
 
 def train(engine, cfg, plan, steps):
     loader = build_train_loader(cfg.data, seq_len=cfg.data.seq_len, global_batch=plan.global_batch,
-                                micro_batch=plan.micro_batch, dp_rank=engine_dp(engine), dp_size=plan.data_parallel,
+                                micro_batch=plan.micro_batch, dp_rank=engine.dp_rank, dp_size=engine.dp_size,
                                 vocab_size=cfg.model.vocab_size, prefetch=0)
     for step in range(steps):
         engine.set_lr(lr_at(cfg.train, step))
         engine.train_step(loader.next_step())
     loader.close()
-
-
-def engine_dp(engine):
-    return getattr(engine, "dp_rank", dist.get_rank())
 
 
 def main() -> None:
@@ -47,7 +43,7 @@ def main() -> None:
     zplan, pplan = plan_batch(zcfg, world), plan_batch(pcfg, world)
     valid = build_valid_batches(base.data, base.data.seq_len, base.train.micro_batch_size, 2, base.model.vocab_size)
     out = {}
-    z = Zero3Engine(zcfg, zplan, "fp32")
+    z = ZeroEngine(zcfg, zplan, "fp32")
     train(z, zcfg, zplan, 3)
     out["zero3_eval"] = z.eval_loss(valid)
     sd = consolidated_state_dict(z)

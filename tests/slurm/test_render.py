@@ -70,7 +70,7 @@ def test_time_and_names_validation():
     (["--python", "/usr/bin/py\0thon"], "--python"),
     (["--min-nodes", "2"], "--min-nodes"),  # more than --nodes 1
     (["--nodes", "2", "--min-nodes", "1", "--set", "parallel.mode=pipeline", "--set", "parallel.pipeline_stages=2",
-      "--set", "parallel.zero_stage=0"], "only parallel.mode=zero3"),  # a pipeline cannot change its world size
+      "--set", "parallel.zero_stage=0"], "only parallel.mode=zero checkpoints"),  # a pipeline cannot change its world size
     (["--nodes", "4", "--min-nodes", "2", "--set", "train.global_batch_size=8", "--set", "train.micro_batch_size=1"],
      "3 node(s)"),  # a resume on 3 nodes could not split a batch of 8: refused before a requeue hits it
 ])

@@ -39,11 +39,11 @@ def saved(tmp_path_factory, inprocess_dist):
     from mgt_scale.config import save_config
     from mgt_scale.parallel.topology import plan_batch
     from mgt_scale.train.checkpoint import CheckpointManager
-    from mgt_scale.train.engines import Zero3Engine
+    from mgt_scale.engine.zero import ZeroEngine
     run_dir = tmp_path_factory.mktemp("ckrun")
     cfg = load_config(None, OVR + [f"run.dir={run_dir}"])
     save_config(cfg, run_dir / "config.yaml")
-    e = Zero3Engine(cfg, plan_batch(cfg, 1), "fp32")
+    e = ZeroEngine(cfg, plan_batch(cfg, 1), "fp32")
     g = torch.Generator().manual_seed(0)
     mgr = CheckpointManager(str(run_dir), cfg, 0, 1)
     for step in (1, 2):
@@ -135,7 +135,7 @@ def test_checkpoint_of_another_parameter_layout_is_refused_before_loading(saved,
     from mgt_scale.parallel.topology import plan_batch
     from mgt_scale.train.checkpoint import CheckpointManager
     from mgt_scale.train.ckpt_format import CheckpointError
-    from mgt_scale.train.engines import Zero3Engine
+    from mgt_scale.engine.zero import ZeroEngine
     from mgt_scale.train.optim import param_layout
     run_dir, mgr, _, _ = saved
     tag = run_dir / "checkpoints" / "step_00000002"
@@ -145,7 +145,7 @@ def test_checkpoint_of_another_parameter_layout_is_refused_before_loading(saved,
     assert by_name["blocks.0.attn_res.gate_beta"] == (0, [2 * 32, 32])
 
     cfg = load_config(None, OVR + [f"run.dir={tmp_path}", "model.mgt.alpha_shape=channel"])
-    other = Zero3Engine(cfg, plan_batch(cfg, 1), "fp32")
+    other = ZeroEngine(cfg, plan_batch(cfg, 1), "fp32")
     with pytest.raises(CheckpointError) as e:
         CheckpointManager(str(run_dir), cfg, 0, 1).load(other, tag)
     msg = str(e.value)

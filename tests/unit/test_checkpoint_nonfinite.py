@@ -1,4 +1,4 @@
-# The non-finite guard of Zero3Engine.train_step (one in-process rank, ZeRO-3, fp32 CPU): a step with
+# The non-finite guard of ZeroEngine.train_step (one in-process rank, ZeRO-3, fp32 CPU): a step with
 # a NaN loss is skipped without touching parameters or optimizer state (Adam moments and step count),
 # and the run that took it continues exactly like a run in which that batch never happened.
 
@@ -11,8 +11,8 @@ from mgt_scale.config import load_config
 
 def engine(cfg):
     from mgt_scale.parallel.topology import plan_batch
-    from mgt_scale.train.engines import Zero3Engine
-    return Zero3Engine(cfg, plan_batch(cfg, 1), "fp32")
+    from mgt_scale.engine.zero import ZeroEngine
+    return ZeroEngine(cfg, plan_batch(cfg, 1), "fp32")
 
 
 def params(e):

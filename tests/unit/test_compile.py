@@ -29,7 +29,9 @@ def tiny_model(residual: str, mgt: dict, fused: bool = True, layers: int = 3):
 def step(model, checkpoint: str = ""):
     """Logits and every parameter's gradient of one LM-loss forward and backward."""
     if checkpoint:
-        model.checkpoint_every, model.checkpoint_policy = 1, checkpoint
+        from mgt_scale.config import ParallelConfig
+        from mgt_scale.parallel.checkpointing import apply_activation_checkpointing
+        apply_activation_checkpointing(model, ParallelConfig(activation_checkpointing=True, checkpoint_policy=checkpoint))
     tokens = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(5))
     logits = model(tokens)
     lm_loss(logits, tokens).backward()
@@ -127,9 +129,9 @@ def zero3_run(extra=(), steps=3):
     """Three steps of the ZeRO-3 engine (one in-process rank): losses, gradient norms, consolidated weights."""
     from mgt_scale.parallel.convert import consolidated_state_dict
     from mgt_scale.parallel.topology import plan_batch
-    from mgt_scale.train.engines import Zero3Engine
+    from mgt_scale.engine.zero import ZeroEngine
     cfg = load_config(None, ZERO3 + list(extra))
-    e = Zero3Engine(cfg, plan_batch(cfg, 1), "fp32")
+    e = ZeroEngine(cfg, plan_batch(cfg, 1), "fp32")
     e.set_lr(1e-2)
     g = torch.Generator().manual_seed(0)
     results = []

@@ -44,7 +44,7 @@ def test_unreadable_source_refuses():
 
 def build():
     from mgt_scale.parallel.topology import plan_batch
-    from mgt_scale.train.pipeline_engine import PipelineEngine
+    from mgt_scale.engine.pipeline import PipelineEngine
     cfg = load_config(None, PIPE)
     return PipelineEngine(cfg, plan_batch(cfg, 1), "fp32")
 

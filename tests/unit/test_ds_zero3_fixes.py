@@ -84,11 +84,11 @@ def test_the_off_switch_installs_nothing(inprocess_dist, monkeypatch):
 
 def build(fixes: bool, precision: str = "fp32"):
     from mgt_scale.parallel.topology import plan_batch
-    from mgt_scale.train.engines import Zero3Engine
+    from mgt_scale.engine.zero import ZeroEngine
     ds_zero3_fixes.set_enabled(fixes)
     try:
         cfg = load_config(None, BASE + [f"parallel.precision={precision}"])
-        e = Zero3Engine(cfg, plan_batch(cfg, 1), precision)
+        e = ZeroEngine(cfg, plan_batch(cfg, 1), precision)
     finally:
         ds_zero3_fixes.set_enabled(True)
     e.set_lr(1e-2)

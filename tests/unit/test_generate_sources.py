@@ -66,12 +66,12 @@ def saved(tmp_path_factory, inprocess_dist):
     """A run directory with two real ZeRO-3 checkpoints and its export."""
     from mgt_scale.parallel.topology import plan_batch
     from mgt_scale.train.checkpoint import CheckpointManager
-    from mgt_scale.train.engines import Zero3Engine
+    from mgt_scale.engine.zero import ZeroEngine
     from mgt_scale.train.export import export
     run_dir = tmp_path_factory.mktemp("run")
     cfg = load_config(None, OVR + [f"run.dir={run_dir}"])
     save_config(cfg, run_dir / "config.yaml")
-    e = Zero3Engine(cfg, plan_batch(cfg, 1), "fp32")
+    e = ZeroEngine(cfg, plan_batch(cfg, 1), "fp32")
     g = torch.Generator().manual_seed(0)
     mgr = CheckpointManager(str(run_dir), cfg, 0, 1)
     for step in (1, 2):

@@ -30,7 +30,7 @@ def test_200_layer_model_builds_on_meta_then_once():
 def test_init_never_draws_with_a_cpu_generator_into_a_parameter(residual, mgt):
     """The seeded generators are CPU generators, and torch refuses one for a CUDA tensor ("Expected a
     'cuda' device type for generator"). Under ZeRO-3 on GPUs each unit is initialised in place on the GPU
-    (engines.build_model_zero_init), so no initialiser may draw into a parameter with a generator: it
+    (mgt_scale.engine.zero.build_model_zero_init), so no initialiser may draw into a parameter with a generator: it
     draws on the CPU and copies (layers.normal_from_cpu_). CPU tensors cannot show the refusal, so every
     dispatched op that takes a generator is checked for writing into a parameter's storage."""
     from torch.utils._python_dispatch import TorchDispatchMode

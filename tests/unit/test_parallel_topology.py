@@ -54,7 +54,7 @@ def test_pipeline_default_zero_stage_is_rejected():
 
 
 def test_zero3_mode_rejects_stages_and_too_many_stages():
-    with pytest.raises(ConfigError, match="parallel.pipeline_stages: must be 1 in zero3 mode"):
+    with pytest.raises(ConfigError, match="parallel.pipeline_stages: must be 1 in zero mode"):
         cfg({"mode": "zero3", "pipeline_stages": 2})
     with pytest.raises(ConfigError, match="5 stages for 4 layers"):
         cfg({"mode": "pipeline", "pipeline_stages": 5, "zero_stage": 0})

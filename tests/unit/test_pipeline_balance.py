@@ -107,7 +107,7 @@ def batch(seed: int):
 def test_bf16_pipeline_accumulates_in_fp32_and_skips_nonfinite(inprocess_dist):
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 
-    from mgt_scale.train.pipeline_engine import PipelineEngine
+    from mgt_scale.engine.pipeline import PipelineEngine
     cfg = load_config(None, TINY)
     e = PipelineEngine(cfg, plan_batch(cfg, 1), "bf16")
     opt = e.engine.optimizer

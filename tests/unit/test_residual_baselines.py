@@ -205,7 +205,9 @@ def test_activation_checkpointing_keeps_loss_and_gradients(kind, policy):
     grads = []
     for every in (0, 1):
         model = build_model(cfg, seed=1)
-        model.checkpoint_every, model.checkpoint_policy = every, policy
+        from mgt_scale.config import ParallelConfig
+        from mgt_scale.parallel.checkpointing import apply_activation_checkpointing
+        apply_activation_checkpointing(model, ParallelConfig(activation_checkpointing=every > 0, checkpoint_policy=policy))
         loss = lm_loss(model(tokens), tokens)
         loss.backward()
         grads.append((float(loss.detach()), [p.grad.clone() for p in model.parameters()]))

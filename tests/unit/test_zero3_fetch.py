@@ -22,9 +22,9 @@ BASE = ["data.synthetic=copy", "model.num_layers=3", "model.d_model=32", "model.
 def run(fetch: str, extra=(), steps=3):
     from mgt_scale.parallel.convert import consolidated_state_dict
     from mgt_scale.parallel.topology import plan_batch
-    from mgt_scale.train.engines import Zero3Engine
+    from mgt_scale.engine.zero import ZeroEngine
     cfg = load_config(None, BASE + [f"parallel.zero3_fetch={fetch}", *extra])
-    e = Zero3Engine(cfg, plan_batch(cfg, 1), "fp32")
+    e = ZeroEngine(cfg, plan_batch(cfg, 1), "fp32")
     e.set_lr(1e-2)
     g = torch.Generator().manual_seed(0)
     results = []
@@ -39,7 +39,7 @@ def run(fetch: str, extra=(), steps=3):
 def deepspeed_defaults_for(monkeypatch, **zero_keys) -> None:
     """Make the engine's DeepSpeed config use these `zero_optimization` values (DeepSpeed's defaults for
     what ds_config.py changes on one rank), so a test can compare the two paths."""
-    import mgt_scale.train.engines as engines
+    import mgt_scale.engine.zero as engines
     from mgt_scale.parallel.ds_config import deepspeed_config
 
     def config(*args, **kwargs):

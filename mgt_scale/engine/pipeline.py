@@ -1,5 +1,8 @@
-# `parallel.mode: pipeline`: DeepSpeed's pipeline engine behind the same interface as Zero3Engine
-# (train_step, eval_loss, save, load, set_lr, mode, module, dp_rank). ZeRO-0/1 only (DeepSpeed's
+# `parallel.mode: pipeline`: DeepSpeed's pipeline engine behind the Engine interface
+# (mgt_scale.engine.base), as ZeroEngine is. Parallelism is applied to the model from outside: the stack
+# cut into stages (mgt_scale.parallel.pipeline, each stage initialised through `mgt_scale.model.init_units`),
+# activation checkpointing (mgt_scale.parallel.checkpointing), torch.compile of the stage's blocks
+# (mgt_scale.parallel.compile), then `deepspeed.initialize`. ZeRO-0/1 only (DeepSpeed's
 # pipeline engine rejects ZeRO-2/3; see mgt_scale.parallel.pipeline). With fp32 and ZeRO-0 it patches two
 # things of DeepSpeed's engine, each through mgt_scale.parallel.ds_patches' guard (source checked,
 # MGT_DS_PIPELINE_FIXES=0 turns both off): gradient clipping over all stages, and the skip of a step with
@@ -7,19 +10,25 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from mgt_scale.config import Config
+from mgt_scale.engine.base import (Batch, StepResult, accelerator_device, load_checkpoint, refresh_fp32_params,
+                                   set_lr)
+from mgt_scale.logs import get_logger
 from mgt_scale.parallel import ds_patches
+from mgt_scale.parallel.checkpointing import apply_activation_checkpointing
 from mgt_scale.parallel.compile import compile_blocks
+from mgt_scale.parallel.convert import canonical_to_pipe, pipe_to_canonical
 from mgt_scale.parallel.ds_config import deepspeed_config
 from mgt_scale.parallel.pipeline import PipeLoss, build_pipeline_module, partition_info
 from mgt_scale.parallel.topology import BatchPlan
-from mgt_scale.train.engines import Batch, StepResult, _device
 from mgt_scale.train.optim import build_optimizer
+
+log = get_logger(__name__)
 
 
 class PipelineEngine:
@@ -41,12 +50,13 @@ class PipelineEngine:
         self.ds_config = deepspeed_config(cfg, plan, precision)
         self.loss_fn = PipeLoss()
         module = build_pipeline_module(cfg, plan.pipeline_stages, self.loss_fn)
+        apply_activation_checkpointing(module, cfg.parallel)  # read by deepspeed.initialize
         compile_blocks(module, cfg.parallel.compile, verbose=dist.get_rank() == 0)  # this stage's blocks
         self.partition = partition_info(module)
         optimizer = build_optimizer(module, cfg.train)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, config=self.ds_config)
-        self.device = _device()
+        self.device = accelerator_device()
         self._grad_norm = float("nan")
         self._guarded = self._clipping = False
         if not self.engine.zero_optimization() and precision == "fp32":
@@ -65,9 +75,9 @@ class PipelineEngine:
         self._warned_unguarded = False
         from mgt_scale.parallel.topology import bubble_warning
         if bubble_warning(cfg, plan) and dist.get_rank() == 0:
-            print(bubble_warning(cfg, plan), flush=True)
+            log.warning(bubble_warning(cfg, plan).removeprefix("warning: "))
 
-    # -- interface ---------------------------------------------------------------------------------
+    # -- interface (mgt_scale.engine.base.Engine) ---------------------------------------------------
     @property
     def module(self) -> torch.nn.Module:
         return self.engine.module
@@ -77,12 +87,15 @@ class PipelineEngine:
         return self.engine.grid.get_data_parallel_rank()
 
     @property
+    def dp_size(self) -> int:
+        return self.plan.data_parallel
+
+    @property
     def stage_id(self) -> int:
         return self.engine.stage_id
 
     def set_lr(self, lr: float) -> None:
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+        set_lr(self.optimizer, lr)
 
     def train_step(self, micro_batches: Sequence[Batch], inject_nan: bool = False) -> StepResult:
         if len(micro_batches) != self.engine.micro_batches:
@@ -99,10 +112,11 @@ class PipelineEngine:
         skipped = self.engine.skipped_steps > skipped_before
         if not math.isfinite(loss) and not skipped and self._guarded:
             raise RuntimeError("non-finite loss but the guarded optimizer step applied the update")
-        if not math.isfinite(loss) and not skipped and not self._warned_unguarded and dist.get_rank() == 0:
+        if not math.isfinite(loss) and not skipped and not self._warned_unguarded:
             self._warned_unguarded = True
-            print("warning: non-finite loss in pipeline mode with ZeRO-1 or bf16: DeepSpeed applied the update; "
-                  "the non-finite guard will roll back after train.max_consecutive_nonfinite steps", flush=True)
+            if dist.get_rank() == 0:
+                log.warning("non-finite loss in pipeline mode with ZeRO-1 or bf16: DeepSpeed applied the update; "
+                            "the non-finite guard will roll back after train.max_consecutive_nonfinite steps")
         norm = self.engine.get_global_grad_norm()
         if norm is None:
             norm = self._grad_norm
@@ -121,15 +135,36 @@ class PipelineEngine:
 
     def load(self, load_dir: str, tag: str, universal: bool = False) -> Optional[dict]:
         """`universal`: the directory holds a DeepSpeed universal checkpoint (another data-parallel size)."""
-        conf = self.engine._config
-        before = conf.load_universal_checkpoint
-        conf.load_universal_checkpoint = universal
-        try:
-            _, client_state = self.engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
-                                                          load_lr_scheduler_states=False)
-        finally:
-            conf.load_universal_checkpoint = before
-        return client_state
+        return load_checkpoint(self.engine, load_dir, tag, universal)
+
+    def probe_geometry(self, tokens: torch.Tensor, step: int, center: bool = False) -> dict[str, Any]:
+        """Each stage probes its own blocks, the stages' results all-gathered (mgt_scale.parallel.pipeline_probe)."""
+        from mgt_scale.parallel.pipeline_probe import pipeline_probe_geometry
+        m = self.cfg.model
+        return pipeline_probe_geometry(self.module, tokens, step, m.stream_width, m.num_layers, center=center)
+
+    def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every stage's parameters all-gathered, renamed to the canonical names (mgt_scale.parallel.convert)."""
+        local = {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
+        merged: dict = {}
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            parts: list = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, local)
+        else:
+            parts = [local]
+        for part in parts:
+            merged.update(part)
+        return pipe_to_canonical(self.cfg.model, merged)
+
+    @torch.no_grad()
+    def load_consolidated_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pipe_state = canonical_to_pipe(self.cfg.model, state)
+        own = self.module.state_dict()
+        missing = [k for k in own if k not in pipe_state]
+        if missing:
+            raise KeyError(f"consolidated state lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        self.module.load_state_dict({k: pipe_state[k] for k in own}, strict=True)
+        refresh_fp32_params(self.optimizer)
 
     # -- internals ---------------------------------------------------------------------------------
     def _tied_owner(self, name: str) -> bool:
@@ -159,7 +194,7 @@ class PipelineEngine:
                     p.grad.detach().mul_(coef)
 
     def _guard_optimizer_step(self) -> None:
-        """Skip the update of a step whose gradients are non-finite on any stage. In `zero3` mode ZeRO's
+        """Skip the update of a step whose gradients are non-finite on any stage. In `zero` mode ZeRO's
         invalid-norm check does this; DeepSpeed's plain fp32 path (pipeline with ZeRO-0) has no such
         check and would write NaN into every weight. DeepSpeed reads `optimizer.overflow` after the
         step: when set it counts the step in `skipped_steps` (and zeroes the gradients as usual)."""

@@ -1,63 +1,49 @@
-# Engine adapters: one interface (train_step, eval_loss, save, load, set_lr) over DeepSpeed's ZeRO
-# engine (`parallel.mode: zero3`) and its pipeline engine (`parallel.mode: pipeline`), so the training
-# loop does not care which one runs.
+# `parallel.mode: zero` (alias `zero3`): DeepSpeed's ZeRO engine, stages 1, 2 or 3 (`parallel.zero_stage`),
+# over all ranks, with the whole model in each rank's graph. Parallelism is applied to the model from
+# outside, in order: partitioned build (ZeRO-3: `deepspeed.zero.Init`, initialised unit by unit through
+# `mgt_scale.model.init_units`), activation checkpointing (mgt_scale.parallel.checkpointing), ZeRO-3 leaf
+# blocks, torch.compile of the blocks (mgt_scale.parallel.compile), then `deepspeed.initialize`.
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from contextlib import contextmanager
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from mgt_scale.config import Config
-from mgt_scale.model import build_model, lm_loss
+from mgt_scale.engine.base import (Batch, StepResult, accelerator_device, load_checkpoint, refresh_fp32_params,
+                                   set_lr)
+from mgt_scale.model import MGTModel, build_model, init_units, lm_loss
+from mgt_scale.parallel.checkpointing import apply_activation_checkpointing
 from mgt_scale.parallel.collectives import any_rank, mean_over_ranks
 from mgt_scale.parallel.compile import compile_blocks
 from mgt_scale.parallel.ds_config import deepspeed_config
 from mgt_scale.parallel.topology import BatchPlan
 from mgt_scale.train.optim import build_optimizer
 
-Batch = tuple[torch.Tensor, torch.Tensor]
 
-
-@dataclass
-class StepResult:
-    loss: float  # mean over the global batch (all micro batches, all data-parallel ranks)
-    grad_norm: float
-    skipped: bool = False
-
-
-def _device() -> torch.device:
-    from deepspeed.accelerator import get_accelerator
-    return torch.device(get_accelerator().current_device_name())
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def build_model_zero_init(cfg: Config, ds_config: dict) -> torch.nn.Module:
     """ZeRO-3: build the stack under `deepspeed.zero.Init`, so each parameter is partitioned across the
     ranks as soon as its module is constructed (a 200-layer stack is never whole on one rank), then
-    initialise it one unit at a time: gather the unit's parameters, run the same per-unit init as
-    `MGTModel.init_weights` (same generators, so the weights equal the plain path's) on rank 0, and let
-    GatheredParameters scatter rank 0's values back into the partitions."""
+    initialise it one unit at a time through `init_units` (the plain model's path, so the weights equal
+    it): each unit's parameters gathered, rank 0 writes them, GatheredParameters scatters its values
+    back into the partitions."""
     from mgt_scale.parallel.ds_runtime import import_deepspeed
     deepspeed = import_deepspeed()
 
-    from mgt_scale.model import MGTModel, module_generator
-
-    m, seed = cfg.model, cfg.train.seed
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        model = MGTModel(m)
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    units = [(model.embed, 0), *((b, i + 1) for i, b in enumerate(model.blocks))]
-    if not m.tie_embeddings:
-        units.append((model.head, m.num_layers + 1))
-    for unit, idx in units:
+    @contextmanager
+    def gathered(unit: torch.nn.Module):
         with deepspeed.zero.GatheredParameters(list(unit.parameters()), modifier_rank=0):
-            if rank0:
-                unit.init_weights(m, module_generator(seed, idx))
-    if m.tie_embeddings:  # head.proj.weight is the embedding's weight: only the final norm to reset
-        with deepspeed.zero.GatheredParameters(list(model.head.norm.parameters()), modifier_rank=0):
-            if rank0:
-                model.head.norm.reset_parameters()
+            yield _rank0()
+
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = MGTModel(cfg.model)
+    init_units(model.units(), cfg.model, cfg.train.seed, gather=gathered)
     return model
 
 
@@ -72,10 +58,14 @@ def mark_blocks_as_zero3_leaves(model: torch.nn.Module) -> None:
     set_z3_leaf_modules(model, [Block])
 
 
-class Zero3Engine:
-    """DeepSpeed ZeRO (stage 3 by default) over all ranks; the whole model on each rank's graph."""
+def _is_partitioned(params: dict) -> bool:
+    return any(hasattr(p, "ds_id") for p in params.values())
 
-    mode = "zero3"
+
+class ZeroEngine:
+    """DeepSpeed ZeRO (stage 3 by default, 1 and 2 too) over all ranks; every rank is a data-parallel rank."""
+
+    mode = "zero"
 
     def __init__(self, cfg: Config, plan: BatchPlan, precision: str):
         from mgt_scale.parallel.ds_runtime import import_deepspeed
@@ -85,29 +75,36 @@ class Zero3Engine:
         from mgt_scale.data.synthetic import loss_mask_fn
         self.loss_mask_fn = loss_mask_fn(cfg.data)  # data.copy_loss: copied; None: every position
         self.ds_config = deepspeed_config(cfg, plan, precision)
-        if cfg.parallel.zero_stage == 3:
+        p = cfg.parallel
+        if p.zero_stage == 3:
             model = build_model_zero_init(cfg, self.ds_config)
         else:
             model = build_model(cfg.model, seed=cfg.train.seed)
-        if cfg.parallel.activation_checkpointing:
-            model.checkpoint_every = cfg.parallel.checkpoint_every_layers
-            model.checkpoint_policy = cfg.parallel.checkpoint_policy
-        if cfg.parallel.zero_stage == 3 and cfg.parallel.zero3_fetch == "block":
+        apply_activation_checkpointing(model, p)
+        if p.zero_stage == 3 and p.zero3_fetch == "block":
             mark_blocks_as_zero3_leaves(model)
         # after the leaf marking: ZeRO's hooks stay outside the compiled forward
-        compile_blocks(model, cfg.parallel.compile, verbose=not dist.is_initialized() or dist.get_rank() == 0)
+        compile_blocks(model, p.compile, verbose=_rank0())
         optimizer = build_optimizer(model, cfg.train)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config)
-        self.device = _device()
+        self.device = accelerator_device()
 
+    # -- interface (mgt_scale.engine.base.Engine) ---------------------------------------------------
     @property
     def module(self) -> torch.nn.Module:
         return self.engine.module
 
+    @property
+    def dp_rank(self) -> int:
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    @property
+    def dp_size(self) -> int:
+        return self.plan.data_parallel
+
     def set_lr(self, lr: float) -> None:
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+        set_lr(self.optimizer, lr)
 
     def train_step(self, micro_batches: Sequence[Batch], inject_nan: bool = False) -> StepResult:
         """Forward/backward every micro batch and take one optimizer step.
@@ -163,19 +160,41 @@ class Zero3Engine:
 
     def load(self, load_dir: str, tag: str, universal: bool = False) -> Optional[dict]:
         """`universal`: the directory holds a DeepSpeed universal checkpoint (any world size)."""
-        conf = self.engine._config
-        before = conf.load_universal_checkpoint
-        conf.load_universal_checkpoint = universal
-        try:
-            _, client_state = self.engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
-                                                          load_lr_scheduler_states=False)
-        finally:
-            conf.load_universal_checkpoint = before
-        return client_state
+        return load_checkpoint(self.engine, load_dir, tag, universal)
 
+    def probe_geometry(self, tokens: torch.Tensor, step: int, center: bool = False) -> dict[str, Any]:
+        """The whole model's forward on every rank (ZeRO-3 gathers the parameters collectively)."""
+        from mgt_scale.monitor.probe import probe_geometry
+        module = self.module
+        return probe_geometry(module, tokens.to(next(module.parameters()).device), step, center=center)
 
-def build_engine(cfg: Config, plan: BatchPlan, precision: str):
-    if cfg.parallel.mode == "zero3":
-        return Zero3Engine(cfg, plan, precision)
-    from mgt_scale.train.pipeline_engine import PipelineEngine
-    return PipelineEngine(cfg, plan, precision)
+    def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
+        params = dict(self.module.named_parameters(remove_duplicate=False))
+        if _is_partitioned(params):
+            from mgt_scale.parallel.ds_runtime import import_deepspeed
+            deepspeed = import_deepspeed()
+            out = {}
+            for name, p in params.items():
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    out[name] = p.detach().float().cpu().clone()
+            return out
+        return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
+
+    @torch.no_grad()
+    def load_consolidated_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.module.named_parameters(remove_duplicate=False))
+        unknown = [k for k in state if k not in params]
+        missing = [k for k in params if k not in state]
+        if unknown or missing:
+            raise KeyError(f"consolidated state: unknown {unknown[:5]}, missing {missing[:5]}")
+        if _is_partitioned(params):
+            from mgt_scale.parallel.ds_runtime import import_deepspeed
+            deepspeed = import_deepspeed()
+            for name, p in params.items():
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                    if _rank0():
+                        p.data.copy_(state[name].to(p.dtype))
+        else:
+            for name, p in params.items():
+                p.data.copy_(state[name].to(p.device, p.dtype))
+        refresh_fp32_params(self.optimizer)
