@@ -1,5 +1,5 @@
 # `mgt train` / launch/pretrain.py: parse arguments, load the config, derive the distributed
-# environment (deepspeed launcher, srun, torchrun or a single process), build data + engine, run the
+# environment (deepspeed launcher, srun, torchrun or a single process), build the run (train/build.py), run the
 # loop with its callbacks, and exit with the code of mgt_scale.exit_codes. On one machine with
 # --num-ranks N > 1 it re-launches itself under the `deepspeed` launcher.
 from __future__ import annotations
