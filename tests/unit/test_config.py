@@ -89,10 +89,14 @@ def test_resolved_config_round_trips(tmp_path):
 
 def test_retired_fault_injection_key_still_loads(tmp_path, capsys):
     """The config.yaml of a run (and of each checkpoint) written before the fault-injection hook left the
-    config held `train.fault_inject_nan_steps: []`: it loads (resume, `mgt export`), the key dropped."""
+    config held `train.fault_inject_nan_steps: []`: it loads (resume, `mgt export`), the key dropped
+    silently; a config that asks for NaN steps is told that the key is ignored."""
     p = write(tmp_path, "data: {synthetic: copy}\ntrain: {fault_inject_nan_steps: [], max_steps: 7}\n")
     cfg = load_config(p)
     assert cfg.train.max_steps == 7 and not hasattr(cfg.train, "fault_inject_nan_steps")
+    assert "fault_inject_nan_steps" not in capsys.readouterr().err
+    p.write_text("data: {synthetic: copy}\ntrain: {fault_inject_nan_steps: [3]}\n")
+    load_config(p)
     assert "train.fault_inject_nan_steps is ignored" in capsys.readouterr().err
 
 
