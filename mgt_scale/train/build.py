@@ -62,6 +62,15 @@ def check_data(cfg: Config) -> dict:
     return identity
 
 
+def describe_env(denv, plan, precision: str) -> str:
+    """The start-up lines: launcher, ranks, batch plan, precision, process-group backend."""
+    import torch.distributed as dist
+
+    from mgt_scale.cluster.dist_env import describe
+    backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else "none"
+    return f"{describe(denv)}\nbatch: {plan.describe()}; precision {precision}; process group backend {backend}"
+
+
 def build(cfg: Config, plan, precision: str, denv) -> Run:
     """Every part of the run, ready to resume and run. Collective (all ranks). Raises InputError."""
     import torch
@@ -71,7 +80,6 @@ def build(cfg: Config, plan, precision: str, denv) -> Run:
     deepspeed = import_deepspeed()
     torch.manual_seed(cfg.train.seed)
     init_distributed(deepspeed, cfg.parallel.dist_timeout_minutes)
-    from mgt_scale.train.entry import describe_env
     run.say(describe_env(denv, plan, precision))
     patched = {"zero": cfg.parallel.zero_stage == 3, "pipeline": cfg.parallel.zero_stage == 0 and precision == "fp32"}
     if patched[cfg.parallel.mode]:  # the runs our DeepSpeed patches act in (parallel/ds_patches.py)

@@ -214,14 +214,6 @@ def _leave_process_group() -> None:
             log.warning(f"process group teardown failed: {e}")
 
 
-def describe_env(denv, plan, precision: str) -> str:
-    import torch.distributed as dist
-
-    from mgt_scale.cluster.dist_env import describe
-    backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else "none"
-    return f"{describe(denv)}\nbatch: {plan.describe()}; precision {precision}; process group backend {backend}"
-
-
 def _write_status(run_dir: Path, state: str, code, reason: str, extra: dict | None = None) -> None:
     from mgt_scale.train.callbacks import write_json_atomic
     write_json_atomic(run_dir / "status.json", dict(extra or {}, state=state, exit_code=code, reason=reason,
