@@ -200,6 +200,7 @@ def apply_override(data: dict, key: str, value: Any, source: str) -> None:
 # which every saved config.yaml of those versions holds, is dropped silently.
 RETIRED_KEYS = {"model.mgt.cpu_kernel": ("the C++ CPU kernel was retired; parallel.compile=blocks fuses the "
                                          "MGT update instead (bench/RESULTS.md section 6)", True),
+                "train.fault_inject_nan_steps": ("a testing hook, now outside the trainer (tests/fault_hooks)", []),
                 "monitor.probe_seed": ("nothing ever drew from it: the geometry probe is the first validation "
                                        "batch (monitor.probe_batch_size x monitor.probe_seq_len)", 4321)}
 _NO_VALUE = object()

@@ -250,7 +250,6 @@ class TrainConfig:
     max_consecutive_nonfinite: int = num(3, ge=1)
     nonfinite_policy: Literal["rollback", "stop"] = "rollback"
     spike_zscore: float = num(6.0, ge=0)  # 0: no spike detection
-    fault_inject_nan_steps: tuple[int, ...] = num((), ge=0)  # testing hook: make the loss NaN at these steps
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,7 @@ def tied_lm_head(module: EmbeddingPipe, x: torch.Tensor) -> torch.Tensor:
 
 class PipeLoss:
     """loss_fn of the PipelineModule: lm_loss; labels may be `targets` or `(targets, mask)`.
-    `inject_nan` is a testing hook (train.fault_inject_nan_steps)."""
+    `inject_nan` is a testing hook (MGT_FAULT_NAN_STEPS of tests/fault_hooks)."""
 
     __name__ = "lm_loss"
 

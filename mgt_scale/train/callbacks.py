@@ -7,7 +7,10 @@ import os
 import time
 from pathlib import Path
 
-from mgt_scale.train.trainer import Callback, Trainer
+from mgt_scale.logs import get_logger
+from mgt_scale.train.trainer import Callback, Phase, Trainer
+
+log = get_logger(__name__)
 
 
 def write_json_atomic(path: str | Path, obj: dict) -> None:
@@ -55,6 +58,8 @@ class MetricsCallback(Callback):
     (re)start and an ETA. The ETA uses the mean wall time per step since the end of the first step
     of this (re)start (the first one pays for start-up, compilation and ZeRO-3's first gathers), so it
     includes checkpoints, probes and evaluations; a rolled-back step counts as a step done."""
+    name = "metrics"
+    order = Phase.METRICS
 
     def __init__(self, logger, log_interval: int, flops_per_token: float = 0.0, peak_flops: float = 0.0,
                  world_size: int = 1):
@@ -83,8 +88,8 @@ class MetricsCallback(Callback):
             return
         self.logger.log(record, record["step"])
         if record.get("valid_loss") is not None:
-            head, _ = progress_text(record["step"], trainer.cfg.train.max_steps, 0.0, None)
-            print(f"{head} | valid {record['valid_loss']:.4f}", flush=True)
+            head, _ = progress_text(record["step"], trainer.max_steps, 0.0, None)
+            log.info(f"{head} | valid {record['valid_loss']:.4f}")
 
     def on_stopped_step(self, trainer: Trainer, record: dict) -> None:
         self._count_step()
@@ -93,7 +98,7 @@ class MetricsCallback(Callback):
     def on_step_end(self, trainer: Trainer, record: dict) -> None:
         self._count_step()
         step = record["step"]
-        last = step == trainer.cfg.train.max_steps
+        last = step == trainer.max_steps
         if not (step % self.log_interval == 0 or step == 1 or last or "valid_loss" in record):
             return
         self._log(trainer, record)
@@ -105,7 +110,7 @@ class MetricsCallback(Callback):
         if self.flops_per_token and self.peak_flops:
             record["mfu"] = record["tokens_per_s"] * self.flops_per_token / (self.peak_flops * self.world_size)
         record["elapsed"] = time.time() - trainer.start_time
-        max_steps = trainer.cfg.train.max_steps
+        max_steps = trainer.max_steps
         eta = eta_seconds(step, max_steps, self.mean_step_time())
         if eta is not None:
             record["eta"] = eta
@@ -120,4 +125,4 @@ class MetricsCallback(Callback):
         if "min_eff_rank_norm" in record:
             parts.append(f"min erank {record['min_eff_rank_norm']:.3f}")
         parts.append(tail)
-        print(" | ".join(parts), flush=True)
+        log.info(" | ".join(parts))

@@ -39,12 +39,6 @@ _log = get_logger(__name__)
 RESAVE = ".resave"  # checkpoints/.resave/step_N: a new save of a step whose completed checkpoint stays in place
 
 
-def _fault_step(var: str) -> int | None:
-    """Fault injection for tests: the step named by environment variable `var`, if set."""
-    v = os.environ.get(var, "")
-    return int(v) if v.strip() else None
-
-
 class CheckpointManager:
     # the identity of the data's tokenizer (mgt_scale.data.data_tokenizer_identity), set by the trainer's
     # entry: save() records it in the client state and the manifest, data_tokenizer_problem() checks it
@@ -248,10 +242,6 @@ class CheckpointManager:
             raise CheckpointError(f"{p['tag_dir']}: rank {failed[0][0]} failed to write its files "
                                   f"({failed[0][1]}): checkpoint left incomplete, {LATEST} not moved")
         step, tag_dir = p["step"], p["write_dir"]  # write_dir: the step's folder, or beside it (_start_save)
-        if self.rank == 0 and _fault_step("MGT_FAULT_KILL_DURING_SAVE") == step:
-            _log.warning(f"fault injection: killing rank 0 while saving {tag_dir.name} (DeepSpeed files written, "
-                         "no manifest)")
-            os._exit(137)
         swap_err = None
         if self.rank == 0:
             from mgt_scale.config import save_config
@@ -262,9 +252,6 @@ class CheckpointManager:
                                      "config_hash": config_hash(self.cfg)}
                            | ({"data_tokenizer": self.data_tokenizer} if self.data_tokenizer is not None else {}),
                            hashed=hashed)
-            if _fault_step("MGT_FAULT_KILL_AFTER_MANIFEST") == step:
-                _log.warning(f"fault injection: killing rank 0 after the manifest of {tag_dir.name}")
-                os._exit(137)
             if tag_dir != p["tag_dir"]:  # a new save of a completed step, written beside it
                 swap_err = self._swap_in(tag_dir, p["tag_dir"], step)
             if swap_err is None:

@@ -1,5 +1,5 @@
 # `mgt train` / launch/pretrain.py: parse arguments, load the config, derive the distributed
-# environment (deepspeed launcher, srun, torchrun or a single process), build data + engine, run the
+# environment (deepspeed launcher, srun, torchrun or a single process), build the run (train/build.py), run the
 # loop with its callbacks, and exit with the code of mgt_scale.exit_codes. On one machine with
 # --num-ranks N > 1 it re-launches itself under the `deepspeed` launcher.
 from __future__ import annotations
@@ -15,6 +15,9 @@ from pathlib import Path
 
 from mgt_scale import exit_codes
 from mgt_scale.config import Config, ConfigError, load_config, save_config, to_dict
+from mgt_scale.logs import get_logger, setup_logging
+
+log = get_logger(__name__)
 
 
 def build_parser(prog: str = "mgt train") -> argparse.ArgumentParser:
@@ -40,7 +43,7 @@ def build_parser(prog: str = "mgt train") -> argparse.ArgumentParser:
 
 
 def _error(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
+    log.error(msg)
     return exit_codes.CONFIG_ERROR
 
 
@@ -94,7 +97,7 @@ def _relaunch(args: argparse.Namespace, argv: list[str]) -> int:
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
     cmd = [launcher, *placement, "--master_port", str(free_port()), "--no_local_rank",
            "--module", "mgt_scale.train.entry", *rest]
-    print("launching:", " ".join(cmd), flush=True)
+    log.info("launching: " + " ".join(cmd))
     return subprocess.call(cmd)
 
 
@@ -118,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"launched world of {denv.world_size} (launcher '{denv.launcher}' set RANK/WORLD_SIZE or "
                       f"SLURM_PROCID); drop --num-ranks under a launcher, or unset those variables")
     world = denv.world_size if _launched() else max(1, args.num_ranks)
+    setup_logging(rank=denv.rank, world=denv.world_size)
     from mgt_scale.parallel import gpu_profile
     from mgt_scale.parallel.ds_config import deepspeed_config, detect_precision, resolve_precision
     from mgt_scale.parallel.topology import plan_batch
@@ -161,6 +165,7 @@ def run(cfg: Config, args, denv, plan, precision: str) -> int:
 
 
 def _run(cfg: Config, args, denv, plan, precision: str) -> int:
+    """build (train/build.py) -> resume -> Trainer.run -> status.json."""
     import warnings
     from mgt_scale.train.preemption import install_signal_handlers
     install_signal_handlers()
@@ -177,116 +182,22 @@ def _run(cfg: Config, args, denv, plan, precision: str) -> int:
         save_config(cfg, run_dir / "config.yaml")
         _write_status(run_dir, "running", None, "")
 
-    import torch
-    from mgt_scale.parallel.ds_runtime import import_deepspeed, init_distributed
-    deepspeed = import_deepspeed()
-    from mgt_scale.data import build_train_loader, build_valid_batches, data_tokenizer_identity, dataset_vocab_size
-    from mgt_scale.data.shards import DataError
-
+    from mgt_scale.train.build import InputError, build, resume
     try:
-        data_tokenizer = data_tokenizer_identity(cfg.data, cfg.model.vocab_size)
-        data_vocab = dataset_vocab_size(cfg.data)
-        if data_vocab is not None and data_vocab > cfg.model.vocab_size:
-            where = cfg.data.path or ", ".join(b.path for b in cfg.data.blend)
-            return _fail(run_dir, rank, f"{where}: tokenizer vocabulary {data_vocab} exceeds "
-                                        f"model.vocab_size={cfg.model.vocab_size}: set model.vocab_size={data_vocab}")
-    except (DataError, OSError, ValueError) as e:
+        run = build(cfg, plan, precision, denv)
+        resume(run, args.resume)
+    except InputError as e:
         return _fail(run_dir, rank, str(e))
-
-    torch.manual_seed(cfg.train.seed)
-    init_distributed(deepspeed, cfg.parallel.dist_timeout_minutes)
-    if rank == 0:
-        print(describe_env(denv, plan, precision), flush=True)
-        patched = {"zero": cfg.parallel.zero_stage == 3, "pipeline": cfg.parallel.zero_stage == 0 and precision == "fp32"}
-        if patched[cfg.parallel.mode]:  # the runs our DeepSpeed patches act in (parallel/ds_patches.py)
-            from mgt_scale.parallel import ds_patches
-            print(ds_patches.describe("zero3" if cfg.parallel.mode == "zero" else "pipeline"), flush=True)
-    from mgt_scale.engine import build_engine
-    engine = build_engine(cfg, plan, precision)
-    dp_rank, dp_size = engine.dp_rank, engine.dp_size
-    try:
-        from mgt_scale.data import verify_data_once
-        verify_data_once(cfg.data,  # once per node, in parallel: the opens below check sizes only; a restart
-                         # hashes only shards changed since (checkpoint.verify=full: every shard, every start)
-                         cache=None if cfg.checkpoint.verify == "full" else Path(run_dir) / ".data_verified.json")
-        loader = build_train_loader(cfg.data, seq_len=cfg.data.seq_len, global_batch=plan.global_batch,
-                                    micro_batch=plan.micro_batch, dp_rank=dp_rank, dp_size=dp_size,
-                                    vocab_size=cfg.model.vocab_size)
-        valid = build_valid_batches(cfg.data, cfg.data.seq_len, plan.micro_batch, cfg.data.valid_fraction_batches,
-                                    cfg.model.vocab_size)
-    except (DataError, OSError, ValueError) as e:
-        return _fail(run_dir, rank, str(e))
-
-    from mgt_scale.train.callbacks import MetricsCallback
-    from mgt_scale.train.checkpoint import CheckpointManager
-    from mgt_scale.train.ckpt_format import CheckpointError
-    from mgt_scale.train.resume_callbacks import CheckpointCallback, PreemptionCallback
-    from mgt_scale.train.trainer import Trainer
-
-    manager = CheckpointManager(str(run_dir), cfg, rank, plan.world_size)
-    manager.data_tokenizer = data_tokenizer
-    manager.recover_interrupted_saves(log=print if rank == 0 else (lambda *a, **k: None))
-    trainer = Trainer(cfg, plan, engine, loader, str(run_dir), rank, valid_batches=valid)
-    resumed_from = None
-    if args.resume:
-        log = print if rank == 0 else (lambda *a, **k: None)
-        tag_dir = manager.find_resume(log=log) if args.resume == "auto" else Path(args.resume)
-        if args.resume == "auto":  # what it rejected as damaged goes to checkpoints/damaged/
-            manager.set_aside_damaged(log=log)
-        if tag_dir is not None and args.resume != "auto":
-            problems = manager.verify(tag_dir)  # collective: each rank hashes its own share
-            if problems:
-                return _fail(run_dir, rank, f"--resume {tag_dir}: checkpoint rejected: " + "; ".join(problems))
-        if tag_dir is not None:
-            from mgt_scale.train.ckpt_format import data_tokenizer_problem
-            problem, warning = data_tokenizer_problem(tag_dir, data_tokenizer)
-            if problem:
-                return _fail(run_dir, rank, problem)
-            if warning and rank == 0:
-                print(f"warning: {warning}", file=sys.stderr, flush=True)
-            try:
-                state = manager.load(engine, tag_dir, log=log)
-            except CheckpointError as e:
-                return _fail(run_dir, rank, str(e))
-            trainer.state.step = state["step"]
-            loader.load_state_dict(state["loader"])
-            ts = state.get("trainer", {})
-            trainer.state.nonfinite_total = int(ts.get("nonfinite_total", 0))
-            trainer.state.nonfinite_consecutive = int(ts.get("nonfinite_consecutive", 0))
-            trainer.restored_client_state = state
-            resumed_from = tag_dir
-            if rank == 0:
-                print(f"resumed from {tag_dir} at step {state['step']}", flush=True)
-        elif rank == 0:
-            print("no checkpoint to resume from: starting fresh", flush=True)
-    from mgt_scale.monitor.loggers import build_loggers
-    from mgt_scale.train.flops import flops_per_token, peak_flops_per_device
-    from mgt_scale.train.monitor_callback import MonitorCallback
-    restored = getattr(trainer, "restored_client_state", None) or {}
-    logger = build_loggers(cfg, run_dir, rank=rank, resume_step=restored.get("step"))
-    at = trainer.state.step
-    on_disk = resumed_from is not None and manager.holds(resumed_from, at)
-    # a finished run started again, or a requeued job stopped before its first step, must not re-save
-    ckpt_cb = CheckpointCallback(manager, saved_step=at if on_disk else -1)
-    if resumed_from is not None and args.resume != "auto":
-        # auto took the newest good one: anything later is incomplete or damaged, handled as before
-        manager.set_aside_newer(at, resumed_from, log=log)
-    monitor_cb = MonitorCallback(cfg, logger, ckpt_cb, manager, restored.get("monitor"))
-    from mgt_scale.train.nonfinite import NonFiniteGuard
-    guard = NonFiniteGuard(manager, restored.get("nonfinite_guard"))
-    trainer.callbacks = [guard, monitor_cb,
-                         MetricsCallback(logger, cfg.train.log_interval, flops_per_token(cfg.model, cfg.data.seq_len),
-                                         peak_flops_per_device(cfg.train.peak_flops, precision), plan.world_size),
-                         guard.enforcer(), ckpt_cb, PreemptionCallback(ckpt_cb, cfg.train.max_wall_time)]
+    trainer = run.trainer
     code, reason = trainer.run()
-    loader.close()
+    run.loader.close()
     if rank == 0:
         summary = {"exit_code": code, "reason": reason, "step": trainer.state.step}
         if code == exit_codes.FINISHED:
             summary["valid_loss"] = trainer.final_valid_loss  # evaluated by the loop, also in metrics.jsonl
         _write_status(run_dir, "finished" if code == exit_codes.FINISHED else "stopped", code, reason, summary)
-        print(f"run {'finished' if code == 0 else 'stopped'} ({reason}) at step {trainer.state.step}; "
-              f"exit code {code}", flush=True)
+        log.info(f"run {'finished' if code == 0 else 'stopped'} ({reason}) at step {trainer.state.step}; "
+                 f"exit code {code}")
     _leave_process_group()
     return code
 
@@ -300,15 +211,7 @@ def _leave_process_group() -> None:
         try:
             dist.destroy_process_group()
         except Exception as e:  # teardown must not change the run's exit code
-            print(f"warning: process group teardown failed: {e}", file=sys.stderr, flush=True)
-
-
-def describe_env(denv, plan, precision: str) -> str:
-    import torch.distributed as dist
-
-    from mgt_scale.cluster.dist_env import describe
-    backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else "none"
-    return f"{describe(denv)}\nbatch: {plan.describe()}; precision {precision}; process group backend {backend}"
+            log.warning(f"process group teardown failed: {e}")
 
 
 def _write_status(run_dir: Path, state: str, code, reason: str, extra: dict | None = None) -> None:

@@ -1,16 +1,21 @@
 # Wires the collapse monitor into the training loop: every monitor.interval steps, a no-grad probe
 # forward on a fixed batch measures per-layer geometry (and MGT beta/gate statistics), logs it to
-# geometry.jsonl / W&B, and acts on the alarm policy (warn, checkpoint_and_stop, rollback).
+# geometry.jsonl / W&B, and acts on the alarm policy (warn, checkpoint_and_stop, rollback through
+# Trainer.rollback). Its state (the CollapseMonitor's alarm counts) is checkpointed under `monitor`.
 from __future__ import annotations
 
 import time
+from typing import Callable, Optional
 
 import torch
 
 from mgt_scale import exit_codes
+from mgt_scale.logs import get_logger
 from mgt_scale.monitor.alarms import CollapseMonitor
 from mgt_scale.monitor.metrics import geometry_summary
-from mgt_scale.train.trainer import Callback, StopTraining, Trainer
+from mgt_scale.train.trainer import Callback, Phase, StopTraining, Trainer
+
+log = get_logger(__name__)
 
 
 def probe_tokens(cfg, vocab_size: int) -> torch.Tensor:
@@ -24,21 +29,29 @@ def probe_tokens(cfg, vocab_size: int) -> torch.Tensor:
 class MonitorCallback(Callback):
     """Probes on every rank (ZeRO-3 gathers parameters collectively in the forward; in pipeline mode
     each stage measures its own blocks and the stages' results are all-gathered); rank 0 logs. Every
-    rank sees the same record, so every rank takes the same alarm decision."""
+    rank sees the same record, so every rank takes the same alarm decision.
 
-    def __init__(self, cfg, logger, checkpoint_cb, manager, restored_state: dict | None = None):
-        self.cfg, self.logger, self.checkpoint_cb, self.manager = cfg, logger, checkpoint_cb, manager
-        self.monitor = CollapseMonitor(cfg.monitor)
-        if restored_state:
-            self.monitor.load_state_dict(restored_state)
+    `monitor_cfg`: the config's `monitor` section; `probe`: returns the fixed probe batch (called at the
+    start, when monitor.interval > 0); `checkpoint_cb`: saves before a stop."""
+    name = "monitor"
+    order = Phase.MONITOR
+
+    def __init__(self, monitor_cfg, probe: Optional[Callable[[], torch.Tensor]], logger, checkpoint_cb):
+        self.monitor_cfg, self.probe = monitor_cfg, probe
+        self.logger, self.checkpoint_cb = logger, checkpoint_cb
+        self.monitor = CollapseMonitor(monitor_cfg)
         self.tokens = None
         self.total_time = 0.0
 
+    def state_dict(self) -> dict:
+        return self.monitor.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.monitor.load_state_dict(state)
+
     def on_start(self, trainer: Trainer) -> None:
-        if self.cfg.monitor.interval:
-            self.tokens = probe_tokens(self.cfg, self.cfg.model.vocab_size)
-        trainer.state_providers = getattr(trainer, "state_providers", {})
-        trainer.state_providers["monitor"] = self.monitor.state_dict
+        if self.monitor_cfg.interval and self.probe is not None:
+            self.tokens = self.probe()
 
     def on_step_end(self, trainer: Trainer, record: dict) -> None:
         step = trainer.state.step
@@ -47,7 +60,7 @@ class MonitorCallback(Callback):
         tic = time.perf_counter()
         module = trainer.engine.module
         was_training = module.training
-        geo = trainer.engine.probe_geometry(self.tokens, step, center=self.cfg.monitor.geometry_center)
+        geo = trainer.engine.probe_geometry(self.tokens, step, center=self.monitor_cfg.geometry_center)
         module.train(was_training)
         self.total_time += time.perf_counter() - tic
         summary = geometry_summary(geo["layers"])
@@ -61,23 +74,10 @@ class MonitorCallback(Callback):
             return
         record["alarm"] = decision.action
         if trainer.is_main:
-            print(f"COLLAPSE ALARM at step {step} ({decision.action}): {decision.message()}", flush=True)
+            log.info(f"COLLAPSE ALARM at step {step} ({decision.action}): {decision.message()}")
         if decision.action == "checkpoint_and_stop":
             self.checkpoint_cb.save(trainer)
             raise StopTraining(exit_codes.COLLAPSE, f"collapse alarm: {decision.message()}")
-        if decision.action == "rollback":
-            self._rollback(trainer)
-
-    def _rollback(self, trainer: Trainer) -> None:
-        """Restore weights and optimizer from the last good checkpoint; the data position moves on
-        (the batches that led to the collapse are not replayed) and the monitor keeps its live state,
-        so repeated rollbacks escalate to checkpoint_and_stop."""
-        tag_dir = self.manager.find_resume()
-        if tag_dir is None:
+        if decision.action == "rollback" and trainer.rollback(record, "collapse alarm") is None:
             self.checkpoint_cb.save(trainer)
             raise StopTraining(exit_codes.COLLAPSE, "collapse alarm with policy rollback, but no checkpoint to roll back to")
-        state = self.manager.load(trainer.engine, tag_dir)
-        if trainer.is_main:
-            print(f"rolled back to {tag_dir.name} (step {state['step']}); data position kept at "
-                  f"{trainer.loader.consumed_samples} samples", flush=True)
-        trainer.state.step = state["step"]

@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+FAULT_HOOKS = ROOT / "tests" / "fault_hooks"  # test-only fault injection (MGT_FAULT_*), see its files
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -24,7 +25,7 @@ def free_port() -> int:
 
 def _env(extra: dict | None = None) -> dict:
     env = dict(os.environ, **(extra or {}))
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join([str(FAULT_HOOKS), str(ROOT), env.get("PYTHONPATH", "")])
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
 

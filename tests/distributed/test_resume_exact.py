@@ -18,6 +18,13 @@ REPO = Path(__file__).resolve().parents[2]
 STEPS = 12
 
 
+def fault_env(**faults) -> dict:
+    """The environment with the test-only fault hooks (tests/fault_hooks) and `faults` (MGT_FAULT_*)."""
+    env = dict(os.environ, **faults)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "tests" / "fault_hooks"), env.get("PYTHONPATH")]))
+    return env
+
+
 def write_config(tmp_path: Path, name: str, **over) -> tuple[Path, Path]:
     run_dir = tmp_path / name
     cfg = {"run": {"dir": str(run_dir), "name": name},
@@ -104,7 +111,7 @@ def test_sigkill_and_kill_during_save_then_resume_is_exact(tmp_path, reference):
     assert max(losses(run_dir)) == 6  # stale records 5, 6 in metrics.jsonl
     # 2. resume; rank 0 is killed (os._exit(137)) while writing step 8, after DeepSpeed's files
     r = subprocess.run(cmd(config, 2, "--resume", "auto"), capture_output=True, text=True, timeout=600,
-                       env=dict(os.environ, MGT_FAULT_KILL_DURING_SAVE="8"))
+                       env=fault_env(MGT_FAULT_KILL_DURING_SAVE="8"))
     assert r.returncode != 0 and "killing rank 0 while saving step_00000008" in r.stdout + r.stderr
     assert (ck / "step_00000008").is_dir() and not (ck / "step_00000008" / "mgt_manifest.json").exists()
     assert (ck / "latest_good").read_text().strip() == "step_00000004"

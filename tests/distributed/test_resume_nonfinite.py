@@ -1,7 +1,8 @@
-# Non-finite steps in real runs: NaN losses (train.fault_inject_nan_steps) are skipped, counted and
+# Non-finite steps in real runs: NaN losses (MGT_FAULT_NAN_STEPS, tests/fault_hooks) are skipped, counted and
 # logged; max_consecutive_nonfinite in a row roll back to the last good checkpoint (2 ranks), or stop
 # with exit code 87 under nonfinite_policy=stop (1 rank).
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,9 +25,15 @@ def write(tmp_path, name, train, parallel=None):
     return p, run_dir
 
 
-def train(config, ranks):
+FAULT_HOOKS = Path(__file__).resolve().parents[1] / "fault_hooks"
+
+
+def train(config, ranks, nan_steps):
+    """`nan_steps`: the steps (0-based, as counted before each) whose loss the fault hook makes NaN."""
+    env = dict(os.environ, MGT_FAULT_NAN_STEPS=",".join(map(str, nan_steps)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FAULT_HOOKS), env.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, "-m", "mgt_scale.cli", "train", "--config", str(config),
-                           "--num-ranks", str(ranks)], capture_output=True, text=True, timeout=600)
+                           "--num-ranks", str(ranks)], capture_output=True, text=True, timeout=600, env=env)
 
 
 def records(run_dir):
@@ -36,8 +43,8 @@ def records(run_dir):
 def test_nan_steps_skipped_then_rollback(tmp_path):
     # steps (1-based) 5, 6, 7 have NaN losses: skipped; the third in a row rolls back to step_00000006
     # (saved during the streak; skipped steps leave the weights as they were at step 4)
-    config, run_dir = write(tmp_path, "rb", {"fault_inject_nan_steps": [4, 5, 6], "nonfinite_policy": "rollback"})
-    r = train(config, 2)
+    config, run_dir = write(tmp_path, "rb", {"nonfinite_policy": "rollback"})
+    r = train(config, 2, [4, 5, 6])
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     recs = records(run_dir)
@@ -54,8 +61,8 @@ def test_nan_steps_skipped_then_rollback(tmp_path):
 
 
 def test_nan_policy_stop_exits_87(tmp_path):
-    config, run_dir = write(tmp_path, "stop", {"fault_inject_nan_steps": [2, 3, 4], "nonfinite_policy": "stop"})
-    r = train(config, 1)
+    config, run_dir = write(tmp_path, "stop", {"nonfinite_policy": "stop"})
+    r = train(config, 1, [2, 3, 4])
     assert r.returncode == 87, (r.stdout + r.stderr)[-4000:]
     status = json.loads((run_dir / "status.json").read_text())
     assert status["exit_code"] == 87 and status["step"] == 5 and "nonfinite_policy=stop" in status["reason"]
@@ -66,9 +73,9 @@ def test_pipeline_nan_step_is_skipped(tmp_path):
     # 2 pipeline stages, fp32 ZeRO-0: DeepSpeed's own fp32 path has no overflow check, so without our
     # guarded optimizer step the NaN gradients of step 5 would be written into every weight and every
     # later loss would be NaN. Skipped, the run goes on with finite losses and the skip is counted.
-    config, run_dir = write(tmp_path, "pipe", {"fault_inject_nan_steps": [4]},
+    config, run_dir = write(tmp_path, "pipe", {},
                             {"mode": "pipeline", "pipeline_stages": 2, "zero_stage": 0})
-    r = train(config, 2)
+    r = train(config, 2, [4])
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     recs = [x for x in records(run_dir) if "loss" in x]

@@ -1,4 +1,5 @@
-# Shared fixtures for the unit tests (`rank_pool`, at the end: gloo ranks for collective logic, multirank.py).
+# Shared fixtures for the unit tests (`rank_pool`, at the end: gloo ranks for collective logic, multirank.py;
+# `fault_hooks`: the test-only fault injection, in-process).
 # `inprocess_dist`: a one-rank gloo process group for tests that build a DeepSpeed engine in the pytest
 # process. It sets the torchrun-style variables only for the module that uses it and restores them
 # afterwards: left behind, they make every later `mgt train` subprocess believe it is rank 0 of a
@@ -52,3 +53,18 @@ def rank_pool():
     yield get
     for pool in pools.values():
         pool.close()
+
+
+@pytest.fixture
+def fault_hooks(monkeypatch):
+    """In-process fault injection (tests/fault_hooks/mgt_fault_hooks.py): the wrappers that the
+    sitecustomize there installs in `mgt train` subprocesses, undone after the test. Set MGT_FAULT_* with
+    `monkeypatch.setenv`; the wrappers read them at each call."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "fault_hooks" / "mgt_fault_hooks.py"
+    spec = importlib.util.spec_from_file_location("mgt_fault_hooks", path)
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    hooks.install(monkeypatch)
+    return hooks

@@ -58,9 +58,13 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+FAULT_HOOKS = Path(__file__).resolve().parents[1] / "fault_hooks"  # MGT_FAULT_KILL_* (ASYNC_KILL: ckpt_writer)
+
+
 def run(tmp_path: Path, faults: dict) -> subprocess.CompletedProcess:
     run_dir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MGT_FAULT")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FAULT_HOOKS), env.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, "-c", SCRIPT, str(run_dir), json.dumps(faults)], capture_output=True,
                           text=True, timeout=300, env=env)
 

@@ -113,8 +113,7 @@ class _Logger:
 
 
 class _Trainer:
-    is_main, start_time = True, 0.0
-    cfg = SimpleNamespace(train=SimpleNamespace(max_steps=10))
+    is_main, start_time, max_steps = True, 0.0, 10
 
 
 @pytest.mark.parametrize("world_size", [1, 4])

@@ -40,9 +40,14 @@ def write_config(tmp_path: Path, name: str, max_steps: int = STEPS, keep_last: i
     return path, run_dir
 
 
+FAULT_HOOKS = Path(__file__).resolve().parents[1] / "fault_hooks"  # MGT_FAULT_KILL_DURING_SAVE
+
+
 def train(config: Path, *extra, env=None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **(env or {}))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FAULT_HOOKS), env.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, "-m", "mgt_scale.cli", "train", "--config", str(config), *extra],
-                          capture_output=True, text=True, timeout=600, env=dict(os.environ, **(env or {})))
+                          capture_output=True, text=True, timeout=600, env=env)
 
 
 def fingerprint(tag_dir: Path) -> dict:

@@ -66,9 +66,9 @@ class _Loader:
 
 
 def _trainer(tmp_path, max_steps=5, eval_interval=0, valid=True, callbacks=()):
-    cfg = SimpleNamespace(train=TrainConfig(max_steps=max_steps, eval_interval=eval_interval, warmup_steps=1))
+    train = TrainConfig(max_steps=max_steps, eval_interval=eval_interval, warmup_steps=1)
     plan = SimpleNamespace(tokens_per_step=64)
-    return Trainer(cfg, plan, _Engine(), _Loader(), str(tmp_path), 0, callbacks=list(callbacks),
+    return Trainer(train, plan, _Engine(), _Loader(), str(tmp_path), 0, callbacks=list(callbacks),
                    valid_batches=[object(), object()] if valid else [])
 
 
