@@ -81,12 +81,12 @@ def test_a_deepspeed_resave_is_written_beside_the_step_and_loads(inprocess_dist,
     from mgt_scale.parallel.topology import plan_batch
     from mgt_scale.train.checkpoint import CheckpointManager
     from mgt_scale.train.ckpt_format import read_manifest
-    from mgt_scale.train.engines import Zero3Engine
+    from mgt_scale.engine.zero import ZeroEngine
     cfg = load_config(None, ["data.synthetic=copy", "model.num_layers=2", "model.d_model=32", "model.num_heads=4",
                              "model.d_ff=64", "model.vocab_size=64", "model.max_seq_len=32", "data.seq_len=16",
                              "monitor.interval=0", "train.global_batch_size=4", "train.micro_batch_size=2",
                              "parallel.precision=fp32", "checkpoint.keep_last=2"])
-    e = Zero3Engine(cfg, plan_batch(cfg, 1), "fp32")
+    e = ZeroEngine(cfg, plan_batch(cfg, 1), "fp32")
     e.set_lr(1e-2)
     g = torch.Generator().manual_seed(0)
     batch = [(torch.randint(0, 64, (2, 16), generator=g), torch.randint(0, 64, (2, 16), generator=g))] * 2

@@ -65,10 +65,7 @@ def test_config_refuses_copied_loss_without_copy_task_and_bad_values():
 
 def _engine(mode, copy_loss):
     """The engine `mgt train` builds: the default mode (ZeRO-3) or the pipeline engine with one stage."""
-    try:  # the engines' module after the engine refactor, else before it
-        from mgt_scale.engine import build_engine
-    except ImportError:
-        from mgt_scale.train.engines import build_engine
+    from mgt_scale.engine import build_engine
     from mgt_scale.parallel.topology import plan_batch
     sets = BASE + [f"data.copy_loss={copy_loss}"]
     if mode == "pipeline":
