@@ -107,7 +107,7 @@ def _worker(rank: int, world: int, port: int, root: str, data: str, shard_mb: fl
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from mgt_scale.config import ConfigError, load_config
     from mgt_scale.data import open_shards
-    from mgt_scale.train.checkpoint import CheckpointManager
+    from mgt_scale.checkpoint.manager import CheckpointManager
     res = {}
 
     def start():

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from mgt_scale.exit_codes import CONFIG_ERROR, CRASH
 from mgt_scale.logs import get_logger
-from mgt_scale.train.ckpt_format import LATEST, MANIFEST, TAG_RE, CheckpointError, verify_checkpoint
-from mgt_scale.train.ckpt_inspect import list_checkpoints
-from mgt_scale.train.ckpt_universal import ConversionError, make_universal
+from mgt_scale.checkpoint.manifest import LATEST, MANIFEST, TAG_RE, CheckpointError, verify_checkpoint
+from mgt_scale.checkpoint.listing import list_checkpoints
+from mgt_scale.checkpoint.universal import ConversionError, make_universal
 
 log = get_logger(__name__)
 

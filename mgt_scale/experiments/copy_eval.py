@@ -12,7 +12,7 @@ import torch
 from mgt_scale.config import Config
 from mgt_scale.data.synthetic import copy_task_mask
 from mgt_scale.model import build_model, lm_loss
-from mgt_scale.train.ckpt_format import LATEST
+from mgt_scale.checkpoint.manifest import LATEST
 
 
 def init_geometry(cfg: Config) -> dict[str, Any]:

@@ -104,7 +104,7 @@ def build(cfg: Config, plan, precision: str, denv) -> Run:
     except (DataError, OSError, ValueError) as e:
         raise InputError(str(e)) from None
 
-    from mgt_scale.train.checkpoint import CheckpointManager
+    from mgt_scale.checkpoint.manager import CheckpointManager
     run.manager = CheckpointManager(str(run.run_dir), cfg, run.rank, plan.world_size)
     run.manager.data_tokenizer = run.data_tokenizer
     run.manager.recover_interrupted_saves(log=run.say)
@@ -143,7 +143,7 @@ def resume(run: Run, how: str) -> Optional[Path]:
     aside what a resumed branch leaves behind, then open the metrics sinks at the resumed step.
     Collective. Returns the checkpoint resumed from, or None. Raises InputError."""
     from mgt_scale.monitor.loggers import build_loggers
-    from mgt_scale.train.ckpt_format import CheckpointError, data_tokenizer_problem
+    from mgt_scale.checkpoint.manifest import CheckpointError, data_tokenizer_problem
     manager, trainer = run.manager, run.trainer
     resumed = None
     if how:

@@ -35,7 +35,7 @@ class ExportError(RuntimeError):
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory (with a manifest), or a run directory -> its latest good checkpoint."""
-    from mgt_scale.train.ckpt_format import LATEST, MANIFEST, verify_checkpoint
+    from mgt_scale.checkpoint.manifest import LATEST, MANIFEST, verify_checkpoint
     p = Path(path)
     if not (p / MANIFEST).is_file():
         root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
@@ -61,7 +61,7 @@ def checkpoint_config(tag_dir: Path):
 def consolidated_from_checkpoint(tag_dir: Path, cfg) -> dict[str, torch.Tensor]:
     """Canonical fp32 state dict from a sharded checkpoint, offline (no process group)."""
     from mgt_scale.config import canonical_mode
-    from mgt_scale.train.ckpt_format import MANIFEST
+    from mgt_scale.checkpoint.manifest import MANIFEST
     manifest = json.loads((tag_dir / MANIFEST).read_text())
     if canonical_mode(manifest.get("mode", "zero")) == "zero":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -189,7 +189,7 @@ def open_model(source: str | Path, config: str | Path | None = None, overrides=(
             tokenizer = wfile.parent / TOKENIZER_FILE
         origin, weights = ("file" if p.is_file() else "export"), wfile
     else:
-        from mgt_scale.train.ckpt_format import LATEST, MANIFEST
+        from mgt_scale.checkpoint.manifest import LATEST, MANIFEST
         root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
         if not (p / MANIFEST).is_file() and not (root / LATEST).is_file():
             raise SourceError(f"{p}: neither an export directory ({WEIGHTS}), a checkpoint directory "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mgt_scale import exit_codes
 from mgt_scale.logs import get_logger
-from mgt_scale.train.checkpoint import CheckpointManager
+from mgt_scale.checkpoint.manager import CheckpointManager
 from mgt_scale.parallel.collectives import any_rank
 from mgt_scale.train.preemption import StopConditions
 from mgt_scale.train.trainer import Callback, Phase, StopTraining, Trainer

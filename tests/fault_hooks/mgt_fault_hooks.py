@@ -54,12 +54,13 @@ def patch_module(name: str, module) -> None:
     """Install the wrappers that belong to module `name` (just imported)."""
     if name == "mgt_scale.train.trainer":
         module.Trainer.train_step = wrap_train_step(module.Trainer.train_step)
-    elif name == "mgt_scale.train.checkpoint":
+    elif name == "mgt_scale.checkpoint.manager":
         module.write_manifest = wrap_write_manifest(module.write_manifest)
 
 
 def install(monkeypatch) -> None:
     """In-process (a pytest fixture): the same wrappers, undone by `monkeypatch` after the test."""
-    from mgt_scale.train import checkpoint, trainer
+    from mgt_scale.checkpoint import manager as checkpoint
+    from mgt_scale.train import trainer
     monkeypatch.setattr(trainer.Trainer, "train_step", wrap_train_step(trainer.Trainer.train_step))
     monkeypatch.setattr(checkpoint, "write_manifest", wrap_write_manifest(checkpoint.write_manifest))

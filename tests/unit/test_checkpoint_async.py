@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent("""
     from pathlib import Path
     import torch
     from mgt_scale.config import load_config
-    from mgt_scale.train.checkpoint import CheckpointManager
+    from mgt_scale.checkpoint.manager import CheckpointManager
 
     class SlowWriter:  # DeepSpeed's TorchCheckpointEngine, on a slow disk
         def save(self, state_dict, path):
@@ -76,7 +76,7 @@ def shard_value(tag_dir: Path) -> float:
 
 @pytest.mark.slow
 def test_an_async_save_returns_before_the_write_and_saves_the_state_of_its_step(tmp_path):
-    from mgt_scale.train.ckpt_format import LATEST, verify_checkpoint
+    from mgt_scale.checkpoint.manifest import LATEST, verify_checkpoint
     r = run(tmp_path, {})
     assert r.returncode == 0, r.stderr
     ck = tmp_path / "run" / "checkpoints"
@@ -95,8 +95,8 @@ def test_an_async_save_returns_before_the_write_and_saves_the_state_of_its_step(
 @pytest.mark.slow
 def test_a_kill_during_an_async_save_loses_nothing(tmp_path, faults, complete):
     from mgt_scale.config import load_config
-    from mgt_scale.train.checkpoint import CheckpointManager
-    from mgt_scale.train.ckpt_format import LATEST, MANIFEST, verify_checkpoint
+    from mgt_scale.checkpoint.manager import CheckpointManager
+    from mgt_scale.checkpoint.manifest import LATEST, MANIFEST, verify_checkpoint
     r = run(tmp_path, faults)
     assert r.returncode in (-signal.SIGKILL, 137), (r.returncode, r.stdout, r.stderr)
     ck = tmp_path / "run" / "checkpoints"
@@ -114,7 +114,7 @@ def test_a_kill_during_an_async_save_loses_nothing(tmp_path, faults, complete):
 def test_mgt_train_with_async_saves_writes_complete_checkpoints_hashed_by_their_writer(tmp_path):
     """ZeRO-3 through DeepSpeed's own save_checkpoint, one rank: every checkpoint complete and verified,
     each DeepSpeed file recorded as hashed by the rank that wrote it; a resume continues from the last."""
-    from mgt_scale.train.ckpt_format import LATEST, MANIFEST, verify_checkpoint
+    from mgt_scale.checkpoint.manifest import LATEST, MANIFEST, verify_checkpoint
     run_dir = tmp_path / "run"
     cfg = {"run": {"dir": str(run_dir), "name": "async"},
            "model": {"num_layers": 2, "d_model": 32, "num_heads": 4, "d_ff": 64, "vocab_size": 64, "max_seq_len": 32},

@@ -8,8 +8,8 @@ import errno
 import json
 import os
 
-from mgt_scale.train import ckpt_format
-from mgt_scale.train.ckpt_format import MANIFEST, verify_checkpoint, write_manifest
+from mgt_scale.checkpoint import manifest as ckpt_format
+from mgt_scale.checkpoint.manifest import MANIFEST, verify_checkpoint, write_manifest
 
 
 def make_checkpoint(d):
@@ -57,7 +57,7 @@ def test_files_are_synced_before_the_manifest_names_them(tmp_path, monkeypatch):
 
 def test_latest_good_is_written_durably(tmp_path, monkeypatch):
     from mgt_scale.config import load_config
-    from mgt_scale.train import checkpoint
+    from mgt_scale.checkpoint import manager as checkpoint
     written = []
     monkeypatch.setattr(checkpoint, "write_durable", lambda path, text: written.append((path.name, text)))
     manager = checkpoint.CheckpointManager(str(tmp_path), load_config(None, ["data.synthetic=copy"]), 0, 1)
@@ -70,7 +70,7 @@ def test_a_conversion_at_resume_does_not_hash_the_verified_source_again(tmp_path
     world size must not hash all of it again, alone, while the others wait in a collective."""
     import subprocess
 
-    from mgt_scale.train import ckpt_universal
+    from mgt_scale.checkpoint import universal as ckpt_universal
     d = make_checkpoint(tmp_path / "checkpoints" / "step_00000005")
     hashed = []
     real = ckpt_format.sha256_file
@@ -96,7 +96,7 @@ def test_reshard_exit_codes_damaged_is_bad_input_converter_failure_is_a_crash(tm
 
     from mgt_scale import exit_codes
     from mgt_scale.commands import ckpt
-    from mgt_scale.train import ckpt_universal
+    from mgt_scale.checkpoint import universal as ckpt_universal
     run = tmp_path / "run"
     d = make_checkpoint(run / "checkpoints" / "step_00000005")
     monkeypatch.setattr(ckpt_universal.subprocess, "run",

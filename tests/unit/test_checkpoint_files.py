@@ -38,7 +38,7 @@ def mgt(*args):
 def saved(tmp_path_factory, inprocess_dist):
     from mgt_scale.config import save_config
     from mgt_scale.parallel.topology import plan_batch
-    from mgt_scale.train.checkpoint import CheckpointManager
+    from mgt_scale.checkpoint.manager import CheckpointManager
     from mgt_scale.engine.zero import ZeroEngine
     run_dir = tmp_path_factory.mktemp("ckrun")
     cfg = load_config(None, OVR + [f"run.dir={run_dir}"])
@@ -57,7 +57,7 @@ def saved(tmp_path_factory, inprocess_dist):
 
 
 def test_good_checkpoint_verifies_and_rng_is_weights_only(saved):
-    from mgt_scale.train.ckpt_format import verify_checkpoint
+    from mgt_scale.checkpoint.manifest import verify_checkpoint
     run_dir, mgr, _, _ = saved
     tag = run_dir / "checkpoints" / "step_00000002"
     assert verify_checkpoint(tag) == []
@@ -101,8 +101,8 @@ def test_export_matches_training_logits_and_generates(saved, tmp_path):
 
 @pytest.mark.parametrize("damage", ["delete", "flip"])
 def test_damaged_checkpoint_rejected_naming_file(saved, tmp_path, damage):
-    from mgt_scale.train.checkpoint import CheckpointManager
-    from mgt_scale.train.ckpt_format import verify_checkpoint
+    from mgt_scale.checkpoint.manager import CheckpointManager
+    from mgt_scale.checkpoint.manifest import verify_checkpoint
     run_dir, mgr, _, _ = saved
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
@@ -133,8 +133,8 @@ def test_checkpoint_of_another_parameter_layout_is_refused_before_loading(saved,
     an error (mgt-scale 0.1 checkpoints resumed with 0.2's packed `vectors` did so, with other losses):
     the recorded layout is compared first, and a mismatch or a missing record names the parameter."""
     from mgt_scale.parallel.topology import plan_batch
-    from mgt_scale.train.checkpoint import CheckpointManager
-    from mgt_scale.train.ckpt_format import CheckpointError
+    from mgt_scale.checkpoint.manager import CheckpointManager
+    from mgt_scale.checkpoint.manifest import CheckpointError
     from mgt_scale.engine.zero import ZeroEngine
     from mgt_scale.train.optim import param_layout
     run_dir, mgr, _, _ = saved

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from mgt_scale.config import load_config
-from mgt_scale.train.checkpoint import CheckpointManager
-from mgt_scale.train.ckpt_format import LATEST, MANIFEST, verify_checkpoint
+from mgt_scale.checkpoint.manager import CheckpointManager
+from mgt_scale.checkpoint.manifest import LATEST, MANIFEST, verify_checkpoint
 
 
 class Killed(Exception):
@@ -118,7 +118,7 @@ manager(__import__("pathlib").Path({str(saved_once)!r})).save(Dying("x"), 4, {{"
 
 
 def test_a_new_save_that_fails_verification_is_not_put_in_place(saved_once, monkeypatch):
-    import mgt_scale.train.checkpoint as checkpoint
+    import mgt_scale.checkpoint.manager as checkpoint
     real = checkpoint.write_manifest
 
     def write_then_lose_a_byte(tag_dir, meta, hashed=None):
@@ -134,7 +134,7 @@ def test_a_new_save_that_fails_verification_is_not_put_in_place(saved_once, monk
 
 
 def test_a_kill_between_the_swap_renames_puts_the_complete_new_save_in_place(saved_once, monkeypatch):
-    import mgt_scale.train.checkpoint as checkpoint
+    import mgt_scale.checkpoint.manager as checkpoint
     real_replace = checkpoint.os.replace
 
     def replace(src, dst):
@@ -171,7 +171,7 @@ def test_an_old_style_interrupted_replacement_is_still_put_back(saved_once):
 
 def test_a_completed_replacement_wins_over_the_kept_copy(saved_once, monkeypatch):
     # a kill after the new manifest but before the kept copy is deleted
-    import mgt_scale.train.checkpoint as checkpoint
+    import mgt_scale.checkpoint.manager as checkpoint
     real_rmtree = checkpoint.shutil.rmtree
 
     def rmtree(path, *args, **kwargs):

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mgt_scale.train.ckpt_format import LATEST, MANIFEST, tag_for, verify_checkpoint
-from mgt_scale.train.retention import DAMAGED, REASON
+from mgt_scale.checkpoint.manifest import LATEST, MANIFEST, tag_for, verify_checkpoint
+from mgt_scale.checkpoint.retention import DAMAGED, REASON
 
 from test_checkpoint_retention import StandInEngine, flip, manager
 
@@ -79,8 +79,8 @@ def test_a_deepspeed_resave_is_written_beside_the_step_and_loads(inprocess_dist,
     from mgt_scale.config import load_config
     from mgt_scale.parallel.convert import consolidated_state_dict
     from mgt_scale.parallel.topology import plan_batch
-    from mgt_scale.train.checkpoint import CheckpointManager
-    from mgt_scale.train.ckpt_format import read_manifest
+    from mgt_scale.checkpoint.manager import CheckpointManager
+    from mgt_scale.checkpoint.manifest import read_manifest
     from mgt_scale.engine.zero import ZeroEngine
     cfg = load_config(None, ["data.synthetic=copy", "model.num_layers=2", "model.d_model=32", "model.num_heads=4",
                              "model.d_ff=64", "model.vocab_size=64", "model.max_seq_len=32", "data.seq_len=16",
@@ -116,7 +116,7 @@ def _resave_worker(rank, world, port, run_dir, out):
     import torch.distributed as dist
 
     from mgt_scale.config import load_config
-    from mgt_scale.train.checkpoint import CheckpointManager
+    from mgt_scale.checkpoint.manager import CheckpointManager
     from test_checkpoint_scale import StandInEngine as RankEngine
     from test_checkpoint_scale import _init
     _init(rank, world, port)

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from mgt_scale.config import load_config
-from mgt_scale.train.checkpoint import CheckpointManager
-from mgt_scale.train.ckpt_format import LATEST, MANIFEST, tag_for, verify_checkpoint
-from mgt_scale.train.retention import DAMAGED, REASON, plan_retention
+from mgt_scale.checkpoint.manager import CheckpointManager
+from mgt_scale.checkpoint.manifest import LATEST, MANIFEST, tag_for, verify_checkpoint
+from mgt_scale.checkpoint.retention import DAMAGED, REASON, plan_retention
 
 
 def plan(steps, newest, keep_last=2, keep_every=0, damaged=(), complete=None):

@@ -1,4 +1,4 @@
-# The RNG state a checkpoint keeps for each rank (train/ckpt_format.py): on GPUs only the CUDA state of
+# The RNG state a checkpoint keeps for each rank (checkpoint/manifest.py): on GPUs only the CUDA state of
 # the rank's own device, so saving touches no other GPU and a resume on a node with fewer GPUs (a
 # resharded resume hands rank 0's state to ranks without a file) restores it. No GPU here: torch.cuda
 # is replaced by a fake with per-device states that fails on any all-device call.
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mgt_scale.train import ckpt_format as checkpoint
+from mgt_scale.checkpoint import manifest as checkpoint
 
 
 class FakeCuda:

@@ -74,7 +74,7 @@ def _init(rank: int, world: int, port: int) -> None:
 def _resume_worker(rank, world, port, run_dir, out, damage):
     _init(rank, world, port)
     hashlib.sha256 = CountingSha
-    from mgt_scale.train.checkpoint import CheckpointManager
+    from mgt_scale.checkpoint.manager import CheckpointManager
     cfg = load_config(None, ["data.synthetic=copy", "checkpoint.keep_last=3"])
     m = CheckpointManager(run_dir, cfg, rank, world)
     for step in (2, 4):

@@ -2,7 +2,7 @@
 # started in-process by tests/unit/multirank.py (no DeepSpeed, no launcher; the session's `rank_pool`
 # keeps them alive between tests):
 # - parallel/collectives.py: any_rank, mean_over_ranks, all_reduce, collective_device;
-# - train/ckpt_collective.py: rank 0's resume choice broadcast to ranks that see other candidates,
+# - checkpoint/collective.py: rank 0's resume choice broadcast to ranks that see other candidates,
 #   the first problem of any rank on every rank, and verify_shared's gathered problem list, each file
 #   hashed by one rank (its writer) unless `full`;
 # - the helper itself: results in rank order, an exception named by rank (the pool restarts after it),
@@ -77,9 +77,9 @@ def test_any_rank_mean_over_ranks_and_all_reduce_agree_on_every_rank(rank_pool):
         assert r["sum"] == [6.0] and r["max"] == [3.0] and r["t_after"] == [float(rank + 1)]
 
 
-# ------------------------------------------------------------------ train/ckpt_collective.py
+# ------------------------------------------------------------------ checkpoint/collective.py
 def _choose(rank, world):
-    from mgt_scale.train.ckpt_collective import choose_step
+    from mgt_scale.checkpoint.collective import choose_step
     asked = []
 
     def cheap_problems(step):
@@ -92,7 +92,7 @@ def _choose(rank, world):
 
 
 def _choose_none(rank, world):
-    from mgt_scale.train.ckpt_collective import choose_step
+    from mgt_scale.checkpoint.collective import choose_step
     return choose_step([3, 1] if rank == 0 else [1], lambda s: ["bad"], rank)
 
 
@@ -105,7 +105,7 @@ def test_choose_step_is_rank_0s_choice_on_every_rank(rank_pool):
 
 
 def _first_problem(rank, world):
-    from mgt_scale.train.ckpt_collective import first_problem
+    from mgt_scale.checkpoint.collective import first_problem
     mine = {0: None, 1: "rank 1: disk full", 2: "rank 2: unreadable"}[rank]
     return first_problem(mine), first_problem(None)
 
@@ -117,7 +117,7 @@ def test_first_problem_reaches_every_rank_so_all_raise_or_none(rank_pool):
 def _write_checkpoint(rank, world, tag_dir):
     """Each rank writes and records its own shard; rank 0 adds an unclaimed file and the manifest."""
     import torch.distributed as dist
-    from mgt_scale.train.ckpt_format import file_record, write_manifest
+    from mgt_scale.checkpoint.manifest import file_record, write_manifest
     tag_dir = Path(tag_dir)
     tag_dir.mkdir(parents=True, exist_ok=True)
     shard = tag_dir / f"shard_rank{rank}.pt"
@@ -132,8 +132,8 @@ def _write_checkpoint(rank, world, tag_dir):
 
 def _verify(rank, world, tag_dir, damage, full, same_layout):
     import torch.distributed as dist
-    from mgt_scale.train import ckpt_format
-    from mgt_scale.train.ckpt_collective import verify_shared
+    from mgt_scale.checkpoint import manifest as ckpt_format
+    from mgt_scale.checkpoint.collective import verify_shared
     _write_checkpoint(rank, world, tag_dir)
     if damage and rank == 0:  # same size, other bytes: only a hash finds it
         f = Path(tag_dir) / f"shard_rank{world - 1}.pt"
@@ -172,7 +172,7 @@ def test_verify_shared_in_another_layout_shares_round_robin(rank_pool, tmp_path)
 
 
 def _verify_no_manifest(rank, world, tag_dir):
-    from mgt_scale.train.ckpt_collective import verify_shared
+    from mgt_scale.checkpoint.collective import verify_shared
     Path(tag_dir).mkdir(parents=True, exist_ok=True)
     return verify_shared(Path(tag_dir), rank, world)
 

@@ -65,7 +65,7 @@ def tok_path(tmp_path_factory):
 def saved(tmp_path_factory, inprocess_dist):
     """A run directory with two real ZeRO-3 checkpoints and its export."""
     from mgt_scale.parallel.topology import plan_batch
-    from mgt_scale.train.checkpoint import CheckpointManager
+    from mgt_scale.checkpoint.manager import CheckpointManager
     from mgt_scale.engine.zero import ZeroEngine
     from mgt_scale.train.export import export
     run_dir = tmp_path_factory.mktemp("run")

@@ -41,7 +41,7 @@ def test_deepspeed_config_of_the_zero_mode_has_the_zero_section():
 
 
 def test_old_zero3_manifest_has_the_layout_of_a_zero_run(tmp_path):
-    from mgt_scale.train.checkpoint import CheckpointManager
+    from mgt_scale.checkpoint.manager import CheckpointManager
     cfg = load_config(None, SYN)
     manager = CheckpointManager(str(tmp_path), cfg, rank=0, world_size=1)
     for mode in ("zero3", "zero"):

@@ -163,8 +163,8 @@ def test_resuming_an_older_checkpoint_sets_the_abandoned_branch_aside(tmp_path):
 
 @slow
 def test_universal_conversion_is_redone_when_the_step_holds_other_files(tmp_path):
-    from mgt_scale.train.ckpt_format import MANIFEST, sha256_file, universal_dir
-    from mgt_scale.train.ckpt_universal import make_universal
+    from mgt_scale.checkpoint.manifest import MANIFEST, sha256_file, universal_dir
+    from mgt_scale.checkpoint.universal import make_universal
     config_a, run_a = write_config(tmp_path, "a", seed=1)
     config_b, run_b = write_config(tmp_path, "b", seed=2)
     assert train(config_a).returncode == 0 and train(config_b).returncode == 0
@@ -191,8 +191,8 @@ def test_universal_conversion_is_redone_when_the_step_holds_other_files(tmp_path
 def test_set_aside_moves_only_completed_checkpoints_and_keeps_latest_good_on_one_that_exists(tmp_path):
     """No training: checkpoint folders with or without a manifest, as CheckpointManager sees them."""
     from mgt_scale.config import load_config
-    from mgt_scale.train.checkpoint import CheckpointManager
-    from mgt_scale.train.ckpt_format import LATEST, MANIFEST, tag_for
+    from mgt_scale.checkpoint.manager import CheckpointManager
+    from mgt_scale.checkpoint.manifest import LATEST, MANIFEST, tag_for
     manager = CheckpointManager(str(tmp_path / "run"), load_config(None, ["data.synthetic=copy"]), 0, 1)
     for step, complete in ((2, True), (4, True), (6, False), (8, True)):
         (manager.dir / tag_for(step)).mkdir(parents=True)

@@ -19,7 +19,7 @@ from mgt_scale.config import BlendSource, DataConfig
 from mgt_scale.data import data_tokenizer_identity
 from mgt_scale.data import prep as P
 from mgt_scale.data.shards import sha256_file
-from mgt_scale.train.ckpt_format import MANIFEST, data_tokenizer_problem
+from mgt_scale.checkpoint.manifest import MANIFEST, data_tokenizer_problem
 
 VOCAB = 400  # both corpora: the same vocabulary size, other tokenizers (the silent case)
 

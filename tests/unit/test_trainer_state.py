@@ -115,7 +115,7 @@ def make_run(tmp_path, *over, nan_values=(), extra=()):
     cfg = config(tmp_path, *over)
     torch.manual_seed(cfg.train.seed)  # as build() does
     from mgt_scale.monitor.loggers import MultiLogger
-    from mgt_scale.train.checkpoint import CheckpointManager
+    from mgt_scale.checkpoint.manager import CheckpointManager
     run = Run(cfg, SimpleNamespace(tokens_per_step=16, world_size=1), "fp32", 0, Path(tmp_path),
               {"tokenizer_sha256": None, "vocab_size": cfg.model.vocab_size, "source": "test"})
     run.engine, run.loader, run.valid = FakeEngine(nan_values), FakeLoader(), [torch.ones(SEQ, dtype=torch.float64)]

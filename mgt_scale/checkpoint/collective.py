@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from mgt_scale.train.ckpt_format import read_manifest, share_of, verify_checkpoint
+from mgt_scale.checkpoint.manifest import read_manifest, share_of, verify_checkpoint
 
 
 def _active() -> bool:

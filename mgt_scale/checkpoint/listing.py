@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mgt_scale.train.ckpt_format import LATEST, MANIFEST, TAG_RE, universal_dir, verify_checkpoint
+from mgt_scale.checkpoint.manifest import LATEST, MANIFEST, TAG_RE, universal_dir, verify_checkpoint
 
 
 def checkpoint_status(tag_dir: Path, full: bool = True) -> tuple[str, list[str], dict]:

@@ -24,16 +24,16 @@ import torch
 from mgt_scale.config import Config, canonical_mode, config_hash, to_dict
 from mgt_scale.logs import get_logger
 from mgt_scale.parallel.collectives import any_rank
-from mgt_scale.train.ckpt_collective import barrier, broadcast_obj, choose_step, first_problem, gather_obj, verify_shared
-from mgt_scale.train.ckpt_format import (LATEST, MANIFEST, TAG_RE, CheckpointError, file_record, layout_problem,
+from mgt_scale.checkpoint.collective import barrier, broadcast_obj, choose_step, first_problem, gather_obj, verify_shared
+from mgt_scale.checkpoint.manifest import (LATEST, MANIFEST, TAG_RE, CheckpointError, file_record, layout_problem,
                                          library_versions, rank_file, read_manifest, rng_state, set_rng_state,
                                          tag_for, universal_dir, verify_checkpoint, write_durable, write_manifest)
-from mgt_scale.train.ckpt_universal import make_universal
-from mgt_scale.train.ckpt_writer import BackgroundWriter, own_files
+from mgt_scale.checkpoint.universal import make_universal
+from mgt_scale.checkpoint.writer import BackgroundWriter, own_files
 from mgt_scale.data.shards import fsync_dir
 from mgt_scale.train.failure import writing
 from mgt_scale.train.optim import param_layout
-from mgt_scale.train.retention import REASON, move_damaged, plan_retention
+from mgt_scale.checkpoint.retention import REASON, move_damaged, plan_retention
 
 _log = get_logger(__name__)
 RESAVE = ".resave"  # checkpoints/.resave/step_N: a new save of a step whose completed checkpoint stays in place

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from mgt_scale.logs import get_logger
-from mgt_scale.train.ckpt_format import (MANIFEST, CheckpointError, sha256_file, universal_dir, verify_checkpoint,
+from mgt_scale.checkpoint.manifest import (MANIFEST, CheckpointError, sha256_file, universal_dir, verify_checkpoint,
                                          write_manifest)
 
 _log = get_logger(__name__)

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import torch
 
 from mgt_scale.logs import get_logger
-from mgt_scale.train.ckpt_format import file_record
+from mgt_scale.checkpoint.manifest import file_record
 
 log = get_logger(__name__)
 
