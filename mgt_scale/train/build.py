@@ -92,10 +92,11 @@ def build(cfg: Config, plan, precision: str, denv) -> Run:
 
     from mgt_scale.data import build_train_loader, build_valid_batches, verify_data_once
     from mgt_scale.data.shards import DataError
+    from mgt_scale.data.verify_cache import CACHE_NAME
     try:
         verify_data_once(cfg.data,  # once per node, in parallel: the opens below check sizes only; a restart
                          # hashes only shards changed since (checkpoint.verify=full: every shard, every start)
-                         cache=None if cfg.checkpoint.verify == "full" else run.run_dir / ".data_verified.json")
+                         cache=None if cfg.checkpoint.verify == "full" else run.run_dir / CACHE_NAME)
         run.loader = build_train_loader(cfg.data, seq_len=cfg.data.seq_len, global_batch=plan.global_batch,
                                         micro_batch=plan.micro_batch, dp_rank=dp_rank, dp_size=dp_size,
                                         vocab_size=cfg.model.vocab_size)
