@@ -145,6 +145,7 @@ def resume(run: Run, how: str) -> Optional[Path]:
     Collective. Returns the checkpoint resumed from, or None. Raises InputError."""
     from mgt_scale.monitor.loggers import build_loggers
     from mgt_scale.checkpoint.manifest import CheckpointError, data_tokenizer_problem
+    from mgt_scale.checkpoint.universal import ConversionError
     manager, trainer = run.manager, run.trainer
     resumed = None
     if how:
@@ -163,6 +164,8 @@ def resume(run: Run, how: str) -> Optional[Path]:
                 log.warning(warning)
             try:
                 state = manager.load(run.engine, tag_dir, log=run.say)
+            except ConversionError:
+                raise  # the converter failed on a good checkpoint: a crash (exit 1, retried), not bad input
             except CheckpointError as e:
                 raise InputError(str(e)) from None
             trainer.load_state_dict(state)
