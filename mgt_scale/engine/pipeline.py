@@ -97,18 +97,14 @@ class PipelineEngine:
     def set_lr(self, lr: float) -> None:
         set_lr(self.optimizer, lr)
 
-    def train_step(self, micro_batches: Sequence[Batch], inject_nan: bool = False) -> StepResult:
+    def train_step(self, micro_batches: Sequence[Batch]) -> StepResult:
         if len(micro_batches) != self.engine.micro_batches:
             raise ValueError(f"pipeline step needs {self.engine.micro_batches} micro batches, got {len(micro_batches)}")
-        self.loss_fn.inject_nan = inject_nan
         self._grad_norm = float("nan")
         if self.loss_mask_fn:
             micro_batches = [(x, (y, self.loss_mask_fn(y))) for x, y in micro_batches]
         skipped_before = self.engine.skipped_steps
-        try:
-            loss = float(self.engine.train_batch(data_iter=iter(list(micro_batches))))
-        finally:
-            self.loss_fn.inject_nan = False
+        loss = float(self.engine.train_batch(data_iter=iter(list(micro_batches))))
         skipped = self.engine.skipped_steps > skipped_before
         if not math.isfinite(loss) and not skipped and self._guarded:
             raise RuntimeError("non-finite loss but the guarded optimizer step applied the update")

@@ -106,7 +106,7 @@ class ZeroEngine:
     def set_lr(self, lr: float) -> None:
         set_lr(self.optimizer, lr)
 
-    def train_step(self, micro_batches: Sequence[Batch], inject_nan: bool = False) -> StepResult:
+    def train_step(self, micro_batches: Sequence[Batch]) -> StepResult:
         """Forward/backward every micro batch and take one optimizer step.
 
         Non-finite guard: if any rank's loss is non-finite (all-reduced flag, before backward), every
@@ -123,8 +123,6 @@ class ZeroEngine:
             logits = self.engine(x.to(self.device))
             mask = self.loss_mask_fn(y).to(self.device) if self.loss_mask_fn else None
             loss = lm_loss(logits, y.to(self.device), mask)
-            if inject_nan:
-                loss = loss * float("nan")
             bad = any_rank(not bool(torch.isfinite(loss.detach()).all()))
             if bad:
                 nonfinite = True
