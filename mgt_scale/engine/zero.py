@@ -67,14 +67,16 @@ class ZeroEngine:
 
     mode = "zero"
 
-    def __init__(self, cfg: Config, plan: BatchPlan, precision: str):
+    def __init__(self, cfg: Config, plan: BatchPlan, precision: str, ds_config: Optional[dict] = None):
+        """`ds_config`: the DeepSpeed JSON (mgt_scale.engine.build_engine); None: deepspeed_config's for
+        this process (its profile and job shape from the machine and LOCAL_WORLD_SIZE)."""
         from mgt_scale.parallel.ds_runtime import import_deepspeed
         deepspeed = import_deepspeed()
 
         self.cfg, self.plan, self.precision = cfg, plan, precision
         from mgt_scale.data.synthetic import loss_mask_fn
         self.loss_mask_fn = loss_mask_fn(cfg.data)  # data.copy_loss: copied; None: every position
-        self.ds_config = deepspeed_config(cfg, plan, precision)
+        self.ds_config = ds_config if ds_config is not None else deepspeed_config(cfg, plan, precision)
         p = cfg.parallel
         if p.zero_stage == 3:
             model = build_model_zero_init(cfg, self.ds_config)

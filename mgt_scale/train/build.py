@@ -71,8 +71,9 @@ def describe_env(denv, plan, precision: str) -> str:
     return f"{describe(denv)}\nbatch: {plan.describe()}; precision {precision}; process group backend {backend}"
 
 
-def build(cfg: Config, plan, precision: str, denv) -> Run:
-    """Every part of the run, ready to resume and run. Collective (all ranks). Raises InputError."""
+def build(cfg: Config, plan, precision: str, denv, ds_config: dict) -> Run:
+    """Every part of the run, ready to resume and run. Collective (all ranks). Raises InputError.
+    `ds_config`: the DeepSpeed JSON of entry.main (validated there, printed by --dry-run)."""
     import torch
 
     from mgt_scale.parallel.ds_runtime import import_deepspeed, init_distributed
@@ -87,7 +88,7 @@ def build(cfg: Config, plan, precision: str, denv) -> Run:
         run.say(ds_patches.describe("zero3" if cfg.parallel.mode == "zero" else "pipeline"))
 
     from mgt_scale.engine import build_engine
-    run.engine = engine = build_engine(cfg, plan, precision)
+    run.engine = engine = build_engine(cfg, plan, precision, ds_config)
     dp_rank, dp_size = engine.dp_rank, engine.dp_size
 
     from mgt_scale.data import build_train_loader, build_valid_batches, verify_data_once

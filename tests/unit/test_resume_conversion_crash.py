@@ -71,7 +71,7 @@ def test_a_failed_conversion_at_resume_exits_as_a_crash(tmp_path, monkeypatch, e
     monkeypatch.setattr(manifest, "data_tokenizer_problem", lambda *a: (None, None))
     monkeypatch.setattr(preemption, "install_signal_handlers", lambda: None)
     args = SimpleNamespace(resume=str(tag))
-    got = entry.run(cfg, args, SimpleNamespace(rank=0), None, "fp32")
+    got = entry.run(cfg, args, SimpleNamespace(rank=0), None, "fp32", {})
     assert got == code
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["state"] == "failed" and status["exit_code"] == code
