@@ -486,9 +486,7 @@ class CheckpointManager:
                     err = (isinstance(e, ConversionError), str(e))
             err = broadcast_obj(err)
             if err:
-                # ConversionError (the converter failed on a good checkpoint) stays one on every rank: a crash
-                # (exit 1, retried), where a damaged checkpoint is bad input (exit 2, not requeued)
-                kind = ConversionError if err[0] else CheckpointError
+                kind = ConversionError if err[0] else CheckpointError  # ConversionError: a crash (exit 1), not input
                 raise kind(f"{err[1]}\n(run `mgt ckpt reshard {tag_dir.parent.parent} --tag {tag_dir.name}` "
                            "to retry the conversion by hand)")
             uni = universal_dir(tag_dir)
