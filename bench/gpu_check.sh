@@ -69,7 +69,7 @@ rm -rf "$RUN"
 TRAIN=("$PY" -m mgt_scale.cli train --config configs/tiny_synthetic.yaml --set parallel.precision="$PREC"
        --set train.max_steps=20 --set checkpoint.interval=5 --set data.synthetic=random)
 step train 90 "${TRAIN[@]}" --set run.dir="$RUN/full"
-step killed 90 env MGT_FAULT_SIGKILL_AT_STEP=13 "${TRAIN[@]}" --set run.dir="$RUN/resumed"
+step killed 90 env PYTHONPATH="$PWD/tests/fault_hooks${PYTHONPATH:+:$PYTHONPATH}" MGT_FAULT_SIGKILL_AT_STEP=13 "${TRAIN[@]}" --set run.dir="$RUN/resumed"
 step resumed 90 "${TRAIN[@]}" --set run.dir="$RUN/resumed" --resume auto
 "$PY" - "$RUN" <<'EOF' 2>&1 | tee -a "$OUT/summary.txt"  # $OUT: 7 files (the device returns 8 at most)
 import json, sys

@@ -28,7 +28,7 @@ from mgt_scale.checkpoint.collective import barrier, broadcast_obj, choose_step,
 from mgt_scale.checkpoint.manifest import (LATEST, MANIFEST, TAG_RE, CheckpointError, file_record, layout_problem,
                                          library_versions, rank_file, read_manifest, rng_state, set_rng_state,
                                          tag_for, universal_dir, verify_checkpoint, write_durable, write_manifest)
-from mgt_scale.checkpoint.universal import make_universal
+from mgt_scale.checkpoint.universal import ConversionError, make_universal
 from mgt_scale.checkpoint.writer import BackgroundWriter, own_files
 from mgt_scale.data.shards import fsync_dir
 from mgt_scale.train.failure import writing
@@ -483,11 +483,12 @@ class CheckpointManager:
                     # every load follows find_resume or verify, which hashed the source in parallel
                     uni = make_universal(tag_dir, log=log, workers=self.ckpt.reshard_workers, verified=True)
                 except CheckpointError as e:
-                    err = str(e)
+                    err = (isinstance(e, ConversionError), str(e))
             err = broadcast_obj(err)
             if err:
-                raise CheckpointError(f"{err}\n(run `mgt ckpt reshard {tag_dir.parent.parent} --tag {tag_dir.name}` "
-                                      "to retry the conversion by hand)")
+                kind = ConversionError if err[0] else CheckpointError  # ConversionError: a crash (exit 1), not input
+                raise kind(f"{err[1]}\n(run `mgt ckpt reshard {tag_dir.parent.parent} --tag {tag_dir.name}` "
+                           "to retry the conversion by hand)")
             uni = universal_dir(tag_dir)
             state = engine.load(str(uni.parent), uni.name, universal=True)
         if state is None:

@@ -40,7 +40,7 @@ class Engine(Protocol):
 
     def set_lr(self, lr: float) -> None: ...
 
-    def train_step(self, micro_batches: Sequence[Batch], inject_nan: bool = False) -> StepResult:
+    def train_step(self, micro_batches: Sequence[Batch]) -> StepResult:
         """Forward/backward every micro batch and one optimizer step; a non-finite loss skips the update."""
 
     def eval_loss(self, batches: Sequence[Batch], mask_fn: Optional[Callable] = None) -> float:

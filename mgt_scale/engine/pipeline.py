@@ -40,14 +40,16 @@ class PipelineEngine:
 
     mode = "pipeline"
 
-    def __init__(self, cfg: Config, plan: BatchPlan, precision: str):
+    def __init__(self, cfg: Config, plan: BatchPlan, precision: str, ds_config: Optional[dict] = None):
+        """`ds_config`: the DeepSpeed JSON (mgt_scale.engine.build_engine); None: deepspeed_config's for
+        this process (its profile and job shape from the machine and LOCAL_WORLD_SIZE)."""
         from mgt_scale.parallel.ds_runtime import import_deepspeed
         deepspeed = import_deepspeed()
 
         self.cfg, self.plan, self.precision = cfg, plan, precision
         from mgt_scale.data.synthetic import loss_mask_fn
         self.loss_mask_fn = loss_mask_fn(cfg.data)  # data.copy_loss: copied; labels become (targets, mask)
-        self.ds_config = deepspeed_config(cfg, plan, precision)
+        self.ds_config = ds_config if ds_config is not None else deepspeed_config(cfg, plan, precision)
         self.loss_fn = PipeLoss()
         module = build_pipeline_module(cfg, plan.pipeline_stages, self.loss_fn)
         apply_activation_checkpointing(module, cfg.parallel)  # read by deepspeed.initialize
@@ -97,18 +99,14 @@ class PipelineEngine:
     def set_lr(self, lr: float) -> None:
         set_lr(self.optimizer, lr)
 
-    def train_step(self, micro_batches: Sequence[Batch], inject_nan: bool = False) -> StepResult:
+    def train_step(self, micro_batches: Sequence[Batch]) -> StepResult:
         if len(micro_batches) != self.engine.micro_batches:
             raise ValueError(f"pipeline step needs {self.engine.micro_batches} micro batches, got {len(micro_batches)}")
-        self.loss_fn.inject_nan = inject_nan
         self._grad_norm = float("nan")
         if self.loss_mask_fn:
             micro_batches = [(x, (y, self.loss_mask_fn(y))) for x, y in micro_batches]
         skipped_before = self.engine.skipped_steps
-        try:
-            loss = float(self.engine.train_batch(data_iter=iter(list(micro_batches))))
-        finally:
-            self.loss_fn.inject_nan = False
+        loss = float(self.engine.train_batch(data_iter=iter(list(micro_batches))))
         skipped = self.engine.skipped_steps > skipped_before
         if not math.isfinite(loss) and not skipped and self._guarded:
             raise RuntimeError("non-finite loss but the guarded optimizer step applied the update")

@@ -67,14 +67,16 @@ class ZeroEngine:
 
     mode = "zero"
 
-    def __init__(self, cfg: Config, plan: BatchPlan, precision: str):
+    def __init__(self, cfg: Config, plan: BatchPlan, precision: str, ds_config: Optional[dict] = None):
+        """`ds_config`: the DeepSpeed JSON (mgt_scale.engine.build_engine); None: deepspeed_config's for
+        this process (its profile and job shape from the machine and LOCAL_WORLD_SIZE)."""
         from mgt_scale.parallel.ds_runtime import import_deepspeed
         deepspeed = import_deepspeed()
 
         self.cfg, self.plan, self.precision = cfg, plan, precision
         from mgt_scale.data.synthetic import loss_mask_fn
         self.loss_mask_fn = loss_mask_fn(cfg.data)  # data.copy_loss: copied; None: every position
-        self.ds_config = deepspeed_config(cfg, plan, precision)
+        self.ds_config = ds_config if ds_config is not None else deepspeed_config(cfg, plan, precision)
         p = cfg.parallel
         if p.zero_stage == 3:
             model = build_model_zero_init(cfg, self.ds_config)
@@ -106,7 +108,7 @@ class ZeroEngine:
     def set_lr(self, lr: float) -> None:
         set_lr(self.optimizer, lr)
 
-    def train_step(self, micro_batches: Sequence[Batch], inject_nan: bool = False) -> StepResult:
+    def train_step(self, micro_batches: Sequence[Batch]) -> StepResult:
         """Forward/backward every micro batch and take one optimizer step.
 
         Non-finite guard: if any rank's loss is non-finite (all-reduced flag, before backward), every
@@ -123,8 +125,6 @@ class ZeroEngine:
             logits = self.engine(x.to(self.device))
             mask = self.loss_mask_fn(y).to(self.device) if self.loss_mask_fn else None
             loss = lm_loss(logits, y.to(self.device), mask)
-            if inject_nan:
-                loss = loss * float("nan")
             bad = any_rank(not bool(torch.isfinite(loss.detach()).all()))
             if bad:
                 nonfinite = True

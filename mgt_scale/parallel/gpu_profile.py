@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 from mgt_scale.config import Config, ModelConfig
 from mgt_scale.parallel.topology import BatchPlan
@@ -69,10 +70,11 @@ def detect_profile(profile: str) -> str:
     return resolve_profile(profile, cuda)
 
 
-def shape_from_env(world_size: int) -> JobShape:
-    """This job's shape: GPUs per node from LOCAL_WORLD_SIZE (exported by mgt_scale.cluster.dist_env.apply
-    and by torchrun), else one node."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE") or world_size)
+def shape_from_env(world_size: int, local_world_size: Optional[int] = None) -> JobShape:
+    """This job's shape: GPUs per node from `local_world_size` (a launched process's DistEnv: under srun
+    LOCAL_WORLD_SIZE is only exported later, by mgt_scale.cluster.dist_env.apply), else LOCAL_WORLD_SIZE
+    (exported by apply and by torchrun), else one node."""
+    local = int(local_world_size or os.environ.get("LOCAL_WORLD_SIZE") or world_size)
     local = max(1, min(local, world_size))
     if world_size % local:
         local = world_size

@@ -89,22 +89,14 @@ def tied_lm_head(module: EmbeddingPipe, x: torch.Tensor) -> torch.Tensor:
 
 
 class PipeLoss:
-    """loss_fn of the PipelineModule: lm_loss; labels may be `targets` or `(targets, mask)`.
-    `inject_nan` is a testing hook (MGT_FAULT_NAN_STEPS of tests/fault_hooks)."""
+    """loss_fn of the PipelineModule: lm_loss; labels may be `targets` or `(targets, mask)`."""
 
     __name__ = "lm_loss"
 
-    def __init__(self) -> None:
-        self.inject_nan = False
-
     def __call__(self, logits: torch.Tensor, labels) -> torch.Tensor:
         if isinstance(labels, (tuple, list)):
-            loss = lm_loss(logits, labels[0], labels[1])
-        else:
-            loss = lm_loss(logits, labels)
-        if self.inject_nan:
-            loss = loss * float("nan")
-        return loss
+            return lm_loss(logits, labels[0], labels[1])
+        return lm_loss(logits, labels)
 
 
 def layer_specs(cfg: ModelConfig, seed: int) -> list:

@@ -71,8 +71,9 @@ def describe_env(denv, plan, precision: str) -> str:
     return f"{describe(denv)}\nbatch: {plan.describe()}; precision {precision}; process group backend {backend}"
 
 
-def build(cfg: Config, plan, precision: str, denv) -> Run:
-    """Every part of the run, ready to resume and run. Collective (all ranks). Raises InputError."""
+def build(cfg: Config, plan, precision: str, denv, ds_config: dict) -> Run:
+    """Every part of the run, ready to resume and run. Collective (all ranks). Raises InputError.
+    `ds_config`: the DeepSpeed JSON of entry.main (validated there, printed by --dry-run)."""
     import torch
 
     from mgt_scale.parallel.ds_runtime import import_deepspeed, init_distributed
@@ -87,15 +88,16 @@ def build(cfg: Config, plan, precision: str, denv) -> Run:
         run.say(ds_patches.describe("zero3" if cfg.parallel.mode == "zero" else "pipeline"))
 
     from mgt_scale.engine import build_engine
-    run.engine = engine = build_engine(cfg, plan, precision)
+    run.engine = engine = build_engine(cfg, plan, precision, ds_config)
     dp_rank, dp_size = engine.dp_rank, engine.dp_size
 
     from mgt_scale.data import build_train_loader, build_valid_batches, verify_data_once
     from mgt_scale.data.shards import DataError
+    from mgt_scale.data.verify_cache import CACHE_NAME
     try:
         verify_data_once(cfg.data,  # once per node, in parallel: the opens below check sizes only; a restart
                          # hashes only shards changed since (checkpoint.verify=full: every shard, every start)
-                         cache=None if cfg.checkpoint.verify == "full" else run.run_dir / ".data_verified.json")
+                         cache=None if cfg.checkpoint.verify == "full" else run.run_dir / CACHE_NAME)
         run.loader = build_train_loader(cfg.data, seq_len=cfg.data.seq_len, global_batch=plan.global_batch,
                                         micro_batch=plan.micro_batch, dp_rank=dp_rank, dp_size=dp_size,
                                         vocab_size=cfg.model.vocab_size)
@@ -144,6 +146,7 @@ def resume(run: Run, how: str) -> Optional[Path]:
     Collective. Returns the checkpoint resumed from, or None. Raises InputError."""
     from mgt_scale.monitor.loggers import build_loggers
     from mgt_scale.checkpoint.manifest import CheckpointError, data_tokenizer_problem
+    from mgt_scale.checkpoint.universal import ConversionError
     manager, trainer = run.manager, run.trainer
     resumed = None
     if how:
@@ -162,6 +165,8 @@ def resume(run: Run, how: str) -> Optional[Path]:
                 log.warning(warning)
             try:
                 state = manager.load(run.engine, tag_dir, log=run.say)
+            except ConversionError:
+                raise  # the converter failed on a good checkpoint: a crash (exit 1, retried), not bad input
             except CheckpointError as e:
                 raise InputError(str(e)) from None
             trainer.load_state_dict(state)

@@ -139,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
                      else detect_precision(cfg.parallel.precision))
         profile = (gpu_profile.resolve_profile(cfg.parallel.profile, True) if shape
                    else gpu_profile.detect_profile(cfg.parallel.profile))
-        shape = shape or gpu_profile.shape_from_env(world)
-        ds_json = deepspeed_config(cfg, plan, precision, profile, shape)
+        # a launched rank's shape from its DistEnv: under srun LOCAL_WORLD_SIZE is exported only by apply() below
+        shape = shape or gpu_profile.shape_from_env(world, denv.local_world_size if _launched() else None)
+        ds_json = deepspeed_config(cfg, plan, precision, profile, shape)  # the one the engine gets (build)
     except (ConfigError, ValueError) as e:
         return _error(f"{args.config}: {e}")
     if args.dry_run:
@@ -151,21 +152,22 @@ def main(argv: list[str] | None = None) -> int:
         print("# DeepSpeed config\n" + json.dumps(ds_json, indent=2))
         return 0
     apply(denv)
-    return run(cfg, args, denv, plan, precision)
+    return run(cfg, args, denv, plan, precision, ds_json)
 
 
-def run(cfg: Config, args, denv, plan, precision: str) -> int:
+def run(cfg: Config, args, denv, plan, precision: str, ds_config: dict) -> int:
     """_run, and any exception it raises ends as failure.crashed says: traceback on stderr, status.json
     `failed` with the exit code and cause, exit_codes.NO_SPACE for a full disk, else CRASH."""
     try:
-        return _run(cfg, args, denv, plan, precision)
+        return _run(cfg, args, denv, plan, precision, ds_config)
     except (Exception, KeyboardInterrupt) as e:
         from mgt_scale.train.failure import crashed
         return crashed(e, Path(cfg.run.dir), denv.rank)
 
 
-def _run(cfg: Config, args, denv, plan, precision: str) -> int:
-    """build (train/build.py) -> resume -> Trainer.run -> status.json."""
+def _run(cfg: Config, args, denv, plan, precision: str, ds_config: dict) -> int:
+    """build (train/build.py) -> resume -> Trainer.run -> status.json. `ds_config`: the DeepSpeed JSON
+    main validated (and --dry-run prints), the one the engine initialises DeepSpeed with."""
     import warnings
     from mgt_scale.train.preemption import install_signal_handlers
     install_signal_handlers()
@@ -184,7 +186,7 @@ def _run(cfg: Config, args, denv, plan, precision: str) -> int:
 
     from mgt_scale.train.build import InputError, build, resume
     try:
-        run = build(cfg, plan, precision, denv)
+        run = build(cfg, plan, precision, denv, ds_config)
         resume(run, args.resume)
     except InputError as e:
         return _fail(run_dir, rank, str(e))

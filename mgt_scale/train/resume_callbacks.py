@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -61,13 +60,6 @@ class CheckpointCallback(Callback):
             return  # the state was just restored from a checkpoint
         if n and trainer.state.step % n == 0 and trainer.state.step < trainer.max_steps:
             self.save(trainer)
-        nap = os.environ.get("MGT_FAULT_STEP_SLEEP", "").strip()
-        if nap:  # fault injection for tests: slow steps so that an outside signal lands mid-run
-            time.sleep(float(nap))
-        kill = os.environ.get("MGT_FAULT_SIGKILL_AT_STEP", "").strip()
-        if kill and int(kill) == trainer.state.step and trainer.is_main:  # fault injection for tests
-            log.info(f"fault injection: SIGKILL at step {trainer.state.step}")
-            os.kill(os.getpid(), signal.SIGKILL)
 
     def on_end(self, trainer: Trainer, exit_code: int, reason: str) -> None:
         if exit_code == exit_codes.FINISHED and self.ckpt_cfg.save_at_end:

@@ -73,7 +73,7 @@ def reference(tmp_path_factory):
 def test_sigterm_then_resume_is_exact(tmp_path, reference):
     config, run_dir = write_config(tmp_path, "term")
     proc = subprocess.Popen(cmd(config, 2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, MGT_FAULT_STEP_SLEEP="0.7"))
+                            env=fault_env(MGT_FAULT_STEP_SLEEP="0.7"))
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 400
     while time.time() < deadline:
@@ -105,7 +105,7 @@ def test_sigkill_and_kill_during_save_then_resume_is_exact(tmp_path, reference):
     # 1. SIGKILL at step 6 (checkpoint at 4): no chance to save anything
 
     r = subprocess.run(cmd(config, 2), capture_output=True, text=True, timeout=600,
-                       env=dict(os.environ, MGT_FAULT_SIGKILL_AT_STEP="6"))
+                       env=fault_env(MGT_FAULT_SIGKILL_AT_STEP="6"))
     assert r.returncode != 0 and "fault injection: SIGKILL at step 6" in r.stdout + r.stderr
     assert sorted(p.name for p in ck.glob("step_*")) == ["step_00000004"]
     assert max(losses(run_dir)) == 6  # stale records 5, 6 in metrics.jsonl
@@ -134,10 +134,10 @@ def test_reshard_2_to_1_to_2_ranks(tmp_path, reference):
     killed at step 9 (checkpoint 8) -> resumed on 2 ranks: the loss follows the uninterrupted curve."""
     config, run_dir = write_config(tmp_path, "reshard")
     r = subprocess.run(cmd(config, 2), capture_output=True, text=True, timeout=600,
-                       env=dict(os.environ, MGT_FAULT_SIGKILL_AT_STEP="5"))
+                       env=fault_env(MGT_FAULT_SIGKILL_AT_STEP="5"))
     assert r.returncode != 0
     r = subprocess.run(cmd(config, 1, "--resume", "auto"), capture_output=True, text=True, timeout=600,
-                       env=dict(os.environ, MGT_FAULT_SIGKILL_AT_STEP="9"))
+                       env=fault_env(MGT_FAULT_SIGKILL_AT_STEP="9"))
     out = r.stdout + r.stderr
     assert "resharding through a universal checkpoint" in out and "at step 4" in out, out[-4000:]
     assert (run_dir / "checkpoints" / "universal" / "step_00000004" / "mgt_manifest.json").is_file()
@@ -168,7 +168,7 @@ def test_pipeline_sigkill_then_resume_is_exact(tmp_path):
     ref = losses(ref_dir)
     config, run_dir = pipe_config("pkill")
     r = subprocess.run(cmd(config, 2), capture_output=True, text=True, timeout=600,
-                       env=dict(os.environ, MGT_FAULT_SIGKILL_AT_STEP="6"))
+                       env=fault_env(MGT_FAULT_SIGKILL_AT_STEP="6"))
     assert r.returncode != 0 and "fault injection: SIGKILL at step 6" in r.stdout + r.stderr
     out = run(config, 2, "--resume", "auto")
     assert "at step 4" in out

@@ -1,6 +1,6 @@
 # Test-only: installs the fault hooks of mgt_fault_hooks.py in a Python process started with tests/fault_hooks on
 # PYTHONPATH (tests/distributed/helpers.py and the unit tests that start `mgt train` with MGT_FAULT_*).
-# Nothing is imported up front: an import hook patches mgt_scale.train.trainer / mgt_scale.checkpoint.manager when the
+# Nothing is imported up front: an import hook patches the modules of mgt_fault_hooks.TARGETS when the
 # process imports them, so processes that never train (the deepspeed launcher) pay nothing.
 # Python imports one `sitecustomize` module, the first on sys.path: this one shadows the interpreter's own
 # (Debian's /etc/python3.11/sitecustomize.py installs apport's exception hook), so that one is run too.
@@ -30,7 +30,8 @@ def _chain_shadowed() -> None:
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
-    TARGETS = ("mgt_scale.train.trainer", "mgt_scale.checkpoint.manager")
+    TARGETS = ("mgt_scale.train.trainer", "mgt_scale.checkpoint.manager", "mgt_scale.checkpoint.writer",
+               "mgt_scale.train.resume_callbacks", "mgt_scale.engine.zero", "mgt_scale.parallel.pipeline")
 
     def find_spec(self, name, path=None, target=None):
         if name not in self.TARGETS:

@@ -40,6 +40,7 @@ TRAIN_SETS = (f"train.max_steps={STEPS}", "train.log_interval=1", "data.syntheti
 PIPELINE_SETS = ("parallel.mode=pipeline", "parallel.pipeline_stages=2", "parallel.zero_stage=0", "train.max_steps=6")
 # what a site sets for the ranks: the interface of the nodes' network (every namespace names it eth0)
 JOB_ENV = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "eth0"}
+FAULT_HOOKS = REPO / "tests" / "fault_hooks"
 
 
 def _render(run_dir: Path, nodes: int, tasks: int, *sets: str, extra: tuple[str, ...] = ()) -> Path:
@@ -54,9 +55,17 @@ def _render(run_dir: Path, nodes: int, tasks: int, *sets: str, extra: tuple[str,
     return script
 
 
+def _with_fault_hooks(env: dict) -> dict:
+    """MGT_FAULT_* act through the test-only hooks (tests/fault_hooks): on the job's PYTHONPATH (sbatch
+    --export=ALL passes it to the job and srun to the ranks)."""
+    if any(k.startswith("MGT_FAULT_") for k in env):
+        env = dict(env, PYTHONPATH=os.pathsep.join(filter(None, [str(FAULT_HOOKS), os.environ.get("PYTHONPATH")])))
+    return env
+
+
 def _submit(cluster, script: Path, **env: str) -> int:
     _wait_idle(cluster)  # a node still completing the last job would make this one wait or start small
-    exports = ",".join(f"{k}={v}" for k, v in {**JOB_ENV, **env}.items())
+    exports = ",".join(f"{k}={v}" for k, v in {**JOB_ENV, **_with_fault_hooks(env)}.items())
     return int(cluster.run("sbatch", "--parsable", f"--export=ALL,{exports}", str(script)).stdout.split(";")[0])
 
 

@@ -35,6 +35,7 @@ STEPS = 16
 # collapse run): identical configs give identical losses whatever the launcher or interruptions
 TRAIN_SETS = (f"train.max_steps={STEPS}", "train.log_interval=1", "data.synthetic=random", "parallel.precision=fp32")
 JOB_ENV = {"OMP_NUM_THREADS": "1"}
+FAULT_HOOKS = REPO / "tests" / "fault_hooks"
 
 
 def _render(run_dir: Path, name: str, *sets: str) -> Path:
@@ -51,8 +52,16 @@ def _render(run_dir: Path, name: str, *sets: str) -> Path:
     return script
 
 
+def _with_fault_hooks(env: dict) -> dict:
+    """MGT_FAULT_* act through the test-only hooks (tests/fault_hooks): on the job's PYTHONPATH (sbatch
+    --export=ALL passes it to the job and srun to the ranks)."""
+    if any(k.startswith("MGT_FAULT_") for k in env):
+        env = dict(env, PYTHONPATH=os.pathsep.join(filter(None, [str(FAULT_HOOKS), os.environ.get("PYTHONPATH")])))
+    return env
+
+
 def _submit(cluster, script: Path, **env: str) -> int:
-    exports = ",".join(f"{k}={v}" for k, v in {**JOB_ENV, **env}.items())
+    exports = ",".join(f"{k}={v}" for k, v in {**JOB_ENV, **_with_fault_hooks(env)}.items())
     out = cluster.run("sbatch", "--parsable", f"--export=ALL,{exports}", str(script)).stdout.strip()
     return int(out.split(";")[0])
 

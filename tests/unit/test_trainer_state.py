@@ -31,7 +31,8 @@ class FakeEngine:
     """The engine interface (mgt_scale.engine.base.Engine: mode, module, dp_rank, dp_size, set_lr, train_step,
     eval_loss, save, load; the probe and the consolidated state are not used here):
     one float64 weight vector fitted to the batches' values, plus a draw from torch's RNG in each step
-    (so that a resume must restore the RNG too). A batch whose value is in `nan_values` gives a NaN loss;
+    (so that a resume must restore the RNG too). A batch whose value is in `nan_values`, or a step while
+    `nan_now()` is true (the fault hooks' NaN, in place of the real engines' lm_loss), gives a NaN loss;
     the update is then skipped, as the real engines do."""
     mode = "zero"
     dp_rank, dp_size = 0, 1
@@ -41,6 +42,7 @@ class FakeEngine:
         torch.nn.init.zeros_(self.module.weight)
         self.lr = 0.0
         self.nan_values = set(nan_values)
+        self.nan_now = lambda: False
         self.loads = []
 
     def set_lr(self, lr):
@@ -49,11 +51,11 @@ class FakeEngine:
     def _loss(self, x):
         return float(((self.module.weight.data[0] - x) ** 2).mean())
 
-    def train_step(self, micro_batches, inject_nan=False):
+    def train_step(self, micro_batches):
         w = self.module.weight.data[0]
         noise = float(torch.rand(()))
         x = torch.stack([b for b in micro_batches]).mean(0)
-        if inject_nan or any(float(b[0]) in self.nan_values for b in micro_batches):
+        if self.nan_now() or any(float(b[0]) in self.nan_values for b in micro_batches):
             return StepResult(math.nan, math.nan, skipped=True)
         loss = self._loss(x) + 1e-3 * noise
         grad = 2 * (w - x) / SEQ
@@ -236,6 +238,7 @@ def test_a_non_finite_streak_rolls_back_and_the_data_moves_on(tmp_path):
 def test_the_fault_hook_makes_steps_nan_in_process(tmp_path, fault_hooks, monkeypatch):
     monkeypatch.setenv("MGT_FAULT_NAN_STEPS", "2,3")  # 0-based: the 3rd and 4th steps
     run = make_run(tmp_path, "train.max_consecutive_nonfinite=5")
+    run.engine.nan_now = fault_hooks.nan_active
     resume(run, "")
     run.trainer.run()
     assert [r["step"] for r in records(tmp_path) if r.get("skipped")] == [3, 4]
