@@ -171,7 +171,7 @@ def test_node_failure_requeues_on_the_remaining_node(multi_cluster, two_node_run
     # rank 0 noticed: gloo on the dead peer, exit 1 (a crash to the job script), no exit record of rank 1
     assert "Connection closed by peer" in log or "Connection reset by peer" in log, log[-6000:]
     assert "per-rank exits [1] -> 1" in log, log[-6000:]
-    assert "node failure: n2 down or not responding (exit 1 on the surviving ranks); requeue 1/20 without n2, " \
+    assert "node failure: n2 down (exit 1 on the surviving ranks); requeue 1/20 without n2, " \
            "on the 1 remaining node(s)" in log, log[-6000:]
     # the requeued job: n2 excluded, one node, world 1 (dp 2 -> 1), the same global batch
     assert (info["NodeList"], info["NumNodes"], info["ExcNodeList"]) == ("n1", "1", "n2"), info

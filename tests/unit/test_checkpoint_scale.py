@@ -98,8 +98,22 @@ def _resume_worker(rank, world, port, run_dir, out, damage):
     dist.destroy_process_group()
 
 
+def _exit_after(rank, fn, world, port, *args):
+    """Run one rank's worker, then leave without the interpreter's teardown: a rank that exits with
+    gloo's threads up can abort in a C++ destructor ("terminate called without an active exception",
+    SIGABRT) after its work is done and written, as mgt_scale.train.entry.exit_rank avoids for the trainer
+    (seen here in CI). An exception in the worker still propagates: spawn reports it."""
+    import os
+    import sys
+    fn(rank, world, port, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _spawn(fn, world, *args):
-    mp.start_processes(fn, args=(world, free_port(), *args), nprocs=world, start_method="spawn", join=True)
+    mp.start_processes(_exit_after, args=(fn, world, free_port(), *args), nprocs=world, start_method="spawn",
+                       join=True)
 
 
 def _results(out: Path, world: int) -> list[dict]:
