@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+# Tables of issue #33's trained sweeps (hyp_lr, hyp_main) from their run folders: one compact CSV row per
+# finished cell (docs/data/, so the tables rebuild from the repository) and the markdown tables of
+# docs/RESULTS.md. Usage:
+#   python scripts/hyp_tables.py csv RUNS_DIR OUT.csv    # per cell: lr, seed, losses, float64 geometry
+#   python scripts/hyp_tables.py lr OUT.csv              # valid loss per kind x depth x lr (seed mean)
+#   python scripts/hyp_tables.py main OUT.csv            # mean +- sd over seeds per kind x depth
+"""The geometry columns come from scripts/centred_rank.py's centred_rank.json (float64 forward of the
+exported last checkpoint on the monitor's probe batch); a centred rank is empty where rho is below the
+fp32 threshold (undefined). The loss columns come from each cell's metrics.jsonl (valid_loss of the last
+evaluation; train loss = mean of the last 5 logged losses, as mgt experiment's results.csv)."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+FIELDS = ["cell", "residual", "depth", "lr", "seed", "steps", "valid_loss", "train_loss", "probe_tokens",
+          "raw_last", "centred_last", "rho_last", "raw_min", "centred_min", "cosine_last", "init_raw_last"]
+KIND_ORDER = ("preln", "postln", "deepnorm", "mgt", "mhc", "ddl_delta")
+
+
+def cell_row(run_dir: Path, geometry: dict | None) -> dict | None:
+    import yaml
+    status = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").is_file() else {}
+    if status.get("state") != "finished":
+        return None
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    valid = [r for r in records if "valid_loss" in r]
+    row = {"cell": run_dir.name, "residual": cfg["model"]["residual"], "depth": cfg["model"]["num_layers"],
+           "lr": cfg["train"]["lr"], "seed": cfg["train"]["seed"], "steps": cfg["train"]["max_steps"],
+           "valid_loss": valid[-1]["valid_loss"] if valid else "",
+           "train_loss": statistics.fmean(losses[-5:]) if losses else "",
+           "probe_tokens": cfg["monitor"]["probe_batch_size"] * cfg["monitor"]["probe_seq_len"]}
+    if geometry:
+        t = geometry["trained"]
+        row.update(raw_last=t["raw"]["last"], centred_last=t["centred"]["last"], rho_last=t["rho_last"],
+                   raw_min=t["raw"]["min"], centred_min=t["centred"]["min"], cosine_last=t["cosine_last"],
+                   init_raw_last=geometry["init"]["raw"]["last"])
+    return row
+
+
+def write_csv(runs: Path, out: Path) -> int:
+    geo_file = runs / "centred_rank.json"
+    geometry = {g["cell"]: g for g in json.loads(geo_file.read_text())} if geo_file.is_file() else {}
+    rows = [r for d in sorted(runs.iterdir()) if (d / "config.yaml").is_file()
+            for r in [cell_row(d, geometry.get(d.name))] if r is not None]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else ("" if v is None else v))
+                        for k, v in r.items()})
+    print(f"wrote {out}: {len(rows)} finished cells")
+    return 0
+
+
+def read(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def _f(v: str) -> float:
+    return float(v) if v not in ("", None) else math.nan
+
+
+def _kinds(rows: list[dict]) -> list[str]:
+    present = {r["residual"] for r in rows}
+    return [k for k in KIND_ORDER if k in present] + sorted(present - set(KIND_ORDER))
+
+
+def lr_table(path: Path) -> int:
+    rows = read(path)
+    lrs = sorted({float(r["lr"]) for r in rows})
+    by: dict[tuple[str, int, float], list[float]] = defaultdict(list)  # mean over seeds where there are several
+    for r in rows:
+        by[(r["residual"], int(r["depth"]), float(r["lr"]))].append(_f(r["valid_loss"]))
+    print("| kind | L | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best lr |")
+    print("|---|---|" + "---:|" * len(lrs) + "---|")
+    for kind in _kinds(rows):
+        for depth in sorted({int(r["depth"]) for r in rows if r["residual"] == kind}):
+            cells = {lr: statistics.fmean(by[(kind, depth, lr)]) if (kind, depth, lr) in by else math.nan
+                     for lr in lrs}
+            done = {lr: v for lr, v in cells.items() if math.isfinite(v)}
+            best = min(done, key=done.get) if done else None
+            text = [("**%.3f**" if lr == best else "%.3f") % v if math.isfinite(v) else "-"
+                    for lr, v in cells.items()]
+            best_text = f"{best:g}" if best is not None else "-"
+            print(f"| {kind} | {depth} | " + " | ".join(text) + f" | {best_text} |")
+    return 0
+
+
+def _ms(vals: list[float], fmt: str) -> str:
+    vals = [v for v in vals if math.isfinite(v)]
+    if not vals:
+        return "undefined"
+    sd = statistics.stdev(vals) if len(vals) > 1 else math.nan
+    return (fmt % statistics.fmean(vals)) + " +- " + (fmt % sd if math.isfinite(sd) else "n/a")
+
+
+def main_table(path: Path) -> int:
+    groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    for r in read(path):
+        groups[(r["residual"], int(r["depth"]))].append(r)
+    print("| kind | L | lr | seeds | valid loss | train loss | raw rank (last) | centred rank (last) | rho (last) "
+          "| raw rank (min layer) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for kind in _kinds([r for rs in groups.values() for r in rs]):
+        for depth in sorted(d for k, d in groups if k == kind):
+            rs = groups[(kind, depth)]
+            col = lambda key: [_f(r[key]) for r in rs]
+            rho = [v for v in col("rho_last") if math.isfinite(v)]
+            lrs = sorted({r["lr"] for r in rs})
+            rho_text = f"{min(rho):.2g}-{max(rho):.2g}" if rho else "-"
+            print(f"| {kind} | {depth} | {', '.join(lrs)} | {len(rs)} | {_ms(col('valid_loss'), '%.3f')} | "
+                  f"{_ms(col('train_loss'), '%.3f')} | {_ms(col('raw_last'), '%.3f')} | "
+                  f"{_ms(col('centred_last'), '%.3f')} | {rho_text} | {_ms(col('raw_min'), '%.3f')} |")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) == 3 and argv[0] == "csv":
+        return write_csv(Path(argv[1]), Path(argv[2]))
+    if len(argv) == 2 and argv[0] in ("lr", "main"):
+        return (lr_table if argv[0] == "lr" else main_table)(Path(argv[1]))
+    print(__doc__, "\nusage: hyp_tables.py csv RUNS_DIR OUT.csv | lr OUT.csv | main OUT.csv", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
