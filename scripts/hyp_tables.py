@@ -130,8 +130,9 @@ def main(argv: list[str]) -> int:
         return write_csv(Path(argv[1]), Path(argv[2]))
     if len(argv) == 2 and argv[0] in ("lr", "main"):
         return (lr_table if argv[0] == "lr" else main_table)(Path(argv[1]))
+    from mgt_scale.exit_codes import CONFIG_ERROR
     print(__doc__, "\nusage: hyp_tables.py csv RUNS_DIR OUT.csv | lr OUT.csv | main OUT.csv", file=sys.stderr)
-    return 2
+    return CONFIG_ERROR
 
 
 if __name__ == "__main__":

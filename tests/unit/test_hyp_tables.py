@@ -68,3 +68,8 @@ def test_csv_then_lr_and_main_tables(tmp_path, capsys):
     assert "| preln | 12 | 0.001, 0.003 | 3 | 4.733 +- 0.252 |" in table
     assert "| 0.500 +- 0.141 | 0.600 +- 0.141 | 0.2-0.3 |" in table
     assert "| mgt | 12 | 0.001 | 1 | 4.900 +- n/a |" in table and "| undefined |" in table
+
+
+def test_bad_usage_is_a_config_error(capsys):
+    assert _load().main(["table", "x.csv"]) == 2
+    assert "usage: hyp_tables.py" in capsys.readouterr().err
