@@ -40,8 +40,9 @@ def cell_row(run_dir: Path, geometry: dict | None) -> dict | None:
            "probe_tokens": cfg["monitor"]["probe_batch_size"] * cfg["monitor"]["probe_seq_len"]}
     if geometry:
         t = geometry["trained"]
-        row.update(raw_last=t["raw"]["last"], centred_last=t["centred"]["last"], rho_last=t["rho_last"],
-                   raw_min=t["raw"]["min"], centred_min=t["centred"]["min"], cosine_last=t["cosine_last"],
+        undefined = lambda v: math.nan if v is None else v  # centred rank below the rho threshold: "nan"
+        row.update(raw_last=t["raw"]["last"], centred_last=undefined(t["centred"]["last"]), rho_last=t["rho_last"],
+                   raw_min=t["raw"]["min"], centred_min=undefined(t["centred"]["min"]), cosine_last=t["cosine_last"],
                    init_raw_last=geometry["init"]["raw"]["last"])
     return row
 
@@ -67,8 +68,9 @@ def read(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def _f(v: str) -> float:
-    return float(v) if v not in ("", None) else math.nan
+def _f(v: str) -> float | None:
+    """A CSV cell: None where not measured (empty), NaN where undefined ("nan")."""
+    return float(v) if v not in ("", None) else None
 
 
 def _kinds(rows: list[dict]) -> list[str]:
@@ -86,7 +88,8 @@ def lr_table(path: Path) -> int:
     print("|---|---|" + "---:|" * len(lrs) + "---|")
     for kind in _kinds(rows):
         for depth in sorted({int(r["depth"]) for r in rows if r["residual"] == kind}):
-            cells = {lr: statistics.fmean(by[(kind, depth, lr)]) if (kind, depth, lr) in by else math.nan
+            cells = {lr: statistics.fmean(v for v in by[(kind, depth, lr)] if v is not None)
+                     if any(v is not None for v in by.get((kind, depth, lr), [])) else math.nan
                      for lr in lrs}
             done = {lr: v for lr, v in cells.items() if math.isfinite(v)}
             best = min(done, key=done.get) if done else None
@@ -97,10 +100,11 @@ def lr_table(path: Path) -> int:
     return 0
 
 
-def _ms(vals: list[float], fmt: str) -> str:
-    vals = [v for v in vals if math.isfinite(v)]
+def _ms(vals: list[float | None], fmt: str) -> str:
+    measured = [v for v in vals if v is not None]
+    vals = [v for v in measured if math.isfinite(v)]
     if not vals:
-        return "undefined"
+        return "undefined" if measured else "-"
     sd = statistics.stdev(vals) if len(vals) > 1 else math.nan
     return (fmt % statistics.fmean(vals)) + " +- " + (fmt % sd if math.isfinite(sd) else "n/a")
 
@@ -116,7 +120,7 @@ def main_table(path: Path) -> int:
         for depth in sorted(d for k, d in groups if k == kind):
             rs = groups[(kind, depth)]
             col = lambda key: [_f(r[key]) for r in rs]
-            rho = [v for v in col("rho_last") if math.isfinite(v)]
+            rho = [v for v in col("rho_last") if v is not None]
             lrs = sorted({r["lr"] for r in rs})
             rho_text = f"{min(rho):.2g}-{max(rho):.2g}" if rho else "-"
             print(f"| {kind} | {depth} | {', '.join(lrs)} | {len(rs)} | {_ms(col('valid_loss'), '%.3f')} | "

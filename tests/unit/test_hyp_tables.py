@@ -51,7 +51,7 @@ def test_csv_then_lr_and_main_tables(tmp_path, capsys):
     rows = {r["cell"]: r for r in ht.read(out)}
     assert sorted(rows) == ["a-lr1", "a-lr3", "a-lr3-s1", "b-lr1"]
     assert float(rows["a-lr3"]["valid_loss"]) == 4.5 and float(rows["a-lr3"]["train_loss"]) == 3.8  # (6+5+4+3+1)/5
-    assert rows["b-lr1"]["centred_last"] == "" and float(rows["b-lr1"]["raw_last"]) == 0.3
+    assert rows["b-lr1"]["centred_last"] == "nan" and float(rows["b-lr1"]["raw_last"]) == 0.3  # undefined
     assert rows["a-lr1"]["raw_last"] == ""  # no geometry for that cell
     capsys.readouterr()
 
@@ -68,6 +68,14 @@ def test_csv_then_lr_and_main_tables(tmp_path, capsys):
     assert "| preln | 12 | 0.001, 0.003 | 3 | 4.733 +- 0.252 |" in table
     assert "| 0.500 +- 0.141 | 0.600 +- 0.141 | 0.2-0.3 |" in table
     assert "| mgt | 12 | 0.001 | 1 | 4.900 +- n/a |" in table and "| undefined |" in table
+    rows["b-lr1"].update(raw_last="", centred_last="", rho_last="", raw_min="")  # not measured: "-"
+    with sub.open("w", newline="") as f:
+        import csv
+        w = csv.DictWriter(f, fieldnames=ht.FIELDS)
+        w.writeheader()
+        w.writerows(rows.values())
+    assert ht.main(["main", str(sub)]) == 0
+    assert "| mgt | 12 | 0.001 | 1 | 4.900 +- n/a | 3.800 +- n/a | - | - | - | - |" in capsys.readouterr().out
 
 
 def test_bad_usage_is_a_config_error(capsys):
