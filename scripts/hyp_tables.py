@@ -6,8 +6,8 @@
 #   python scripts/hyp_tables.py lr OUT.csv              # valid loss per kind x depth x lr (seed mean)
 #   python scripts/hyp_tables.py main OUT.csv            # mean +- sd over seeds per kind x depth
 """The geometry columns come from scripts/centred_rank.py's centred_rank.json (float64 forward of the
-exported last checkpoint on the monitor's probe batch); a centred rank is empty where rho is below the
-fp32 threshold (undefined). The loss columns come from each cell's metrics.jsonl (valid_loss of the last
+exported last checkpoint on the monitor's probe batch); a centred rank is "nan" where rho is below the
+fp32 threshold (undefined) and a cell without geometry has empty geometry columns. The loss columns come from each cell's metrics.jsonl (valid_loss of the last
 evaluation; train loss = mean of the last 5 logged losses, as mgt experiment's results.csv)."""
 from __future__ import annotations
 
