@@ -8,7 +8,7 @@
 """The geometry columns come from scripts/centred_rank.py's centred_rank.json (float64 forward of the
 exported last checkpoint on the monitor's probe batch); a centred rank is "nan" where rho is below the
 fp32 threshold (undefined) and a cell without geometry has empty geometry columns. The loss columns come from each cell's metrics.jsonl (valid_loss of the last
-evaluation; train loss = mean of the last 5 logged losses, as mgt experiment's results.csv)."""
+evaluation; train loss = mgt experiment's results.csv's: the mean of the last 5 logged steps' losses)."""
 from __future__ import annotations
 
 import csv
@@ -30,13 +30,12 @@ def cell_row(run_dir: Path, geometry: dict | None) -> dict | None:
     if status.get("state") != "finished":
         return None
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    from mgt_scale.experiments.collect import final_train_loss  # the same window as results.csv
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    losses = [r["loss"] for r in records if "loss" in r]
     valid = [r for r in records if "valid_loss" in r]
     row = {"cell": run_dir.name, "residual": cfg["model"]["residual"], "depth": cfg["model"]["num_layers"],
            "lr": cfg["train"]["lr"], "seed": cfg["train"]["seed"], "steps": cfg["train"]["max_steps"],
-           "valid_loss": valid[-1]["valid_loss"] if valid else "",
-           "train_loss": statistics.fmean(losses[-5:]) if losses else "",
+           "valid_loss": valid[-1]["valid_loss"] if valid else "", "train_loss": final_train_loss(run_dir),
            "probe_tokens": cfg["monitor"]["probe_batch_size"] * cfg["monitor"]["probe_seq_len"]}
     if geometry:
         t = geometry["trained"]
