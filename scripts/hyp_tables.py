@@ -5,10 +5,14 @@
 #   python scripts/hyp_tables.py csv RUNS_DIR OUT.csv    # per cell: lr, seed, losses, float64 geometry
 #   python scripts/hyp_tables.py lr OUT.csv              # valid loss per kind x depth x lr (seed mean)
 #   python scripts/hyp_tables.py main OUT.csv            # mean +- sd over seeds per kind x depth
+#   python scripts/hyp_tables.py copy OUT.csv            # copy task: accuracy, copied-half loss, steps to learn
 """The geometry columns come from scripts/centred_rank.py's centred_rank.json (float64 forward of the
 exported last checkpoint on the monitor's probe batch); a centred rank is "nan" where rho is below the
 fp32 threshold (undefined) and a cell without geometry has empty geometry columns. The loss columns come from each cell's metrics.jsonl (valid_loss of the last
-evaluation; train loss = mgt experiment's results.csv's: the mean of the last 5 logged steps' losses)."""
+evaluation; train loss = mgt experiment's results.csv's: the mean of the last 5 logged steps' losses).
+Copy-task cells (data.synthetic: copy) add the runner's eval.json (copy accuracy and copied-half loss of
+the final checkpoint on held-out batches) and the first logged step whose training loss is below
+SOLVED_LOSS nats ("" if never), the column that separates kinds once they all end up copying."""
 from __future__ import annotations
 
 import csv
@@ -21,6 +25,8 @@ from pathlib import Path
 
 FIELDS = ["cell", "residual", "depth", "lr", "seed", "steps", "valid_loss", "train_loss", "probe_tokens",
           "raw_last", "centred_last", "rho_last", "raw_min", "centred_min", "cosine_last", "init_raw_last"]
+COPY_FIELDS = ["copy_acc", "copy_loss", "solved_step"]
+SOLVED_LOSS = 0.1  # nats on the copied half: the model puts about 90 % on the right token
 KIND_ORDER = ("preln", "postln", "deepnorm", "mgt", "mhc", "ddl_delta")
 
 
@@ -37,6 +43,12 @@ def cell_row(run_dir: Path, geometry: dict | None) -> dict | None:
            "lr": cfg["train"]["lr"], "seed": cfg["train"]["seed"], "steps": cfg["train"]["max_steps"],
            "valid_loss": valid[-1]["valid_loss"] if valid else "", "train_loss": final_train_loss(run_dir),
            "probe_tokens": cfg["monitor"]["probe_batch_size"] * cfg["monitor"]["probe_seq_len"]}
+    if cfg.get("data", {}).get("synthetic") == "copy":
+        ev_file = run_dir / "eval.json"
+        ev = json.loads(ev_file.read_text()) if ev_file.is_file() else {}
+        solved = [r["step"] for r in records if "loss" in r and r["loss"] < SOLVED_LOSS]
+        row.update(copy_acc=ev.get("copy_acc"), copy_loss=ev.get("copy_loss"),
+                   solved_step=solved[0] if solved else None)
     if geometry:
         t = geometry["trained"]
         undefined = lambda v: math.nan if v is None else v  # centred rank below the rho threshold: "nan"
@@ -52,8 +64,9 @@ def write_csv(runs: Path, out: Path) -> int:
     rows = [r for d in sorted(runs.iterdir()) if (d / "config.yaml").is_file()
             for r in [cell_row(d, geometry.get(d.name))] if r is not None]
     out.parent.mkdir(parents=True, exist_ok=True)
+    fields = FIELDS + (COPY_FIELDS if any("copy_acc" in r for r in rows) else [])
     with out.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else ("" if v is None else v))
@@ -128,13 +141,32 @@ def main_table(path: Path) -> int:
     return 0
 
 
+def copy_table(path: Path) -> int:
+    groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    for r in read(path):
+        groups[(r["residual"], int(r["depth"]))].append(r)
+    print(f"| kind | L | lr | seeds | copy accuracy | copied-half valid loss | step train loss < {SOLVED_LOSS:g} "
+          "(per seed) | raw rank (last) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for kind in _kinds([r for rs in groups.values() for r in rs]):
+        for depth in sorted(d for k, d in groups if k == kind):
+            rs = sorted(groups[(kind, depth)], key=lambda r: int(r["seed"]))
+            col = lambda key: [_f(r[key]) for r in rs]
+            solved = " / ".join(r["solved_step"] or "never" for r in rs)
+            print(f"| {kind} | {depth} | {', '.join(sorted({r['lr'] for r in rs}))} | {len(rs)} | "
+                  f"{_ms(col('copy_acc'), '%.3f')} | {_ms(col('copy_loss'), '%.2g')} | {solved} | "
+                  f"{_ms(col('raw_last'), '%.3f')} |")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     if len(argv) == 3 and argv[0] == "csv":
         return write_csv(Path(argv[1]), Path(argv[2]))
-    if len(argv) == 2 and argv[0] in ("lr", "main"):
-        return (lr_table if argv[0] == "lr" else main_table)(Path(argv[1]))
+    tables = {"lr": lr_table, "main": main_table, "copy": copy_table}
+    if len(argv) == 2 and argv[0] in tables:
+        return tables[argv[0]](Path(argv[1]))
     from mgt_scale.exit_codes import CONFIG_ERROR
-    print(__doc__, "\nusage: hyp_tables.py csv RUNS_DIR OUT.csv | lr OUT.csv | main OUT.csv", file=sys.stderr)
+    print(__doc__, "\nusage: hyp_tables.py csv RUNS_DIR OUT.csv | lr|main|copy OUT.csv", file=sys.stderr)
     return CONFIG_ERROR
 
 

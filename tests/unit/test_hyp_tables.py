@@ -16,11 +16,12 @@ def _load():
     return mod
 
 
-def _cell(runs: Path, name: str, kind: str, lr: float, seed: int, valid: float | None, state="finished"):
+def _cell(runs: Path, name: str, kind: str, lr: float, seed: int, valid: float | None, state="finished",
+          data: dict | None = None):
     d = runs / name
     d.mkdir(parents=True)
     cfg = {"model": {"residual": kind, "num_layers": 12}, "train": {"lr": lr, "seed": seed, "max_steps": 500},
-           "monitor": {"probe_batch_size": 32, "probe_seq_len": 128}}
+           "monitor": {"probe_batch_size": 32, "probe_seq_len": 128}, "data": data or {}}
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))
     (d / "status.json").write_text(json.dumps({"state": state}))
     lines = [{"step": s, "loss": 10.0 - s} for s in range(1, 8)]  # last 5 losses: 7..3, mean 5.0
@@ -81,3 +82,29 @@ def test_csv_then_lr_and_main_tables(tmp_path, capsys):
 def test_bad_usage_is_a_config_error(capsys):
     assert _load().main(["table", "x.csv"]) == 2
     assert "usage: hyp_tables.py" in capsys.readouterr().err
+
+
+def test_copy_cells_add_accuracy_loss_and_the_step_the_task_was_learned(tmp_path, capsys):
+    ht = _load()
+    runs = tmp_path / "runs"
+    copy = {"synthetic": "copy"}
+    _cell(runs, "c-s0", "mgt", 3e-3, 0, 0.01, data=copy)  # train losses 9..3 then 1.0: never below 0.1
+    _cell(runs, "c-s1", "mgt", 3e-3, 1, 0.02, data=copy)
+    (runs / "c-s0" / "eval.json").write_text(json.dumps({"copy_acc": 0.5, "copy_loss": 0.25}))
+    (runs / "c-s1" / "eval.json").write_text(json.dumps({"copy_acc": 1.0, "copy_loss": 0.05}))
+    with (runs / "c-s1" / "metrics.jsonl").open("a") as f:  # crosses 0.1 at step 12, not again at 13
+        f.write(json.dumps({"step": 12, "loss": 0.09}) + "\n" + json.dumps({"step": 13, "loss": 0.01}) + "\n")
+    out = tmp_path / "copy.csv"
+    assert ht.main(["csv", str(runs), str(out)]) == 0
+    rows = {r["cell"]: r for r in ht.read(out)}
+    assert rows["c-s0"]["solved_step"] == "" and rows["c-s1"]["solved_step"] == "12"
+    assert float(rows["c-s1"]["copy_loss"]) == 0.05
+    capsys.readouterr()
+    assert ht.main(["copy", str(out)]) == 0
+    # accuracy 0.5, 1.0 -> 0.750 +- 0.354; loss 0.25, 0.05 -> 0.15 +- 0.14
+    assert "| mgt | 12 | 0.003 | 2 | 0.750 +- 0.354 | 0.15 +- 0.14 | never / 12 | - |" in capsys.readouterr().out
+
+    lm = tmp_path / "lm"
+    _cell(lm, "a", "preln", 1e-3, 0, 5.0)
+    assert ht.main(["csv", str(lm), str(tmp_path / "lm.csv")]) == 0
+    assert "copy_acc" not in (tmp_path / "lm.csv").read_text()  # LM sweeps keep their columns
