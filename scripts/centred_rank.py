@@ -18,23 +18,38 @@ import tempfile
 from pathlib import Path
 
 
-def probe_both(cfg, model) -> dict:
-    """One forward over the monitor's probe batch; its residual states read raw and mean-centred."""
-    import torch
-
+def _summary(layers: list[dict]) -> dict:
     import math
-
-    from mgt_scale.monitor.probe import probe_geometry
-    from mgt_scale.train.monitor_callback import probe_tokens
-    tokens = probe_tokens(cfg, cfg.model.vocab_size)
-    # float64 forward; the centred rank is NaN where rho is below what the fp32 model resolves
-    layers = probe_geometry(model, tokens, 0, float64=True)["layers"]
     out = {"cosine_last": layers[-1]["cosine"], "rho_last": layers[-1]["centred_energy"],
            "rho_min": min(l["centred_energy"] for l in layers)}
     for name, key in (("raw", "eff_rank_norm_raw"), ("centred", "eff_rank_norm_centred")):
         ranks = [l[key] for l in layers]
         finite = [r for r in ranks if math.isfinite(r)]
         out[name] = {"last": ranks[-1], "min": min(finite) if finite else math.nan}
+    return out
+
+
+def probe_both(cfg, model) -> dict:
+    """One forward over the monitor's probe batch; its residual states read raw and mean-centred.
+
+    A multi-stream model (`mhc`, n streams of width d) carries [tokens, n*d] states, whose rank is normalised
+    by min(tokens, n*d): not comparable with a width-d stream. Its summary reads the sum of the n streams
+    at every layer instead (width d, the state the head reads after the last block), and keeps the widened
+    state's reading under "streams"."""
+    from mgt_scale.model.residual_baselines import num_streams, reduce_streams
+    from mgt_scale.monitor.metrics import centred_energy_threshold, layer_geometry
+    from mgt_scale.monitor.probe import capture_hidden_states, float64_copy, probe_geometry
+    from mgt_scale.train.monitor_callback import probe_tokens
+    tokens = probe_tokens(cfg, cfg.model.vocab_size)
+    # float64 forward; the centred rank is NaN where rho is below what the fp32 model resolves
+    layers = probe_geometry(model, tokens, 0, float64=True)["layers"]
+    n = num_streams(cfg.model)
+    if n == 1:
+        return _summary(layers)
+    thr = centred_energy_threshold(next(iter(model.parameters())).dtype)
+    hiddens = capture_hidden_states(float64_copy(model), tokens)
+    out = _summary(layer_geometry([reduce_streams(h, n) for h in hiddens], min_centred_energy=thr))
+    out["streams"] = _summary(layers)
     return out
 
 

@@ -123,3 +123,31 @@ def test_mgt_probe_json_has_raw_centred_and_rho_per_layer(tmp_path):
     assert len(layers) == 3
     for l in layers:
         assert 0 < l["eff_rank_norm_raw"] <= 1 and 0 < l["eff_rank_norm_centred"] <= 1 and 0 < l["centred_energy"] <= 1
+
+
+def test_centred_rank_script_reads_mhc_as_the_sum_of_its_streams(tmp_path):
+    """scripts/centred_rank.py: an mhc model's [tokens, n*d] state is normalised by min(tokens, n*d), so its
+    summary reads the sum of the n streams (width d, comparable with the other kinds); the widened state's
+    reading is kept under "streams". Both against the numpy float64 reference."""
+    import importlib.util
+    from pathlib import Path
+    from mgt_scale.config import load_config
+    from mgt_scale.train.monitor_callback import probe_tokens
+    spec = importlib.util.spec_from_file_location(
+        "centred_rank", Path(__file__).resolve().parents[2] / "scripts" / "centred_rank.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {num_layers: 3, d_model: 16, num_heads: 2, d_ff: 32, vocab_size: 50, max_seq_len: 32,"
+                    " residual: mhc, init_std: 0.2}\n"  # large embeddings: the streams keep token-specific rank
+                    "data: {synthetic: random, seq_len: 32}\nmonitor: {probe_batch_size: 2, probe_seq_len: 24}\n")
+    cfg = load_config(path)
+    model = build_model(cfg.model, seed=0)
+    out = script.probe_both(cfg, model)
+    with torch.no_grad():
+        last = capture_hidden_states(model.double(), probe_tokens(cfg, 50))[-1].numpy()  # [2, 24, 4 * 16]
+    summed = last.reshape(2, 24, 4, 16).sum(axis=2)
+    assert out["raw"]["last"] == pytest.approx(np_reference(summed)["eff_rank_norm_raw"], rel=1e-9)
+    assert out["rho_last"] == pytest.approx(np_reference(summed)["centred_energy"], rel=1e-9)
+    assert out["streams"]["raw"]["last"] == pytest.approx(np_reference(last)["eff_rank_norm_raw"], rel=1e-9)
+    assert abs(out["raw"]["last"] - out["streams"]["raw"]["last"]) > 0.05  # the two normalisations differ
