@@ -38,18 +38,16 @@ def probe_both(cfg, model) -> dict:
     state's reading under "streams"."""
     from mgt_scale.model.residual_baselines import num_streams, reduce_streams
     from mgt_scale.monitor.metrics import centred_energy_threshold, layer_geometry
-    from mgt_scale.monitor.probe import capture_hidden_states, float64_copy, probe_geometry
+    from mgt_scale.monitor.probe import capture_hidden_states, float64_copy
     from mgt_scale.train.monitor_callback import probe_tokens
-    tokens = probe_tokens(cfg, cfg.model.vocab_size)
-    # float64 forward; the centred rank is NaN where rho is below what the fp32 model resolves
-    layers = probe_geometry(model, tokens, 0, float64=True)["layers"]
-    n = num_streams(cfg.model)
-    if n == 1:
-        return _summary(layers)
+    # one float64 forward (as mgt_scale.monitor.probe.probe_geometry); the centred rank is NaN where rho is
+    # below what the fp32 model itself resolves
     thr = centred_energy_threshold(next(iter(model.parameters())).dtype)
-    hiddens = capture_hidden_states(float64_copy(model), tokens)
+    hiddens = capture_hidden_states(float64_copy(model), probe_tokens(cfg, cfg.model.vocab_size))
+    n = num_streams(cfg.model)
     out = _summary(layer_geometry([reduce_streams(h, n) for h in hiddens], min_centred_energy=thr))
-    out["streams"] = _summary(layers)
+    if n > 1:
+        out["streams"] = _summary(layer_geometry(hiddens, min_centred_energy=thr))
     return out
 
 

@@ -121,41 +121,41 @@ def _ms(vals: list[float | None], fmt: str) -> str:
     return (fmt % statistics.fmean(vals)) + " +- " + (fmt % sd if math.isfinite(sd) else "n/a")
 
 
-def main_table(path: Path) -> int:
+def _by_kind_and_depth(path: Path):
+    """(kind, depth, that group's rows sorted by seed), kinds in KIND_ORDER, depths ascending."""
     groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
     for r in read(path):
         groups[(r["residual"], int(r["depth"]))].append(r)
+    for kind in _kinds([r for rs in groups.values() for r in rs]):
+        for depth in sorted(d for k, d in groups if k == kind):
+            yield kind, depth, sorted(groups[(kind, depth)], key=lambda r: int(r["seed"]))
+
+
+def main_table(path: Path) -> int:
     print("| kind | L | lr | seeds | valid loss | train loss | raw rank (last) | centred rank (last) | rho (last) "
           "| raw rank (min layer) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for kind in _kinds([r for rs in groups.values() for r in rs]):
-        for depth in sorted(d for k, d in groups if k == kind):
-            rs = groups[(kind, depth)]
-            col = lambda key: [_f(r[key]) for r in rs]
-            rho = [v for v in col("rho_last") if v is not None]
-            lrs = sorted({r["lr"] for r in rs})
-            rho_text = f"{min(rho):.2g}-{max(rho):.2g}" if rho else "-"
-            print(f"| {kind} | {depth} | {', '.join(lrs)} | {len(rs)} | {_ms(col('valid_loss'), '%.3f')} | "
-                  f"{_ms(col('train_loss'), '%.3f')} | {_ms(col('raw_last'), '%.3f')} | "
-                  f"{_ms(col('centred_last'), '%.3f')} | {rho_text} | {_ms(col('raw_min'), '%.3f')} |")
+    for kind, depth, rs in _by_kind_and_depth(path):
+        col = lambda key: [_f(r[key]) for r in rs]
+        rho = [v for v in col("rho_last") if v is not None]
+        lrs = sorted({r["lr"] for r in rs})
+        rho_text = f"{min(rho):.2g}-{max(rho):.2g}" if rho else "-"
+        print(f"| {kind} | {depth} | {', '.join(lrs)} | {len(rs)} | {_ms(col('valid_loss'), '%.3f')} | "
+              f"{_ms(col('train_loss'), '%.3f')} | {_ms(col('raw_last'), '%.3f')} | "
+              f"{_ms(col('centred_last'), '%.3f')} | {rho_text} | {_ms(col('raw_min'), '%.3f')} |")
     return 0
 
 
 def copy_table(path: Path) -> int:
-    groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
-    for r in read(path):
-        groups[(r["residual"], int(r["depth"]))].append(r)
     print(f"| kind | L | lr | seeds | copy accuracy | copied-half valid loss | step train loss < {SOLVED_LOSS:g} "
           "(per seed) | raw rank (last) |")
     print("|---|---|---|---|---|---|---|---|")
-    for kind in _kinds([r for rs in groups.values() for r in rs]):
-        for depth in sorted(d for k, d in groups if k == kind):
-            rs = sorted(groups[(kind, depth)], key=lambda r: int(r["seed"]))
-            col = lambda key: [_f(r[key]) for r in rs]
-            solved = " / ".join(r["solved_step"] or "never" for r in rs)
-            print(f"| {kind} | {depth} | {', '.join(sorted({r['lr'] for r in rs}))} | {len(rs)} | "
-                  f"{_ms(col('copy_acc'), '%.3f')} | {_ms(col('copy_loss'), '%.2g')} | {solved} | "
-                  f"{_ms(col('raw_last'), '%.3f')} |")
+    for kind, depth, rs in _by_kind_and_depth(path):
+        col = lambda key: [_f(r[key]) for r in rs]
+        solved = " / ".join(r["solved_step"] or "never" for r in rs)
+        print(f"| {kind} | {depth} | {', '.join(sorted({r['lr'] for r in rs}))} | {len(rs)} | "
+              f"{_ms(col('copy_acc'), '%.3f')} | {_ms(col('copy_loss'), '%.2g')} | {solved} | "
+              f"{_ms(col('raw_last'), '%.3f')} |")
     return 0
 
 
