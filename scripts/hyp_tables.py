@@ -6,6 +6,7 @@
 #   python scripts/hyp_tables.py lr OUT.csv              # valid loss per kind x depth x lr (seed mean)
 #   python scripts/hyp_tables.py main OUT.csv            # mean +- sd over seeds per kind x depth
 #   python scripts/hyp_tables.py copy OUT.csv            # copy task: accuracy, copied-half loss, steps to learn
+#   python scripts/hyp_tables.py variants CSV... [--match=GLOB]...  # ablation/sensitivity: per cell variant
 """The geometry columns come from scripts/centred_rank.py's centred_rank.json (float64 forward of the
 exported last checkpoint on the monitor's probe batch); a centred rank is "nan" where rho is below the
 fp32 threshold (undefined) and a cell without geometry has empty geometry columns. The loss columns come from each cell's metrics.jsonl (valid_loss of the last
@@ -131,18 +132,48 @@ def _by_kind_and_depth(path: Path):
             yield kind, depth, sorted(groups[(kind, depth)], key=lambda r: int(r["seed"]))
 
 
+MAIN_HEADER = ("| valid loss | train loss | raw rank (last) | centred rank (last) | rho (last) "
+               "| raw rank (min layer) |", "|---|---|---|---|---|---|")
+
+
+def _main_columns(rs: list[dict]) -> str:
+    """The mean +- sd columns of MAIN_HEADER over one group's rows (its seeds)."""
+    col = lambda key: [_f(r[key]) for r in rs]
+    rho = [v for v in col("rho_last") if v is not None]
+    rho_text = f"{min(rho):.2g}-{max(rho):.2g}" if rho else "-"
+    return (f"{_ms(col('valid_loss'), '%.3f')} | {_ms(col('train_loss'), '%.3f')} | {_ms(col('raw_last'), '%.3f')} | "
+            f"{_ms(col('centred_last'), '%.3f')} | {rho_text} | {_ms(col('raw_min'), '%.3f')} |")
+
+
 def main_table(path: Path) -> int:
-    print("| kind | L | lr | seeds | valid loss | train loss | raw rank (last) | centred rank (last) | rho (last) "
-          "| raw rank (min layer) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| kind | L | lr | seeds " + MAIN_HEADER[0])
+    print("|---|---|---|---" + MAIN_HEADER[1])
     for kind, depth, rs in _by_kind_and_depth(path):
-        col = lambda key: [_f(r[key]) for r in rs]
-        rho = [v for v in col("rho_last") if v is not None]
-        lrs = sorted({r["lr"] for r in rs})
-        rho_text = f"{min(rho):.2g}-{max(rho):.2g}" if rho else "-"
-        print(f"| {kind} | {depth} | {', '.join(lrs)} | {len(rs)} | {_ms(col('valid_loss'), '%.3f')} | "
-              f"{_ms(col('train_loss'), '%.3f')} | {_ms(col('raw_last'), '%.3f')} | "
-              f"{_ms(col('centred_last'), '%.3f')} | {rho_text} | {_ms(col('raw_min'), '%.3f')} |")
+        print(f"| {kind} | {depth} | {', '.join(sorted({r['lr'] for r in rs}))} | {len(rs)} | {_main_columns(rs)}")
+    return 0
+
+
+def variants_table(args: list[str]) -> int:
+    """Ablation / sensitivity: one row per variant (a cell's name without its `__seed-N`), over the rows of
+    one or more CSVs (the first column says which: a variant shared with another sweep, e.g. hyp_main's
+    mgt-L48 as the sensitivity sweep's reference, is read from that sweep's cells, not rerun); `--match
+    GLOB` (repeatable) keeps the variants it matches."""
+    import fnmatch
+    paths = [Path(a) for a in args if not a.startswith("--match=")]
+    globs = [a.split("=", 1)[1] for a in args if a.startswith("--match=")]
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for path in paths:
+        for r in read(path):
+            variant = r["cell"].rsplit("__seed-", 1)[0]
+            if not globs or any(fnmatch.fnmatchcase(variant, g) for g in globs):
+                groups[(path.stem, variant)].append(r)
+    print("| sweep | variant | kind | L | lr | seeds " + MAIN_HEADER[0])
+    print("|---|---|---|---|---|---" + MAIN_HEADER[1])
+    for (source, variant), rs in groups.items():
+        kinds = ", ".join(sorted({r["residual"] for r in rs}))
+        depths = ", ".join(sorted({r["depth"] for r in rs}))
+        print(f"| {source} | {variant} | {kinds} | {depths} | {', '.join(sorted({r['lr'] for r in rs}))} | "
+              f"{len(rs)} | {_main_columns(rs)}")
     return 0
 
 
@@ -165,8 +196,11 @@ def main(argv: list[str]) -> int:
     tables = {"lr": lr_table, "main": main_table, "copy": copy_table}
     if len(argv) == 2 and argv[0] in tables:
         return tables[argv[0]](Path(argv[1]))
+    if len(argv) >= 2 and argv[0] == "variants" and any(not a.startswith("--match=") for a in argv[1:]):
+        return variants_table(argv[1:])
     from mgt_scale.exit_codes import CONFIG_ERROR
-    print(__doc__, "\nusage: hyp_tables.py csv RUNS_DIR OUT.csv | lr|main|copy OUT.csv", file=sys.stderr)
+    print(__doc__, "\nusage: hyp_tables.py csv RUNS_DIR OUT.csv | lr|main|copy OUT.csv "
+          "| variants CSV... [--match=GLOB]...", file=sys.stderr)
     return CONFIG_ERROR
 
 

@@ -108,3 +108,25 @@ def test_copy_cells_add_accuracy_loss_and_the_step_the_task_was_learned(tmp_path
     _cell(lm, "a", "preln", 1e-3, 0, 5.0)
     assert ht.main(["csv", str(lm), str(tmp_path / "lm.csv")]) == 0
     assert "copy_acc" not in (tmp_path / "lm.csv").read_text()  # LM sweeps keep their columns
+
+
+def test_variants_table_groups_seeds_by_cell_name_across_sweeps(tmp_path, capsys):
+    ht = _load()
+    abl, main = tmp_path / "abl", tmp_path / "main"
+    _cell(abl, "wide-L12__seed-0", "preln", 3e-3, 0, 4.0)
+    _cell(abl, "wide-L12__seed-1", "preln", 3e-3, 1, 4.4)
+    _cell(main, "preln-L12__seed-0", "preln", 3e-3, 0, 5.0)  # same kind, another variant: its own row
+    _cell(main, "mgt-L12__seed-0", "mgt", 3e-3, 0, 3.0)
+    (abl / "centred_rank.json").write_text(json.dumps([_geo("wide-L12__seed-0", 0.40, 0.50, 0.2),
+                                                       _geo("wide-L12__seed-1", 0.60, 0.70, 0.3)]))
+    for runs in (abl, main):
+        assert ht.main(["csv", str(runs), str(tmp_path / f"{runs.name}.csv")]) == 0
+    capsys.readouterr()
+    assert ht.main(["variants", str(tmp_path / "abl.csv"), str(tmp_path / "main.csv"), "--match=wide*",
+                    "--match=preln-*"]) == 0
+    table = capsys.readouterr().out
+    # wide: valid 4.0, 4.4 -> 4.200 +- 0.283; raw 0.4, 0.6 -> 0.500 +- 0.141
+    assert "| abl | wide-L12 | preln | 12 | 0.003 | 2 | 4.200 +- 0.283 | 3.800 +- 0.000 | 0.500 +- 0.141 |" in table
+    assert "| main | preln-L12 | preln | 12 | 0.003 | 1 | 5.000 +- n/a |" in table
+    assert "mgt-L12" not in table  # no --match takes it
+    assert ht.main(["variants", "--match=x"]) == 2  # no CSV: usage
