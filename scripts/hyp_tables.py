@@ -157,7 +157,7 @@ def variants_table(args: list[str]) -> int:
     """Ablation / sensitivity: one row per variant (a cell's name without its `__seed-N`), over the rows of
     one or more CSVs (the first column says which: a variant shared with another sweep, e.g. hyp_main's
     mgt-L48 as the sensitivity sweep's reference, is read from that sweep's cells, not rerun); `--match
-    GLOB` (repeatable) keeps the variants it matches."""
+    GLOB` (repeatable) keeps the variants it matches, in the order of the first glob each matches."""
     import fnmatch
     paths = [Path(a) for a in args if not a.startswith("--match=")]
     globs = [a.split("=", 1)[1] for a in args if a.startswith("--match=")]
@@ -169,7 +169,8 @@ def variants_table(args: list[str]) -> int:
                 groups[(path.stem, variant)].append(r)
     print("| sweep | variant | kind | L | lr | seeds " + MAIN_HEADER[0])
     print("|---|---|---|---|---|---" + MAIN_HEADER[1])
-    for (source, variant), rs in groups.items():
+    rank = lambda key: (next((i for i, g in enumerate(globs) if fnmatch.fnmatchcase(key[1], g)), 0), key[1])
+    for (source, variant), rs in sorted(groups.items(), key=lambda item: rank(item[0])):
         kinds = ", ".join(sorted({r["residual"] for r in rs}))
         depths = ", ".join(sorted({r["depth"] for r in rs}))
         print(f"| {source} | {variant} | {kinds} | {depths} | {', '.join(sorted({r['lr'] for r in rs}))} | "

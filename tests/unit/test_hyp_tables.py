@@ -129,4 +129,5 @@ def test_variants_table_groups_seeds_by_cell_name_across_sweeps(tmp_path, capsys
     assert "| abl | wide-L12 | preln | 12 | 0.003 | 2 | 4.200 +- 0.283 | 3.800 +- 0.000 | 0.500 +- 0.141 |" in table
     assert "| main | preln-L12 | preln | 12 | 0.003 | 1 | 5.000 +- n/a |" in table
     assert "mgt-L12" not in table  # no --match takes it
+    assert table.index("wide-L12") < table.index("preln-L12")  # rows in the order of the globs
     assert ht.main(["variants", "--match=x"]) == 2  # no CSV: usage
