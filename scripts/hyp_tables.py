@@ -161,6 +161,11 @@ def variants_table(args: list[str]) -> int:
     import fnmatch
     paths = [Path(a) for a in args if not a.startswith("--match=")]
     globs = [a.split("=", 1)[1] for a in args if a.startswith("--match=")]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        from mgt_scale.exit_codes import CONFIG_ERROR
+        print(f"hyp_tables.py variants: no such CSV: {', '.join(missing)}", file=sys.stderr)
+        return CONFIG_ERROR
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for path in paths:
         for r in read(path):

@@ -131,3 +131,6 @@ def test_variants_table_groups_seeds_by_cell_name_across_sweeps(tmp_path, capsys
     assert "mgt-L12" not in table  # no --match takes it
     assert table.index("wide-L12") < table.index("preln-L12")  # rows in the order of the globs
     assert ht.main(["variants", "--match=x"]) == 2  # no CSV: usage
+    capsys.readouterr()
+    assert ht.main(["variants", str(tmp_path / "abl.csv"), str(tmp_path / "typo.csv")]) == 2
+    assert "no such CSV: " + str(tmp_path / "typo.csv") in capsys.readouterr().err
