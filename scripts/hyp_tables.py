@@ -166,16 +166,16 @@ def variants_table(args: list[str]) -> int:
         from mgt_scale.exit_codes import CONFIG_ERROR
         print(f"hyp_tables.py variants: no such CSV: {', '.join(missing)}", file=sys.stderr)
         return CONFIG_ERROR
-    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    groups: dict[tuple[int, str, str], list[dict]] = defaultdict(list)  # (first matching glob, variant, sweep)
     for path in paths:
         for r in read(path):
             variant = r["cell"].rsplit("__seed-", 1)[0]
-            if not globs or any(fnmatch.fnmatchcase(variant, g) for g in globs):
-                groups[(path.stem, variant)].append(r)
+            first = next((i for i, g in enumerate(globs) if fnmatch.fnmatchcase(variant, g)), None) if globs else 0
+            if first is not None:
+                groups[(first, variant, path.stem)].append(r)
     print("| sweep | variant | kind | L | lr | seeds " + MAIN_HEADER[0])
     print("|---|---|---|---|---|---" + MAIN_HEADER[1])
-    rank = lambda key: (next((i for i, g in enumerate(globs) if fnmatch.fnmatchcase(key[1], g)), 0), key[1])
-    for (source, variant), rs in sorted(groups.items(), key=lambda item: rank(item[0])):
+    for (_, variant, source), rs in sorted(groups.items()):
         kinds = ", ".join(sorted({r["residual"] for r in rs}))
         depths = ", ".join(sorted({r["depth"] for r in rs}))
         print(f"| {source} | {variant} | {kinds} | {depths} | {', '.join(sorted({r['lr'] for r in rs}))} | "
